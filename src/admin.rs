@@ -1,0 +1,262 @@
+//! Session administration: create, delete, config.
+
+use crate::error::UserError;
+use crate::session::{
+    check_name, sessions_dir, Config, MarkerPolicy, Session, SlaveSpec, SyncMode, CONFIG_KEYS,
+};
+use crate::user_err;
+use crate::xtime;
+use std::path::{Path, PathBuf};
+
+/// Options of `georep create` beyond the three positional arguments.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub mode: SyncMode,
+    pub interval_secs: Option<u64>,
+    pub marker: MarkerPolicy,
+    pub ssh_port: Option<u16>,
+    pub identity: Option<PathBuf>,
+}
+
+fn check_master(master: &Path) -> Result<PathBuf, UserError> {
+    let abs = std::fs::canonicalize(master).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => user_err!(
+            "master {} does not exist: create it or fix the path",
+            master.display()
+        ),
+        _ => user_err!("master {}: {e}", master.display()),
+    })?;
+    if !abs.is_dir() {
+        return Err(user_err!(
+            "master {} is not a directory: give the directory to replicate",
+            abs.display()
+        ));
+    }
+    std::fs::read_dir(&abs).map_err(|e| {
+        user_err!(
+            "master {} is not readable ({e}): run georep as a user that can read it",
+            abs.display()
+        )
+    })?;
+    Ok(abs)
+}
+
+fn check_local_slave(slave: &Path, master: &Path) -> Result<PathBuf, UserError> {
+    let abs = if slave.is_absolute() {
+        slave.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| user_err!("current directory: {e}"))?
+            .join(slave)
+    };
+    if !abs.exists() {
+        let parent = abs.parent().unwrap_or(Path::new("/"));
+        if !parent.is_dir() {
+            return Err(user_err!(
+                "slave {}: its parent {} does not exist: create it first",
+                abs.display(),
+                parent.display()
+            ));
+        }
+        std::fs::create_dir(&abs)
+            .map_err(|e| user_err!("cannot create slave {}: {e}", abs.display()))?;
+    }
+    let abs = std::fs::canonicalize(&abs).map_err(|e| user_err!("slave {}: {e}", abs.display()))?;
+    if !abs.is_dir() {
+        return Err(user_err!("slave {} is not a directory", abs.display()));
+    }
+    if abs == master {
+        return Err(user_err!(
+            "slave and master are the same directory {}: choose a separate slave directory",
+            abs.display()
+        ));
+    }
+    if abs.starts_with(master) {
+        return Err(user_err!("slave {} is inside master {}: it would replicate into itself; choose a slave outside the master", abs.display(), master.display()));
+    }
+    if master.starts_with(&abs) {
+        return Err(user_err!("master {} is inside slave {}: the slave would overwrite the master; choose a slave outside the master", master.display(), abs.display()));
+    }
+    Ok(abs)
+}
+
+/// Creates a session: validates master and slave, stamps the master's id,
+/// writes the config. Nothing is written if a check fails.
+pub fn create(
+    name: &str,
+    master: &Path,
+    slave: &str,
+    opts: &CreateOptions,
+) -> Result<Session, UserError> {
+    check_name(name)?;
+    let dir = sessions_dir().join(name);
+    if dir.join("config.toml").exists() {
+        return Err(user_err!("session {name:?} already exists ({}): choose another name or `georep delete {name}` first", dir.display()));
+    }
+    let master = check_master(master)?;
+    let slave = match SlaveSpec::parse(slave)? {
+        SlaveSpec::Local(p) => check_local_slave(&p, &master)?.display().to_string(),
+        SlaveSpec::Ssh { .. } => {
+            return Err(user_err!("slave {slave:?} is an SSH slave, which this build cannot reach yet: use a local slave directory"));
+        }
+    };
+    for other in Session::all().into_iter().flatten() {
+        if other.config.master == master && other.config.slave == slave {
+            return Err(user_err!(
+                "session {:?} already replicates {} to {}: use it, or delete it first",
+                other.name,
+                master.display(),
+                slave
+            ));
+        }
+    }
+    xtime::ensure_master_id(&master).map_err(|e| {
+        user_err!(
+            "cannot store georep's xattrs on master {} ({e}): georep needs a file system with user extended attributes (ext4, xfs, btrfs, tmpfs; not mounted with nouser_xattr) and write access to the master",
+            master.display()
+        )
+    })?;
+    let config = Config {
+        session_id: uuid::Uuid::new_v4(),
+        master,
+        slave,
+        mode: opts.mode,
+        interval_secs: opts.interval_secs.unwrap_or(3600),
+        marker: opts.marker,
+        keepalive_secs: 30,
+        ssh_port: opts.ssh_port,
+        identity: opts.identity.clone(),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        user_err!(
+            "cannot create session directory {}: {e}: set GEOREP_HOME to a writable directory",
+            dir.display()
+        )
+    })?;
+    let session = Session {
+        name: name.to_string(),
+        dir,
+        config,
+    };
+    if let Err(e) = session.save_config() {
+        let _ = std::fs::remove_dir_all(&session.dir);
+        return Err(user_err!(
+            "cannot write {}: {e}",
+            session.config_path().display()
+        ));
+    }
+    Ok(session)
+}
+
+/// Deletes a stopped session; with `reset_sync_time`, also removes its
+/// stimes from the master so nothing of it is left there.
+pub fn delete(name: &str, reset_sync_time: bool) -> Result<u64, UserError> {
+    let session = Session::load(name)?;
+    if let Some(pid) = session.running_pid() {
+        return Err(user_err!(
+            "session {name:?} is running (pid {pid}): `georep stop {name}` first"
+        ));
+    }
+    let mut removed = 0;
+    if reset_sync_time {
+        let attr = xtime::stime_attr(&session.config.session_id);
+        removed = remove_attr_tree(&session.config.master, &attr);
+    }
+    std::fs::remove_dir_all(&session.dir)
+        .map_err(|e| user_err!("cannot remove {}: {e}", session.dir.display()))?;
+    Ok(removed)
+}
+
+/// Removes xattr `attr` from every directory below `root`; returns how many had it.
+fn remove_attr_tree(root: &Path, attr: &str) -> u64 {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if xattr::remove(&d, attr).is_ok() {
+            n += 1;
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    n
+}
+
+/// `georep config SESSION get KEY`.
+pub fn config_get(session: &Session, key: &str) -> Result<String, UserError> {
+    let value = toml::Value::try_from(&session.config).map_err(|e| user_err!("{e}"))?;
+    match value.get(key) {
+        Some(toml::Value::String(s)) => Ok(s.clone()),
+        Some(v) => Ok(v.to_string()),
+        None if CONFIG_KEYS.iter().any(|k| k.0 == key) => Ok(String::new()),
+        None => Err(unknown_key(key)),
+    }
+}
+
+fn unknown_key(key: &str) -> UserError {
+    let keys: Vec<String> = CONFIG_KEYS
+        .iter()
+        .map(|(k, what)| format!("{k} ({what})"))
+        .collect();
+    user_err!("unknown config key {key:?}: use one of {}", keys.join(", "))
+}
+
+/// `georep config SESSION set KEY VALUE` / `reset KEY` (value None).
+pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Result<(), UserError> {
+    let c = &mut session.config;
+    let bad = |what: &str| {
+        user_err!(
+            "invalid value {:?} for {key}: expected {what}",
+            value.unwrap_or("")
+        )
+    };
+    match key {
+        "mode" => {
+            c.mode = match value {
+                None => SyncMode::default(),
+                Some("continuous") => SyncMode::Continuous,
+                Some("interval") => SyncMode::Interval,
+                Some(_) => return Err(bad("continuous or interval")),
+            }
+        }
+        "interval_secs" => {
+            c.interval_secs = value
+                .map(|v| v.parse().map_err(|_| bad("a number of seconds")))
+                .transpose()?
+                .unwrap_or(3600)
+        }
+        "marker" => {
+            c.marker = match value {
+                None => MarkerPolicy::default(),
+                Some("auto") => MarkerPolicy::Auto,
+                Some("mark") => MarkerPolicy::Mark,
+                Some(_) => return Err(bad("auto or mark")),
+            }
+        }
+        "keepalive_secs" => {
+            c.keepalive_secs = value
+                .map(|v| {
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &u64| n >= 3)
+                        .ok_or_else(|| bad("a number of seconds, at least 3"))
+                })
+                .transpose()?
+                .unwrap_or(30)
+        }
+        "ssh_port" => {
+            c.ssh_port = value
+                .map(|v| v.parse().map_err(|_| bad("a port number")))
+                .transpose()?
+        }
+        "identity" => c.identity = value.map(PathBuf::from),
+        _ => return Err(unknown_key(key)),
+    }
+    session
+        .save_config()
+        .map_err(|e| user_err!("cannot write {}: {e}", session.config_path().display()))
+}

@@ -1,0 +1,617 @@
+//! Assembly of files on the slave: a temporary file in the target's
+//! directory receives literal data, copies from the basis and patches, in
+//! increasing offset order; the digest of what was written is checked
+//! against the master's; then the file is made durable and renamed over
+//! its final name, in batches so that many small files share one sync.
+
+use super::root::{
+    apply_meta, errno_err, io_err, open_nofollow, rename_over, tmp_name, Root, WResult,
+};
+use crate::digest::{self, Digester, WINDOW};
+use crate::meta::Meta;
+use crate::protocol::{ErrorKind, Hash16, Hash32, WireError};
+use crate::relpath::RelPath;
+use crate::sparse;
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::Mode;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+
+/// Files being assembled at once, at most.
+pub const MAX_OPEN: usize = 1024;
+/// Largest file size accepted (16 TiB, ext4's limit).
+pub const MAX_SIZE: u64 = 16 << 40;
+/// Largest basis range hashed, signed or patched against in one request.
+pub const MAX_RANGE: u64 = 16 << 20;
+/// Commits waiting for one shared sync, at most.
+const BATCH_FILES: usize = 512;
+const BATCH_BYTES: u64 = 256 << 20;
+/// From this many files on, one syncfs is cheaper than an fsync each.
+const SYNCFS_MIN: usize = 16;
+
+struct OpenFile {
+    path: RelPath,
+    dir: OwnedFd,
+    name: Vec<u8>,
+    tmp: Vec<u8>,
+    file: File,
+    basis: Option<File>,
+    basis_size: u64,
+    size: u64,
+    digest: Digester,
+    /// Hashes of whole windows of the basis this agent computed: offset -> (hash, len).
+    windows: HashMap<u64, (Hash32, u64)>,
+    error: Option<WireError>,
+    written: u64,
+}
+
+/// A verified file waiting for durability and its rename.
+pub struct Pending {
+    pub id: u64,
+    path: RelPath,
+    dir: OwnedFd,
+    tmp: Vec<u8>,
+    name: Vec<u8>,
+    file: File,
+    written: u64,
+}
+
+#[derive(Default)]
+pub struct Files {
+    open: HashMap<u64, OpenFile>,
+    pending: Vec<Pending>,
+    pending_bytes: u64,
+    buf: Vec<u8>,
+}
+
+fn invalid(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorKind::Invalid, msg)
+}
+
+fn create_tmp(dir: &OwnedFd, path: &RelPath) -> WResult<(Vec<u8>, File)> {
+    let tmp = tmp_name();
+    let fd = openat(
+        dir.as_fd(),
+        OsStr::from_bytes(&tmp),
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| errno_err(e, "create temporary for", path))?;
+    Ok((tmp, File::from(fd)))
+}
+
+/// Writes `data` at `offset` into a pre-sized temporary file, leaving
+/// all-zero blocks as holes.
+fn write_sparse(file: &File, offset: u64, data: &[u8], path: &RelPath) -> WResult<u64> {
+    let mut n = 0;
+    for (at, range) in sparse::nonzero_runs(offset, data, 4096) {
+        file.write_all_at(&data[range.clone()], at)
+            .map_err(|e| io_err(e, "write", path))?;
+        n += range.len() as u64;
+    }
+    Ok(n)
+}
+
+impl Files {
+    pub fn in_use(&self, tmp: &[u8]) -> bool {
+        self.open.values().any(|f| f.tmp == tmp) || self.pending.iter().any(|p| p.tmp == tmp)
+    }
+
+    pub fn open(
+        &mut self,
+        root: &Root,
+        fid: u64,
+        path: &RelPath,
+        basis: Option<&RelPath>,
+        size: u64,
+    ) -> WResult<Option<u64>> {
+        if self.open.contains_key(&fid) {
+            return Err(invalid(format!("file id {fid} already open")));
+        }
+        if self.open.len() >= MAX_OPEN {
+            return Err(invalid(format!("more than {MAX_OPEN} files open")));
+        }
+        if size > MAX_SIZE {
+            return Err(invalid(format!(
+                "{path}: size {size} above the {MAX_SIZE}-byte limit"
+            )));
+        }
+        let (dir, name) = root.parent(path)?;
+        let name = name.to_vec();
+        let basis = match basis {
+            Some(b) => {
+                let (bdir, bname) = root.parent(b)?;
+                Some(open_regular(&bdir, bname).map_err(|e| errno_err(e, "open basis", b))?)
+            }
+            None => open_regular(&dir, &name).ok(),
+        };
+        let basis_size = match &basis {
+            Some(f) => f
+                .metadata()
+                .map_err(|e| io_err(e, "stat basis of", path))?
+                .len(),
+            None => 0,
+        };
+        let (tmp, file) = create_tmp(&dir, path)?;
+        if let Err(e) = file.set_len(size) {
+            let _ = nix::unistd::unlinkat(
+                dir.as_fd(),
+                OsStr::from_bytes(&tmp),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            return Err(io_err(e, "allocate", path));
+        }
+        let has_basis = basis.is_some();
+        self.open.insert(
+            fid,
+            OpenFile {
+                path: path.clone(),
+                dir,
+                name,
+                tmp,
+                file,
+                basis,
+                basis_size,
+                size,
+                digest: Digester::new(),
+                windows: HashMap::new(),
+                error: None,
+                written: 0,
+            },
+        );
+        Ok(has_basis.then_some(basis_size))
+    }
+
+    fn get(&mut self, fid: u64) -> WResult<&mut OpenFile> {
+        self.open
+            .get_mut(&fid)
+            .ok_or_else(|| invalid(format!("unknown file id {fid}")))
+    }
+
+    /// Reads `[offset, offset+len)` of the basis into the shared buffer.
+    fn read_basis(buf: &mut Vec<u8>, f: &OpenFile, offset: u64, len: u64) -> WResult<()> {
+        let basis = f
+            .basis
+            .as_ref()
+            .ok_or_else(|| invalid(format!("{}: no basis file", f.path)))?;
+        if len > MAX_RANGE || offset.checked_add(len).is_none_or(|e| e > f.basis_size) {
+            return Err(invalid(format!(
+                "{}: basis range {offset}+{len} out of bounds",
+                f.path
+            )));
+        }
+        buf.clear();
+        buf.resize(len as usize, 0);
+        basis
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_err(e, "read basis of", &f.path))
+    }
+
+    fn ranges(offset: u64, len: u64, step: u32, limit: u64) -> WResult<Vec<(u64, u64)>> {
+        if !(512..=(MAX_RANGE as u32)).contains(&step) || len / step as u64 > 65536 {
+            return Err(invalid(format!(
+                "bad hash request: {len} bytes in steps of {step}"
+            )));
+        }
+        let end = offset.saturating_add(len).min(limit);
+        let mut out = Vec::new();
+        let mut o = offset;
+        while o < end {
+            let n = (step as u64).min(end - o);
+            out.push((o, n));
+            o += n;
+        }
+        Ok(out)
+    }
+
+    pub fn window_hashes(
+        &mut self,
+        fid: u64,
+        offset: u64,
+        len: u64,
+        window: u32,
+    ) -> WResult<Vec<Hash32>> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = (|| {
+            let f = self.get(fid)?;
+            let mut out = Vec::new();
+            for (o, n) in Self::ranges(offset, len, window, f.basis_size)? {
+                let basis = f.basis.as_ref().ok_or_else(|| invalid("no basis file"))?;
+                let h = if sparse::data_ranges(basis, o, o + n)
+                    .map_err(|e| io_err(e, "seek", &f.path))?
+                    .is_empty()
+                {
+                    digest::zero_hash(n)
+                } else {
+                    Self::read_basis(&mut buf, f, o, n)?;
+                    digest::hash(&buf)
+                };
+                if window as u64 == WINDOW && o % WINDOW == 0 {
+                    f.windows.insert(o, (h, n));
+                }
+                out.push(h);
+            }
+            Ok(out)
+        })();
+        self.buf = buf;
+        res
+    }
+
+    pub fn block_hashes(
+        &mut self,
+        fid: u64,
+        offset: u64,
+        len: u64,
+        block: u32,
+    ) -> WResult<Vec<Hash16>> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = (|| {
+            let f = self.get(fid)?;
+            if len > MAX_RANGE {
+                return Err(invalid("block hash range too large"));
+            }
+            let ranges = Self::ranges(offset, len, block, f.basis_size)?;
+            let Some(&(first, _)) = ranges.first() else {
+                return Ok(Vec::new());
+            };
+            let total: u64 = ranges.iter().map(|r| r.1).sum();
+            Self::read_basis(&mut buf, f, first, total)?;
+            Ok(buf.chunks(block as usize).map(digest::block_hash).collect())
+        })();
+        self.buf = buf;
+        res
+    }
+
+    pub fn signature(&mut self, fid: u64, offset: u64, len: u64, block: u32) -> WResult<Vec<u8>> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = (|| {
+            let f = self.get(fid)?;
+            if !(256..=65536).contains(&block) {
+                return Err(invalid("bad signature block size"));
+            }
+            let len = len.min(f.basis_size.saturating_sub(offset));
+            Self::read_basis(&mut buf, f, offset, len)?;
+            let sig = fast_rsync::Signature::calculate(
+                &buf,
+                fast_rsync::SignatureOptions {
+                    block_size: block,
+                    crypto_hash_size: 8,
+                },
+            );
+            Ok(sig.into_serialized())
+        })();
+        self.buf = buf;
+        res
+    }
+
+    /// Checks that a data op lands at or after the cursor and inside the
+    /// file, and feeds the gap before it to the digest as zeros (a hole).
+    fn advance(f: &mut OpenFile, offset: u64, len: u64) -> WResult<()> {
+        if offset < f.digest.position() || offset.checked_add(len).is_none_or(|e| e > f.size) {
+            return Err(invalid(format!(
+                "{}: data at {offset}+{len} out of order or beyond the size {}",
+                f.path, f.size
+            )));
+        }
+        f.digest.feed_zeros(offset - f.digest.position());
+        Ok(())
+    }
+
+    /// Runs a data op, recording its first error on the file for `Commit`.
+    fn data_op(&mut self, fid: u64, op: impl FnOnce(&mut OpenFile, &mut Vec<u8>) -> WResult<()>) {
+        let mut buf = std::mem::take(&mut self.buf);
+        if let Some(f) = self.open.get_mut(&fid) {
+            if f.error.is_none() {
+                if let Err(e) = op(f, &mut buf) {
+                    f.error = Some(e);
+                }
+            }
+        }
+        self.buf = buf;
+    }
+
+    pub fn write(&mut self, fid: u64, offset: u64, data: &[u8]) {
+        self.data_op(fid, |f, _| {
+            Self::advance(f, offset, data.len() as u64)?;
+            f.written += write_sparse(&f.file, offset, data, &f.path)?;
+            f.digest.feed(data);
+            Ok(())
+        })
+    }
+
+    pub fn copy(&mut self, fid: u64, offset: u64, len: u64) {
+        self.data_op(fid, |f, buf| {
+            Self::advance(f, offset, len)?;
+            if offset.checked_add(len).is_none_or(|e| e > f.basis_size) {
+                return Err(invalid(format!("{}: copy beyond the basis", f.path)));
+            }
+            let cached = f.windows.get(&offset).copied().filter(|&(_, n)| n == len);
+            let whole_window = offset % WINDOW == 0 && (len == WINDOW || offset + len == f.size);
+            if let (Some((h, _)), true) = (cached, whole_window) {
+                // The agent hashed this very basis window itself: copy it in
+                // the kernel (a reflink where the file system can) and reuse the hash.
+                let basis = f.basis.as_ref().unwrap();
+                for (o, n) in sparse::data_ranges(basis, offset, offset + len)
+                    .map_err(|e| io_err(e, "seek", &f.path))?
+                {
+                    copy_range(basis, &f.file, o, n).map_err(|e| io_err(e, "copy", &f.path))?;
+                }
+                f.digest.feed_window_hash(&h, len);
+                f.written += len;
+                return Ok(());
+            }
+            let mut o = offset;
+            while o < offset + len {
+                let n = (offset + len - o).min(1 << 20);
+                Self::read_basis(buf, f, o, n)?;
+                f.written += write_sparse(&f.file, o, buf, &f.path)?;
+                f.digest.feed(buf);
+                o += n;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn patch(
+        &mut self,
+        fid: u64,
+        offset: u64,
+        out_len: u64,
+        basis_off: u64,
+        basis_len: u64,
+        delta: &[u8],
+    ) {
+        self.data_op(fid, |f, buf| {
+            Self::advance(f, offset, out_len)?;
+            if out_len > MAX_RANGE {
+                return Err(invalid("patch output too large"));
+            }
+            Self::read_basis(buf, f, basis_off, basis_len)?;
+            let mut out = Vec::with_capacity(out_len as usize);
+            fast_rsync::apply_limited(buf, delta, &mut out, out_len as usize)
+                .map_err(|e| invalid(format!("{}: bad delta: {e}", f.path)))?;
+            if out.len() as u64 != out_len {
+                return Err(invalid(format!(
+                    "{}: delta produced {} bytes, expected {out_len}",
+                    f.path,
+                    out.len()
+                )));
+            }
+            f.written += write_sparse(&f.file, offset, &out, &f.path)?;
+            f.digest.feed(&out);
+            Ok(())
+        })
+    }
+
+    pub fn abort(&mut self, fid: u64) {
+        if let Some(f) = self.open.remove(&fid) {
+            let _ = nix::unistd::unlinkat(
+                f.dir.as_fd(),
+                OsStr::from_bytes(&f.tmp),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+
+    pub fn abort_all(&mut self) {
+        let fids: Vec<u64> = self.open.keys().copied().collect();
+        for fid in fids {
+            self.abort(fid);
+        }
+    }
+
+    /// Verifies and finishes file `fid`; it is published by the next [`flush`](Self::flush).
+    pub fn commit(&mut self, id: u64, fid: u64, want: &Hash32, meta: &Meta) -> WResult<()> {
+        let f = self
+            .open
+            .remove(&fid)
+            .ok_or_else(|| invalid(format!("unknown file id {fid}")))?;
+        let OpenFile {
+            path,
+            dir,
+            name,
+            tmp,
+            file,
+            size,
+            mut digest,
+            written,
+            error,
+            ..
+        } = f;
+        let pending = Pending {
+            id,
+            path,
+            dir,
+            tmp,
+            name,
+            file,
+            written,
+        };
+        if let Some(e) = error {
+            pending.discard();
+            return Err(e);
+        }
+        let pos = digest.position();
+        digest.feed_zeros(size - pos);
+        self.finish(pending, &digest.finish(), want, meta)
+    }
+
+    /// Writes a whole small file from one frame.
+    pub fn put_file(
+        &mut self,
+        root: &Root,
+        id: u64,
+        path: &RelPath,
+        data: &[u8],
+        want: &Hash32,
+        meta: &Meta,
+    ) -> WResult<()> {
+        let (dir, name) = root.parent(path)?;
+        let name = name.to_vec();
+        let (tmp, file) = create_tmp(&dir, path)?;
+        let mut pending = Pending {
+            id,
+            path: path.clone(),
+            dir,
+            tmp,
+            name,
+            file,
+            written: 0,
+        };
+        let res = pending
+            .file
+            .set_len(data.len() as u64)
+            .map_err(|e| io_err(e, "allocate", path));
+        let res = res.and_then(|_| write_sparse(&pending.file, 0, data, path));
+        match res {
+            Ok(n) => pending.written = n,
+            Err(e) => {
+                pending.discard();
+                return Err(e);
+            }
+        }
+        self.finish(pending, &digest::digest_of(data), want, meta)
+    }
+
+    fn finish(
+        &mut self,
+        pending: Pending,
+        got: &Hash32,
+        want: &Hash32,
+        meta: &Meta,
+    ) -> WResult<()> {
+        if got != want {
+            let msg = format!("{}: content written does not match the master's digest (file changed during transfer?)", pending.path);
+            pending.discard();
+            return Err(WireError::new(ErrorKind::Mismatch, msg));
+        }
+        if let Err(e) = apply_meta(pending.file.as_fd(), meta, &pending.path) {
+            pending.discard();
+            return Err(e);
+        }
+        self.pending_bytes += pending.written;
+        self.pending.push(pending);
+        Ok(())
+    }
+
+    /// Whether enough commits wait that they should be published now.
+    pub fn batch_full(&self) -> bool {
+        self.pending.len() >= BATCH_FILES || self.pending_bytes >= BATCH_BYTES
+    }
+
+    /// Whether a pending commit's path satisfies `pred` (used to publish
+    /// before an operation that depends on those paths).
+    pub fn pending_matches(&self, pred: impl Fn(&RelPath) -> bool) -> bool {
+        self.pending.iter().any(|p| pred(&p.path))
+    }
+
+    /// Publishes every pending commit: makes the data durable (one syncfs
+    /// for a batch, an fsync for a few files), renames each over its final
+    /// name, then makes the directories durable. Returns each commit's result.
+    pub fn flush(&mut self, root: &Root) -> Vec<(u64, WResult<u64>)> {
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        let data_sync: WResult<()> = if batch.len() >= SYNCFS_MIN {
+            nix::unistd::syncfs(root.fd()).map_err(|e| errno_err(e, "syncfs", &"slave root"))
+        } else {
+            batch
+                .iter()
+                .try_for_each(|p| p.file.sync_all().map_err(|e| io_err(e, "fsync", &p.path)))
+        };
+        let mut dirs: Vec<(u64, u64, &OwnedFd)> = Vec::new();
+        let mut renamed = Vec::new();
+        for p in &batch {
+            let res = data_sync.clone().and_then(|_| {
+                rename_over(
+                    p.dir.as_fd(),
+                    OsStr::from_bytes(&p.tmp),
+                    OsStr::from_bytes(&p.name),
+                )
+                .map_err(|e| errno_err(e, "publish", &p.path))
+            });
+            match res {
+                Ok(()) => {
+                    if let Ok(st) = nix::sys::stat::fstat(p.dir.as_fd()) {
+                        if !dirs.iter().any(|d| d.0 == st.st_dev && d.1 == st.st_ino) {
+                            dirs.push((st.st_dev, st.st_ino, &p.dir));
+                        }
+                    }
+                    renamed.push(p);
+                }
+                Err(e) => {
+                    p.discard_ref();
+                    results.push((p.id, Err(e)));
+                }
+            }
+        }
+        let dir_sync: WResult<()> = if dirs.len() >= SYNCFS_MIN {
+            nix::unistd::syncfs(root.fd()).map_err(|e| errno_err(e, "syncfs", &"slave root"))
+        } else {
+            dirs.iter().try_for_each(|d| {
+                nix::unistd::fsync(d.2.as_fd())
+                    .map_err(|e| errno_err(e, "fsync directory of", &"file"))
+            })
+        };
+        for p in renamed {
+            results.push((p.id, dir_sync.clone().map(|_| p.written)));
+        }
+        results
+    }
+}
+
+impl Pending {
+    fn discard_ref(&self) {
+        let _ = nix::unistd::unlinkat(
+            self.dir.as_fd(),
+            OsStr::from_bytes(&self.tmp),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+    }
+
+    fn discard(self) {
+        self.discard_ref();
+    }
+}
+
+fn open_regular(dir: &OwnedFd, name: &[u8]) -> nix::Result<File> {
+    let fd = open_nofollow(dir.as_fd(), OsStr::from_bytes(name), false)?;
+    let st = nix::sys::stat::fstat(fd.as_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(nix::errno::Errno::EINVAL);
+    }
+    // Reads are plain blocking reads: clear O_NONBLOCK set for the open.
+    nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok(File::from(fd))
+}
+
+/// Copies `len` bytes at `offset` from `src` to the same offset of `dst` in the kernel.
+fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mut off_in = offset as i64;
+    let mut off_out = offset as i64;
+    let end = (offset + len) as i64;
+    while off_in < end {
+        let want = (end - off_in) as usize;
+        let n = nix::fcntl::copy_file_range(
+            src.as_fd(),
+            Some(&mut off_in),
+            dst.as_fd(),
+            Some(&mut off_out),
+            want,
+        )?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "basis shrank during copy",
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,452 @@
+//! The slave-side agent, `georep agent --root DIR`: serves the protocol on
+//! any byte stream (stdin/stdout under SSH or as a local child, a socket in
+//! tests) and confines every operation to its root.
+
+mod files;
+mod root;
+
+pub use root::{Root, STATE_DIR, TMP_PREFIX};
+
+use crate::protocol::{
+    read_frame, write_frame, Envelope, ErrorKind, Reply, Request, Response, WireError, BANNER,
+    PROTOCOL_VERSION,
+};
+use files::Files;
+use nix::fcntl::{Flock, FlockArg};
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// Settings of one agent run.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub root: PathBuf,
+    /// Exit when no frame arrives for this long (the worker pings well within it).
+    pub keepalive: Duration,
+}
+
+/// Why an agent run ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading requests: {0}")]
+    Input(std::io::Error),
+    #[error("writing replies: {0}")]
+    Output(std::io::Error),
+    #[error("no request for {0} s: the worker is gone (keep-alive timeout)")]
+    KeepAlive(u64),
+    #[error("{0}")]
+    Refused(String),
+}
+
+enum Incoming {
+    Frame(Envelope),
+    Garbage(String),
+}
+
+/// Serves one connection until the input ends. Frames that cannot be
+/// decoded are answered with an error and the connection is closed;
+/// nothing outside `opts.root` is ever touched.
+pub fn serve<R, W>(opts: &AgentOptions, input: R, output: W) -> Result<(), AgentError>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    let (out_tx, out_rx) = mpsc::channel::<Response>();
+    let writer = std::thread::Builder::new()
+        .name("agent-writer".into())
+        .spawn(move || write_loop(output, out_rx))
+        .expect("spawn writer");
+    let last_input = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let (in_tx, in_rx) = mpsc::sync_channel::<Incoming>(16);
+    {
+        let last_input = last_input.clone();
+        std::thread::Builder::new()
+            .name("agent-reader".into())
+            .spawn(move || read_loop(input, in_tx, last_input, started))
+            .expect("spawn reader");
+    }
+    let result = run(opts, &in_rx, &out_tx, &last_input, started);
+    drop(out_tx);
+    let written = writer.join().unwrap_or(Ok(()));
+    result?;
+    written.map_err(AgentError::Output)
+}
+
+fn read_loop<R: Read>(
+    input: R,
+    tx: mpsc::SyncSender<Incoming>,
+    last: Arc<AtomicU64>,
+    started: Instant,
+) {
+    let mut r = BufReader::with_capacity(256 << 10, input);
+    let mut buf = Vec::new();
+    loop {
+        match read_frame(&mut r, &mut buf) {
+            Ok(None) => return,
+            Ok(Some(())) => {
+                last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                let msg = match postcard::from_bytes::<Envelope>(&buf) {
+                    Ok(env) => Incoming::Frame(env),
+                    Err(e) => Incoming::Garbage(format!("undecodable request: {e}")),
+                };
+                let stop = matches!(msg, Incoming::Garbage(_));
+                if tx.send(msg).is_err() || stop {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Incoming::Garbage(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+fn write_loop<W: Write>(output: W, rx: mpsc::Receiver<Response>) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 << 10, output);
+    w.write_all(BANNER)?;
+    w.flush()?;
+    while let Ok(resp) = rx.recv() {
+        write_frame(&mut w, &resp)?;
+        while let Ok(resp) = rx.try_recv() {
+            write_frame(&mut w, &resp)?;
+        }
+        w.flush()?;
+    }
+    w.flush()
+}
+
+struct Agent<'a> {
+    root: Root,
+    files: Files,
+    out: &'a mpsc::Sender<Response>,
+}
+
+fn run(
+    opts: &AgentOptions,
+    rx: &mpsc::Receiver<Incoming>,
+    out: &mpsc::Sender<Response>,
+    last_input: &AtomicU64,
+    started: Instant,
+) -> Result<(), AgentError> {
+    let send = |id: u64, result: Result<Reply, WireError>| {
+        let _ = out.send(Response {
+            id,
+            last: true,
+            result,
+        });
+    };
+    // The handshake comes first, whatever the root's state, so that the
+    // worker always gets a reason rather than a closed pipe.
+    let first = match recv(rx, opts.keepalive, last_input, started)? {
+        Some(Incoming::Frame(env)) => env,
+        Some(Incoming::Garbage(why)) => return Err(AgentError::Refused(why)),
+        None => return Ok(()),
+    };
+    let Request::Hello { version, .. } = first.body else {
+        send(
+            first.id,
+            Err(WireError::new(ErrorKind::Invalid, "expected Hello first")),
+        );
+        return Err(AgentError::Refused("no handshake".into()));
+    };
+    if version != PROTOCOL_VERSION {
+        let msg = format!(
+            "the worker speaks protocol {version}, this agent (georep {}) speaks {PROTOCOL_VERSION}: install the same georep version on both sites",
+            env!("CARGO_PKG_VERSION")
+        );
+        send(
+            first.id,
+            Err(WireError::new(ErrorKind::Version, msg.clone())),
+        );
+        return Err(AgentError::Refused(msg));
+    }
+    let (root, _lock) = match open_root(&opts.root) {
+        Ok(r) => r,
+        Err(e) => {
+            send(first.id, Err(e.clone()));
+            return Err(AgentError::Refused(e.message));
+        }
+    };
+    send(
+        first.id,
+        Ok(Reply::HelloOk {
+            version: PROTOCOL_VERSION,
+            agent: env!("CARGO_PKG_VERSION").to_string(),
+            root: opts.root.display().to_string(),
+        }),
+    );
+    let mut agent = Agent {
+        root,
+        files: Files::default(),
+        out,
+    };
+    let result = loop {
+        let msg = match rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(mpsc::TryRecvError::Empty) => {
+                // Input is idle: publish what is waiting before blocking.
+                agent.flush();
+                match recv(rx, opts.keepalive, last_input, started) {
+                    Ok(m) => m,
+                    Err(e) => break Err(e),
+                }
+            }
+            Err(mpsc::TryRecvError::Disconnected) => None,
+        };
+        match msg {
+            Some(Incoming::Frame(env)) => agent.handle(env),
+            Some(Incoming::Garbage(why)) => {
+                send(0, Err(WireError::new(ErrorKind::Invalid, why.clone())));
+                break Err(AgentError::Refused(why));
+            }
+            None => break Ok(()),
+        }
+        if agent.files.batch_full() {
+            agent.flush();
+        }
+    };
+    agent.flush();
+    agent.files.abort_all();
+    result
+}
+
+/// Waits for the next message, enforcing the keep-alive timeout.
+fn recv(
+    rx: &mpsc::Receiver<Incoming>,
+    keepalive: Duration,
+    last_input: &AtomicU64,
+    started: Instant,
+) -> Result<Option<Incoming>, AgentError> {
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(m) => return Ok(Some(m)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let idle =
+                    started.elapsed().as_millis() as u64 - last_input.load(Ordering::Relaxed);
+                if idle > keepalive.as_millis() as u64 {
+                    return Err(AgentError::KeepAlive(keepalive.as_secs()));
+                }
+            }
+        }
+    }
+}
+
+/// Opens the root and takes its exclusive lock (held while the returned lock lives).
+fn open_root(path: &Path) -> Result<(Root, Flock<std::fs::File>), WireError> {
+    let root = Root::open(path).map_err(|e| {
+        let fix = match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                "create it on the slave or fix the session's slave path"
+            }
+            std::io::ErrorKind::PermissionDenied => "give the slave user access to it",
+            _ => "check it on the slave",
+        };
+        WireError::new(
+            ErrorKind::NotFound,
+            format!("slave root {}: {e}: {fix}", path.display()),
+        )
+    })?;
+    let dir = std::fs::File::open(path)
+        .map_err(|e| WireError::new(ErrorKind::Io, format!("opening {}: {e}", path.display())))?;
+    match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok((root, lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(WireError::new(
+            ErrorKind::Busy,
+            format!(
+                "another georep agent is writing to {}: stop the other session or worker using it",
+                path.display()
+            ),
+        )),
+        Err((_, e)) => Err(WireError::new(
+            ErrorKind::Io,
+            format!("locking {}: {e}", path.display()),
+        )),
+    }
+}
+
+impl Agent<'_> {
+    fn reply(&self, id: u64, result: Result<Reply, WireError>) {
+        if id != 0 || result.is_err() {
+            let _ = self.out.send(Response {
+                id,
+                last: true,
+                result,
+            });
+        }
+    }
+
+    fn flush(&mut self) {
+        for (id, res) in self.files.flush(&self.root) {
+            self.reply(id, res.map(|written| Reply::Committed { written }));
+        }
+    }
+
+    /// Publishes pending files first when `pred` says the next request depends on them.
+    fn flush_if(&mut self, pred: impl Fn(&crate::relpath::RelPath) -> bool) {
+        if self.files.pending_matches(pred) {
+            self.flush();
+        }
+    }
+
+    fn handle(&mut self, env: Envelope) {
+        let id = env.id;
+        let result = match env.body {
+            Request::Hello { .. } => Err(WireError::new(ErrorKind::Invalid, "duplicate Hello")),
+            Request::Ping => Ok(Reply::Pong),
+            Request::GetIdentity => self.root.identity().map(Reply::Identity),
+            Request::SetIdentity(ident) => {
+                self.flush();
+                self.root.set_identity(&ident).map(|_| Reply::Done)
+            }
+            Request::ListDir { path } => {
+                self.flush_if(|p| p.parent().as_ref() == Some(&path));
+                let files = &self.files;
+                return self.send_entries(id, self.root.list(&path, &|n| files.in_use(n)));
+            }
+            Request::Stat { path } => {
+                self.flush_if(|p| p == &path);
+                self.root.stat(&path).map(Reply::Stat)
+            }
+            Request::Mkdir { path, meta } => self.root.mkdir(&path, &meta).map(|_| Reply::Done),
+            Request::Remove { path } => {
+                self.flush_if(|p| p.as_bytes().starts_with(path.as_bytes()));
+                self.root.remove(&path).map(|_| Reply::Done)
+            }
+            Request::Symlink { path, target, meta } => {
+                self.flush_if(|p| p == &path);
+                self.root
+                    .symlink(&path, &target, &meta)
+                    .map(|_| Reply::Done)
+            }
+            Request::Link { path, target } => {
+                self.flush_if(|p| p == &path || p == &target);
+                self.root.link(&path, &target).map(|_| Reply::Done)
+            }
+            Request::SetMeta { path, meta } => {
+                self.flush_if(|p| p == &path || p.parent().as_ref() == Some(&path));
+                self.root.set_meta(&path, &meta).map(|_| Reply::Done)
+            }
+            Request::OpenFile {
+                fid,
+                path,
+                basis,
+                size,
+            } => {
+                self.flush_if(|p| p == &path);
+                self.files
+                    .open(&self.root, fid, &path, basis.as_ref(), size)
+                    .map(|basis_size| Reply::Opened { basis_size })
+            }
+            Request::WindowHashes {
+                fid,
+                offset,
+                len,
+                window,
+            } => self
+                .files
+                .window_hashes(fid, offset, len, window)
+                .map(Reply::Hashes),
+            Request::BlockHashes {
+                fid,
+                offset,
+                len,
+                block,
+            } => self
+                .files
+                .block_hashes(fid, offset, len, block)
+                .map(Reply::BlockHashes),
+            Request::Signature {
+                fid,
+                offset,
+                len,
+                block,
+            } => self
+                .files
+                .signature(fid, offset, len, block)
+                .map(|s| Reply::Signature(s.into())),
+            Request::Write { fid, offset, data } => {
+                self.files.write(fid, offset, &data);
+                return;
+            }
+            Request::Copy { fid, offset, len } => {
+                self.files.copy(fid, offset, len);
+                return;
+            }
+            Request::Patch {
+                fid,
+                offset,
+                out_len,
+                basis_off,
+                basis_len,
+                delta,
+            } => {
+                self.files
+                    .patch(fid, offset, out_len, basis_off, basis_len, &delta);
+                return;
+            }
+            Request::Commit { fid, digest, meta } => {
+                match self.files.commit(id, fid, &digest, &meta) {
+                    Ok(()) => return, // answered when published
+                    Err(e) => Err(e),
+                }
+            }
+            Request::Abort { fid } => {
+                self.files.abort(fid);
+                Ok(Reply::Done)
+            }
+            Request::PutFile {
+                path,
+                data,
+                digest,
+                meta,
+            } => {
+                self.flush_if(|p| p == &path);
+                match self
+                    .files
+                    .put_file(&self.root, id, &path, &data, &digest, &meta)
+                {
+                    Ok(()) => return,
+                    Err(e) => Err(e),
+                }
+            }
+            Request::Barrier => {
+                self.flush();
+                nix::unistd::syncfs(self.root.fd())
+                    .map(|_| Reply::Done)
+                    .map_err(|e| WireError::new(ErrorKind::Io, format!("syncfs: {e}")))
+            }
+        };
+        self.reply(id, result);
+    }
+
+    /// Sends a listing in frames of bounded size.
+    fn send_entries(&self, id: u64, entries: Result<Vec<crate::meta::Entry>, WireError>) {
+        let entries = match entries {
+            Ok(e) => e,
+            Err(e) => return self.reply(id, Err(e)),
+        };
+        const PER_FRAME: usize = 512;
+        let mut chunks = entries.chunks(PER_FRAME).peekable();
+        if chunks.peek().is_none() {
+            return self.reply(id, Ok(Reply::Entries(Vec::new())));
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let _ = self.out.send(Response {
+                id,
+                last,
+                result: Ok(Reply::Entries(chunk.to_vec())),
+            });
+        }
+    }
+}
+
+/// Runs the agent on stdin/stdout (under SSH or as a local child).
+pub fn run_stdio(opts: &AgentOptions) -> Result<(), AgentError> {
+    serve(opts, std::io::stdin(), std::io::stdout())
+}

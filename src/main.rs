@@ -1,0 +1,279 @@
+//! The `georep` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use georep::error::{exit, Retry, UserError};
+use georep::session::{MarkerPolicy, Session, SyncMode};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "georep",
+    version,
+    about = "Geo-replication of snapshot stores: xtime crawl, rsync deltas, SSH"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a session replicating MASTER to SLAVE (a directory, or [user@]host:/path).
+    Create {
+        session: String,
+        master: PathBuf,
+        slave: String,
+        #[arg(long, value_enum, default_value = "continuous")]
+        mode: ModeArg,
+        /// Seconds between passes in interval mode.
+        #[arg(long)]
+        interval: Option<u64>,
+        /// auto: trust xtimes only while georep's watcher runs; mark: every writer calls `georep mark`.
+        #[arg(long, value_enum, default_value = "auto")]
+        marker: MarkerArg,
+        #[arg(long)]
+        ssh_port: Option<u16>,
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
+    /// Run one crawl in the foreground; exit 0 once the slave equals the master.
+    Sync {
+        session: String,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Compare every entry, whatever the xtimes say.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Stamp PATHs as changed (for writers that integrate with georep).
+    Mark {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Delete a stopped session.
+    Delete {
+        session: String,
+        /// Also remove the session's stime xattrs from the master.
+        #[arg(long)]
+        reset_sync_time: bool,
+    },
+    /// Show or change a session's settings.
+    Config {
+        session: String,
+        #[command(subcommand)]
+        op: Option<ConfigOp>,
+    },
+    /// The slave-side agent (started by the worker, locally or through SSH).
+    Agent {
+        #[arg(long)]
+        root: PathBuf,
+        /// Exit when no request arrives for this many seconds.
+        #[arg(long, default_value_t = 120)]
+        keepalive: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigOp {
+    Get { key: String },
+    Set { key: String, value: String },
+    Reset { key: String },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Continuous,
+    Interval,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MarkerArg {
+    Auto,
+    Mark,
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GEOREP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Maps an error to its documented exit code.
+fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<UserError>().is_some() {
+            return exit::USAGE;
+        }
+        if let Some(w) = cause.downcast_ref::<georep::worker::WorkerError>() {
+            return match w {
+                georep::worker::WorkerError::Config(_) => exit::USAGE,
+                _ if w.retry() == Retry::Temporary => exit::TEMPORARY,
+                _ => exit::PERMANENT,
+            };
+        }
+    }
+    exit::PERMANENT
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Cmd::Create {
+            session,
+            master,
+            slave,
+            mode,
+            interval,
+            marker,
+            ssh_port,
+            identity,
+        } => {
+            let opts = georep::admin::CreateOptions {
+                mode: match mode {
+                    ModeArg::Continuous => SyncMode::Continuous,
+                    ModeArg::Interval => SyncMode::Interval,
+                },
+                interval_secs: interval,
+                marker: match marker {
+                    MarkerArg::Auto => MarkerPolicy::Auto,
+                    MarkerArg::Mark => MarkerPolicy::Mark,
+                },
+                ssh_port,
+                identity,
+            };
+            let s = georep::admin::create(&session, &master, &slave, &opts)?;
+            println!(
+                "created session {} : {} -> {} ({})",
+                s.name,
+                s.config.master.display(),
+                s.config.slave,
+                s.dir.display()
+            );
+            Ok(exit::OK)
+        }
+        Cmd::Sync {
+            session,
+            json,
+            full,
+        } => {
+            let s = Session::load(&session)?;
+            let rt = runtime()?;
+            let summary = rt.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let on_signal = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("signal handler");
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    on_signal.cancel();
+                });
+                georep::worker::sync_once(
+                    &s,
+                    &georep::worker::SyncOptions {
+                        full,
+                        marker_continuous: false,
+                    },
+                    shutdown,
+                )
+                .await
+            });
+            rt.shutdown_timeout(Duration::from_secs(5));
+            let summary = summary?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                println!(
+                    "{} crawl: {} entries visited, {} files synced, {} bytes sent ({} literal, {} delta), {} deleted, {} failures, {} ms",
+                    summary.crawl,
+                    summary.entries_visited,
+                    summary.files_synced,
+                    summary.bytes_sent,
+                    summary.bytes_literal,
+                    summary.bytes_delta,
+                    summary.deletes,
+                    summary.failures,
+                    summary.duration_ms
+                );
+                for f in &summary.errors {
+                    eprintln!("failed: {}: {}", f.path, f.error);
+                }
+            }
+            Ok(if summary.complete {
+                exit::OK
+            } else {
+                exit::PARTIAL
+            })
+        }
+        Cmd::Mark { paths } => {
+            for p in &paths {
+                georep::xtime::mark(p)
+                    .map_err(|e| UserError::new(format!("mark {}: {e}", p.display())))?;
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Delete {
+            session,
+            reset_sync_time,
+        } => {
+            let n = georep::admin::delete(&session, reset_sync_time)?;
+            if reset_sync_time {
+                println!(
+                    "deleted session {session}; removed its sync time from {n} master directories"
+                );
+            } else {
+                println!("deleted session {session}");
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Config { session, op } => {
+            let mut s = Session::load(&session)?;
+            match op {
+                None => print!("{}", std::fs::read_to_string(s.config_path())?),
+                Some(ConfigOp::Get { key }) => println!("{}", georep::admin::config_get(&s, &key)?),
+                Some(ConfigOp::Set { key, value }) => {
+                    georep::admin::config_set(&mut s, &key, Some(&value))?
+                }
+                Some(ConfigOp::Reset { key }) => georep::admin::config_set(&mut s, &key, None)?,
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Agent { root, keepalive } => {
+            let opts = georep::agent::AgentOptions {
+                root,
+                keepalive: Duration::from_secs(keepalive.max(1)),
+            };
+            georep::agent::run_stdio(&opts).map_err(|e| anyhow::anyhow!("georep agent: {e}"))?;
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging("warn");
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("georep: {e:#}");
+            exit_code(&e)
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,108 @@
+//! Entry kinds and the metadata georep replicates: mode, numeric owner,
+//! mtime with nanoseconds and user xattrs other than georep's own.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use std::fs::Metadata;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+/// Prefix of every xattr georep writes itself; never replicated.
+pub const GEOREP_XATTR_PREFIX: &[u8] = b"user.georep.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// FIFOs, sockets and devices: listed, never replicated.
+    Other,
+}
+
+impl Kind {
+    pub fn of(md: &Metadata) -> Kind {
+        let ft = md.file_type();
+        if ft.is_symlink() {
+            Kind::Symlink
+        } else if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_file() {
+            Kind::File
+        } else {
+            debug_assert!(
+                ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
+            );
+            Kind::Other
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// The replicated metadata of one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Meta {
+    /// Permission bits, including setuid/setgid/sticky (mode & 0o7777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Timestamp,
+    /// `user.*` xattrs except georep's, sorted by name. Always empty for symlinks.
+    pub xattrs: Vec<(ByteBuf, ByteBuf)>,
+}
+
+impl Meta {
+    pub fn from_metadata(md: &Metadata, xattrs: Vec<(ByteBuf, ByteBuf)>) -> Meta {
+        Meta {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: Timestamp {
+                sec: md.mtime(),
+                nsec: md.mtime_nsec() as u32,
+            },
+            xattrs,
+        }
+    }
+}
+
+/// One directory entry as either side lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: ByteBuf,
+    pub kind: Kind,
+    pub size: u64,
+    pub meta: Meta,
+    pub dev: u64,
+    pub ino: u64,
+    pub nlink: u64,
+    /// Target of a symlink.
+    pub target: Option<ByteBuf>,
+}
+
+/// Whether an xattr name is one georep replicates.
+pub fn replicated_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") && !name.starts_with(GEOREP_XATTR_PREFIX)
+}
+
+/// Reads the replicated xattrs of `path` without following a final symlink.
+pub fn read_xattrs(path: &std::path::Path) -> std::io::Result<Vec<(ByteBuf, ByteBuf)>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    for name in xattr::list(path)? {
+        let n = name.as_bytes();
+        if !replicated_xattr(n) {
+            continue;
+        }
+        if let Some(v) = xattr::get(path, &name)? {
+            out.push((ByteBuf::from(n.to_vec()), ByteBuf::from(v)));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,425 @@
+//! The pipelined client side of the protocol: any number of requests in
+//! flight over one byte stream, replies matched by id.
+
+use super::{
+    encode_frame, Envelope, Reply, Request, Response, WireError, BANNER, MAX_FRAME,
+    PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// Bytes of encoded frames queued for the transport at most: bounds the
+/// worker's memory whatever the number of requests in flight.
+const SEND_BUDGET: usize = 8 << 20;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection to the agent lost: {0}")]
+    Lost(String),
+    #[error("the agent did not answer for {0} s (keep-alive timeout)")]
+    Timeout(u64),
+    #[error("{0}")]
+    Remote(#[from] WireError),
+    #[error("protocol violation: {0}")]
+    Violation(String),
+}
+
+impl ProtoError {
+    pub fn retry(&self) -> crate::error::Retry {
+        use crate::error::Retry;
+        match self {
+            ProtoError::Lost(_) | ProtoError::Timeout(_) => Retry::Temporary,
+            ProtoError::Remote(w) => w.retry(),
+            ProtoError::Violation(_) => Retry::Permanent,
+        }
+    }
+
+    /// Whether the connection itself is gone (as opposed to one request failing).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, ProtoError::Remote(_))
+    }
+}
+
+/// Bytes that crossed the transport, counted at the frame level.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub frames_out: AtomicU64,
+}
+
+type Slot = (oneshot::Sender<Result<Vec<Reply>, ProtoError>>, Vec<Reply>);
+
+type Frame = (Vec<u8>, OwnedSemaphorePermit);
+
+struct Inner {
+    budget: Arc<Semaphore>,
+    pending: Mutex<HashMap<u64, Slot>>,
+    closed: Mutex<Option<ProtoError>>,
+    next_id: AtomicU64,
+    stats: Arc<ClientStats>,
+    agent: String,
+    root: String,
+}
+
+impl Inner {
+    fn fail_all(&self, err: ProtoError) {
+        let mut closed = self.closed.lock().unwrap();
+        if closed.is_none() {
+            *closed = Some(err.clone());
+        }
+        let reason = closed.clone().unwrap();
+        drop(closed);
+        let pending: Vec<Slot> = self
+            .pending
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for (tx, _) in pending {
+            let _ = tx.send(Err(reason.clone()));
+        }
+    }
+
+    fn check_open(&self) -> Result<(), ProtoError> {
+        match &*self.closed.lock().unwrap() {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A connected, handshaken protocol client. Cloning shares the connection;
+/// dropping the last clone closes the agent's input, which makes it exit.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    tx: Arc<mpsc::UnboundedSender<Frame>>,
+}
+
+/// A reply on its way; await it when the answer is needed.
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<Vec<Reply>, ProtoError>>,
+}
+
+impl Future for Ticket {
+    type Output = Result<Vec<Reply>, ProtoError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(ProtoError::Lost("client shut down".into()))))
+    }
+}
+
+impl Ticket {
+    /// The reply of a single-frame request.
+    pub async fn one(self) -> Result<Reply, ProtoError> {
+        let mut v = self.await?;
+        match v.len() {
+            1 => Ok(v.pop().unwrap()),
+            n => Err(ProtoError::Violation(format!(
+                "expected one reply frame, got {n}"
+            ))),
+        }
+    }
+}
+
+impl Client {
+    /// Reads the agent's banner, starts the reader, writer and keep-alive
+    /// tasks, and runs the versioned handshake.
+    pub async fn connect<R, W>(
+        reader: R,
+        writer: W,
+        keepalive: Duration,
+    ) -> Result<Client, ProtoError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut reader = BufReader::with_capacity(256 << 10, reader);
+        let mut banner = [0u8; 8];
+        let n = read_up_to(&mut reader, &mut banner).await;
+        if n != 8 || &banner != BANNER {
+            let mut rest = [0u8; 200];
+            let m = if n == 8 {
+                tokio::time::timeout(
+                    Duration::from_millis(300),
+                    read_up_to(&mut reader, &mut rest),
+                )
+                .await
+                .unwrap_or(0)
+            } else {
+                0
+            };
+            let mut text = banner[..n].to_vec();
+            text.extend_from_slice(&rest[..m]);
+            let text = String::from_utf8_lossy(&text).trim().replace('\n', " | ");
+            return Err(if text.is_empty() {
+                ProtoError::Lost("the agent exited before speaking the protocol".into())
+            } else {
+                ProtoError::Violation(format!(
+                    "the slave did not answer with the georep protocol but with {text:?}"
+                ))
+            });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(ClientStats::default());
+        let mut inner = Inner {
+            budget: Arc::new(Semaphore::new(SEND_BUDGET)),
+            pending: Mutex::new(HashMap::new()),
+            closed: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            stats: stats.clone(),
+            agent: String::new(),
+            root: String::new(),
+        };
+        // Handshake before the tasks exist, so the agent's identity is immutable afterwards.
+        let mut writer = BufWriter::with_capacity(256 << 10, writer);
+        let hello = Envelope {
+            id: 1,
+            body: Request::Hello {
+                version: PROTOCOL_VERSION,
+                client: client_name(),
+            },
+        };
+        let frame = encode_frame(&hello).map_err(|e| ProtoError::Violation(e.to_string()))?;
+        writer.write_all(&frame).await.map_err(lost)?;
+        writer.flush().await.map_err(lost)?;
+        let resp = read_response(&mut reader, &stats).await?;
+        match resp.result {
+            Ok(Reply::HelloOk { version, agent, root }) if version == PROTOCOL_VERSION => {
+                inner.agent = agent;
+                inner.root = root;
+            }
+            Ok(Reply::HelloOk { version, agent, .. }) => {
+                return Err(ProtoError::Remote(WireError::new(
+                    super::ErrorKind::Version,
+                    format!("the slave's georep {agent} speaks protocol {version}, this one {PROTOCOL_VERSION}: install the same georep version on both sites"),
+                )))
+            }
+            Ok(other) => return Err(ProtoError::Violation(format!("unexpected handshake reply {other:?}"))),
+            Err(e) => return Err(ProtoError::Remote(e)),
+        }
+        inner.next_id.store(2, Ordering::Relaxed);
+        let inner = Arc::new(inner);
+        tokio::spawn(write_loop(writer, rx, inner.clone()));
+        tokio::spawn(read_loop(reader, inner.clone()));
+        let client = Client {
+            inner: inner.clone(),
+            tx: Arc::new(tx),
+        };
+        tokio::spawn(keepalive_loop(inner, Arc::downgrade(&client.tx), keepalive));
+        Ok(client)
+    }
+
+    /// Sends a request and returns its reply ticket. The request is queued
+    /// in call order before this returns, so requests issued one after
+    /// another reach the agent in that order.
+    pub async fn request(&self, body: Request) -> Result<Ticket, ProtoError> {
+        self.inner.check_open()?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .unwrap()
+            .insert(id, (tx, Vec::new()));
+        if let Err(e) = self.send(Envelope { id, body }).await {
+            self.inner.pending.lock().unwrap().remove(&id);
+            return Err(e);
+        }
+        Ok(Ticket { rx })
+    }
+
+    /// Sends a request that gets no reply (id 0).
+    pub async fn post(&self, body: Request) -> Result<(), ProtoError> {
+        self.inner.check_open()?;
+        self.send(Envelope { id: 0, body }).await
+    }
+
+    /// Sends a request and waits for its single reply.
+    pub async fn call(&self, body: Request) -> Result<Reply, ProtoError> {
+        self.request(body).await?.one().await
+    }
+
+    async fn send(&self, env: Envelope) -> Result<(), ProtoError> {
+        let frame = encode_frame(&env).map_err(|e| ProtoError::Violation(e.to_string()))?;
+        let want = frame.len().min(SEND_BUDGET) as u32;
+        let permit = self
+            .inner
+            .budget
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .map_err(|_| ProtoError::Lost("client closed".into()))?;
+        self.inner
+            .stats
+            .bytes_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.inner.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send((frame, permit))
+            .map_err(|_| self.closed_error())
+    }
+
+    fn closed_error(&self) -> ProtoError {
+        self.inner
+            .closed
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| ProtoError::Lost("writer stopped".into()))
+    }
+
+    pub fn stats(&self) -> &ClientStats {
+        &self.inner.stats
+    }
+
+    /// The agent's version string from the handshake.
+    pub fn agent_version(&self) -> &str {
+        &self.inner.agent
+    }
+
+    /// The slave root as the agent names it.
+    pub fn agent_root(&self) -> &str {
+        &self.inner.root
+    }
+
+    /// The reason the connection closed, if it did.
+    pub fn closed(&self) -> Option<ProtoError> {
+        self.inner.closed.lock().unwrap().clone()
+    }
+}
+
+fn client_name() -> String {
+    format!("georep {} worker", env!("CARGO_PKG_VERSION"))
+}
+
+fn lost(e: std::io::Error) -> ProtoError {
+    ProtoError::Lost(e.to_string())
+}
+
+async fn read_up_to<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(m) => n += m,
+        }
+    }
+    n
+}
+
+async fn read_response<R: AsyncRead + Unpin>(
+    r: &mut R,
+    stats: &ClientStats,
+) -> Result<Response, ProtoError> {
+    let len = match r.read_u32_le().await {
+        Ok(l) => l as usize,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtoError::Lost("the agent closed the connection".into()))
+        }
+        Err(e) => return Err(lost(e)),
+    };
+    if len > MAX_FRAME {
+        return Err(ProtoError::Violation(format!(
+            "reply frame of {len} bytes exceeds the limit"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.map_err(lost)?;
+    stats.bytes_in.fetch_add(4 + len as u64, Ordering::Relaxed);
+    postcard::from_bytes(&buf).map_err(|e| ProtoError::Violation(format!("undecodable reply: {e}")))
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    inner: Arc<Inner>,
+) {
+    let res: std::io::Result<()> = async {
+        while let Some((frame, permit)) = rx.recv().await {
+            w.write_all(&frame).await?;
+            drop(permit);
+            while let Ok((frame, permit)) = rx.try_recv() {
+                w.write_all(&frame).await?;
+                drop(permit);
+            }
+            w.flush().await?;
+        }
+        w.shutdown().await
+    }
+    .await;
+    if let Err(e) = res {
+        inner.fail_all(lost(e));
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(mut r: R, inner: Arc<Inner>) {
+    loop {
+        let resp = match read_response(&mut r, &inner.stats).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                inner.fail_all(e);
+                return;
+            }
+        };
+        let mut pending = inner.pending.lock().unwrap();
+        let Some(slot) = pending.get_mut(&resp.id) else {
+            drop(pending);
+            inner.fail_all(ProtoError::Violation(format!(
+                "reply to unknown request id {}",
+                resp.id
+            )));
+            return;
+        };
+        match resp.result {
+            Ok(reply) => {
+                slot.1.push(reply);
+                if resp.last {
+                    let (tx, acc) = pending.remove(&resp.id).unwrap();
+                    let _ = tx.send(Ok(acc));
+                }
+            }
+            Err(e) => {
+                let (tx, _) = pending.remove(&resp.id).unwrap();
+                let _ = tx.send(Err(ProtoError::Remote(e)));
+            }
+        }
+    }
+}
+
+/// Pings the agent periodically; declares the connection dead when a ping
+/// is not answered within `keepalive`. Ends when the client is dropped.
+async fn keepalive_loop(
+    inner: Arc<Inner>,
+    tx: std::sync::Weak<mpsc::UnboundedSender<Frame>>,
+    keepalive: Duration,
+) {
+    let period = keepalive / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(tx) = tx.upgrade() else { return };
+        let client = Client {
+            inner: inner.clone(),
+            tx,
+        };
+        let ticket = match client.request(Request::Ping).await {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        drop(client);
+        if tokio::time::timeout(keepalive, ticket).await.is_err() {
+            inner.fail_all(ProtoError::Timeout(keepalive.as_secs()));
+            return;
+        }
+    }
+}

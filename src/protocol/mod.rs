@@ -1,0 +1,79 @@
+//! The agent protocol: one versioned, pipelined request/response protocol
+//! for every transport (local pipes, SSH, in-process).
+//!
+//! On the wire: the agent first writes the 8-byte banner [`BANNER`]; then
+//! both directions carry frames of a 4-byte little-endian length followed by
+//! a postcard-encoded [`Envelope`] or [`Response`]. Frames larger than
+//! [`MAX_FRAME`] are refused. Requests carry an id chosen by the client;
+//! id 0 asks for no reply (data writes), their errors are reported by the
+//! file's `Commit`. A reply may span several frames (`last = false`).
+
+pub mod client;
+pub mod msg;
+
+pub use client::{Client, ClientStats, ProtoError, Ticket};
+pub use msg::*;
+
+use std::io::{self, Read, Write};
+
+/// Bumped on every incompatible change; the handshake refuses a mismatch.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Written by the agent before anything else, so noise from a login shell
+/// (motd, "command not found") is recognised instead of misparsed.
+pub const BANNER: &[u8; 8] = b"GEOREP1\n";
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Largest data payload in one `Write` frame.
+pub const MAX_DATA: usize = 1 << 20;
+
+/// Reads one frame; `Ok(None)` on a clean EOF between frames.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated frame header",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    buf.clear();
+    buf.resize(len, 0);
+    r.read_exact(buf)
+        .map_err(|e| io::Error::new(e.kind(), format!("truncated frame: {e}")))?;
+    Ok(Some(()))
+}
+
+/// Encodes `msg` as one frame (length prefix included).
+pub fn encode_frame<T: serde::Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    let out = vec![0u8; 4];
+    let body = postcard::to_extend(msg, out).map_err(io::Error::other)?;
+    let len = body.len() - 4;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("frame of {len} bytes too large"),
+        ));
+    }
+    let mut body = body;
+    body[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(body)
+}
+
+pub fn write_frame<T: serde::Serialize>(w: &mut impl Write, msg: &T) -> io::Result<()> {
+    w.write_all(&encode_frame(msg)?)
+}

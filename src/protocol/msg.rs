@@ -1,0 +1,209 @@
+//! Protocol messages.
+
+use crate::meta::{Entry, Meta};
+use crate::relpath::RelPath;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+pub type Hash32 = [u8; 32];
+pub type Hash16 = [u8; 16];
+
+/// Which session a slave tree belongs to, and which full crawl it has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlaveIdentity {
+    pub session: uuid::Uuid,
+    /// Changes whenever the slave is (re)populated by a full crawl.
+    pub epoch: uuid::Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: u64,
+    pub body: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    Hello {
+        version: u32,
+        client: String,
+    },
+    Ping,
+    GetIdentity,
+    SetIdentity(SlaveIdentity),
+    /// Lists a directory; answered by one or more `Entries` frames.
+    ListDir {
+        path: RelPath,
+    },
+    Stat {
+        path: RelPath,
+    },
+    /// Creates a directory (or fixes an existing one's mode and owner).
+    Mkdir {
+        path: RelPath,
+        meta: Meta,
+    },
+    /// Removes an entry, recursively for directories; absence is success.
+    Remove {
+        path: RelPath,
+    },
+    /// Creates or atomically replaces a symlink.
+    Symlink {
+        path: RelPath,
+        target: ByteBuf,
+        meta: Meta,
+    },
+    /// Creates or atomically replaces `path` by a hard link to `target`.
+    Link {
+        path: RelPath,
+        target: RelPath,
+    },
+    SetMeta {
+        path: RelPath,
+        meta: Meta,
+    },
+    /// Starts assembling file `path` of `size` bytes in a temporary file,
+    /// with `basis` (default: the existing `path`) as the source of copies.
+    OpenFile {
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+    },
+    /// BLAKE3 of consecutive `window`-sized ranges of the basis in `[offset, offset+len)`.
+    WindowHashes {
+        fid: u64,
+        offset: u64,
+        len: u64,
+        window: u32,
+    },
+    /// Truncated BLAKE3 of consecutive `block`-sized ranges of the basis.
+    BlockHashes {
+        fid: u64,
+        offset: u64,
+        len: u64,
+        block: u32,
+    },
+    /// An rsync signature (fast_rsync format) of a basis range.
+    Signature {
+        fid: u64,
+        offset: u64,
+        len: u64,
+        block: u32,
+    },
+    /// Literal data at `offset` (sent with id 0).
+    Write {
+        fid: u64,
+        offset: u64,
+        data: ByteBuf,
+    },
+    /// Copies `[offset, offset+len)` of the basis to the same range (id 0).
+    Copy {
+        fid: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// An rsync delta against basis `[basis_off, basis_off+basis_len)`,
+    /// producing exactly `out_len` bytes at `offset` (id 0).
+    Patch {
+        fid: u64,
+        offset: u64,
+        out_len: u64,
+        basis_off: u64,
+        basis_len: u64,
+        delta: ByteBuf,
+    },
+    /// Verifies the digest of what was written, applies `meta`, makes the
+    /// file durable and renames it over its final name.
+    Commit {
+        fid: u64,
+        digest: Hash32,
+        meta: Meta,
+    },
+    Abort {
+        fid: u64,
+    },
+    /// A whole small file in one frame: write, verify, publish.
+    PutFile {
+        path: RelPath,
+        data: ByteBuf,
+        digest: Hash32,
+        meta: Meta,
+    },
+    /// Makes everything done so far durable (syncfs).
+    Barrier,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    HelloOk {
+        version: u32,
+        agent: String,
+        root: String,
+    },
+    Pong,
+    Identity(Option<SlaveIdentity>),
+    Entries(Vec<Entry>),
+    Stat(Option<Entry>),
+    Done,
+    Opened {
+        basis_size: Option<u64>,
+    },
+    Hashes(Vec<Hash32>),
+    BlockHashes(Vec<Hash16>),
+    Signature(ByteBuf),
+    Committed {
+        written: u64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    /// False while more frames of the same reply follow.
+    pub last: bool,
+    pub result: Result<Reply, WireError>,
+}
+
+/// An error reported by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WireError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    NotFound,
+    Exists,
+    NoSpace,
+    Permission,
+    /// A path the agent refuses (absolute, `..`, through a symlink, outside the root).
+    InvalidPath,
+    /// A malformed request: bad offsets, unknown file id, bad delta.
+    Invalid,
+    /// What was written does not hash to the master's digest.
+    Mismatch,
+    /// Another agent holds the slave root.
+    Busy,
+    Version,
+    Io,
+}
+
+impl WireError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> WireError {
+        WireError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn retry(&self) -> crate::error::Retry {
+        use crate::error::Retry;
+        match self.kind {
+            ErrorKind::Version | ErrorKind::InvalidPath | ErrorKind::Invalid => Retry::Permanent,
+            _ => Retry::Temporary,
+        }
+    }
+}

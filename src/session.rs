@@ -1,0 +1,270 @@
+//! Sessions: a named master -> slave pairing with a TOML config and a
+//! state directory under the georep home.
+//!
+//! Layout: `$GEOREP_HOME/sessions/NAME/{config.toml, state.json,
+//! worker.pid, links.json, last-sync.json}`.
+
+use crate::error::UserError;
+use crate::user_err;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// The georep home: `GEOREP_HOME`, else `/var/lib/georep` for root, else
+/// `$XDG_STATE_HOME/georep` (default `~/.local/state/georep`).
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("GEOREP_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/georep");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(x).join("georep");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/georep")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Crawl in a loop: every point is replicated in order.
+    #[default]
+    Continuous,
+    /// One pass per interval: only the newest point is replicated.
+    Interval,
+}
+
+/// What the worker may assume about xtimes between two crawls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MarkerPolicy {
+    /// Trust xtimes only while georep's own watcher provably ran since the
+    /// last crawl; otherwise (a one-shot `sync`, a restart) do a full crawl.
+    #[default]
+    Auto,
+    /// Every writer of the master calls `georep mark` (an integrated
+    /// appliance): xtimes are trusted across gaps.
+    Mark,
+}
+
+/// Where the slave is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlaveSpec {
+    Local(PathBuf),
+    Ssh {
+        user: Option<String>,
+        host: String,
+        path: PathBuf,
+    },
+}
+
+impl SlaveSpec {
+    /// `[user@]host:/path` is an SSH slave (as rsync and scp read it); anything else a local path.
+    pub fn parse(s: &str) -> Result<SlaveSpec, UserError> {
+        if s.is_empty() {
+            return Err(user_err!(
+                "empty slave: give a directory or [user@]host:/path"
+            ));
+        }
+        if let Some((hostpart, path)) = s.split_once(':') {
+            if !hostpart.is_empty() && !hostpart.contains('/') {
+                let (user, host) = match hostpart.split_once('@') {
+                    Some((u, h)) => (Some(u.to_string()), h.to_string()),
+                    None => (None, hostpart.to_string()),
+                };
+                if host.is_empty() || user.as_deref() == Some("") {
+                    return Err(user_err!("slave {s:?}: expected [user@]host:/path"));
+                }
+                if !path.starts_with('/') {
+                    return Err(user_err!("slave {s:?}: the remote path must be absolute, e.g. {hostpart}:/srv/replica"));
+                }
+                return Ok(SlaveSpec::Ssh {
+                    user,
+                    host,
+                    path: PathBuf::from(path),
+                });
+            }
+        }
+        Ok(SlaveSpec::Local(PathBuf::from(s)))
+    }
+}
+
+/// A session's configuration file. Unknown keys are refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The session's identity: in stime xattr names and on the slave root.
+    pub session_id: Uuid,
+    pub master: PathBuf,
+    pub slave: String,
+    #[serde(default)]
+    pub mode: SyncMode,
+    /// Seconds between passes in interval mode.
+    #[serde(default = "default_interval")]
+    pub interval_secs: u64,
+    #[serde(default)]
+    pub marker: MarkerPolicy,
+    /// Seconds without an answer before the connection is declared dead.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+}
+
+fn default_interval() -> u64 {
+    3600
+}
+
+fn default_keepalive() -> u64 {
+    30
+}
+
+/// Keys `georep config` can change, with their meaning.
+pub const CONFIG_KEYS: &[(&str, &str)] = &[
+    ("mode", "continuous | interval"),
+    ("interval_secs", "seconds between passes in interval mode"),
+    ("marker", "auto | mark (writers all call `georep mark`)"),
+    (
+        "keepalive_secs",
+        "seconds without an answer before the slave is declared dead",
+    ),
+    ("ssh_port", "SSH port of the slave"),
+    ("identity", "SSH private key file"),
+];
+
+/// Replication state kept between runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// The slave population this session trusts (see `SlaveIdentity`).
+    pub epoch: Option<Uuid>,
+    /// A full crawl started and has not completed yet.
+    pub full_pending: bool,
+    /// The master root's id when last synced; a new one means a new master.
+    pub master_id: Option<Uuid>,
+    /// When the last complete sync finished (ns since the epoch).
+    pub last_complete_ns: Option<u64>,
+    /// The root's xtime that last complete sync covered (everything changed before it is on the slave).
+    pub last_synced_xtime: Option<u64>,
+}
+
+pub struct Session {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: Config,
+}
+
+pub fn check_name(name: &str) -> Result<(), UserError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(user_err!("invalid session name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"))
+    }
+}
+
+pub fn sessions_dir() -> PathBuf {
+    home().join("sessions")
+}
+
+/// Parses a config file's text; errors name the file, the problem and the line.
+pub fn parse_config(path: &Path, text: &str) -> Result<Config, UserError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let msg = e.message().replace('\n', " ");
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        let known: Vec<&str> = CONFIG_KEYS.iter().map(|k| k.0).collect();
+        user_err!(
+            "invalid config {}{at}: {msg}; fix or remove it (settable keys: {}, plus session_id, master, slave)",
+            path.display(),
+            known.join(", ")
+        )
+    })
+}
+
+impl Session {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    pub fn load(name: &str) -> Result<Session, UserError> {
+        check_name(name)?;
+        let dir = sessions_dir().join(name);
+        let path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                user_err!("no session {name:?} (looked in {}): create it with `georep create {name} MASTER SLAVE`, or set GEOREP_HOME", dir.display())
+            }
+            _ => user_err!("cannot read {}: {e}", path.display()),
+        })?;
+        let config = parse_config(&path, &text)?;
+        Ok(Session {
+            name: name.to_string(),
+            dir,
+            config,
+        })
+    }
+
+    /// Every session under the home, sorted by name; unreadable ones are reported as errors.
+    pub fn all() -> Vec<Result<Session, UserError>> {
+        let mut names: Vec<String> = std::fs::read_dir(sessions_dir())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.iter().map(|n| Session::load(n)).collect()
+    }
+
+    pub fn save_config(&self) -> std::io::Result<()> {
+        let text = toml::to_string(&self.config).map_err(std::io::Error::other)?;
+        georep_monitor::write_atomic(&self.config_path(), text.as_bytes())
+    }
+
+    pub fn slave_spec(&self) -> Result<SlaveSpec, UserError> {
+        SlaveSpec::parse(&self.config.slave)
+    }
+
+    pub fn state(&self) -> State {
+        std::fs::read(self.dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save_state(&self, s: &State) -> std::io::Result<()> {
+        georep_monitor::write_atomic(
+            &self.dir.join("state.json"),
+            &serde_json::to_vec_pretty(s).expect("state serializes"),
+        )
+    }
+
+    pub fn worker_pid_path(&self) -> PathBuf {
+        self.dir.join("worker.pid")
+    }
+
+    pub fn monitor_pid_path(&self) -> PathBuf {
+        self.dir.join("monitor.pid")
+    }
+
+    /// A live process of this session (worker or monitor), if any.
+    pub fn running_pid(&self) -> Option<u32> {
+        [self.worker_pid_path(), self.monitor_pid_path()]
+            .iter()
+            .find_map(|p| georep_monitor::PidRecord::read_live(p).ok().flatten())
+            .map(|r| r.pid)
+    }
+}

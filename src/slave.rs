@@ -1,0 +1,298 @@
+//! The engine's view of the slave: typed operations over the protocol
+//! client. Each call queues its request before returning, so calls made in
+//! sequence reach the agent in that order; the returned [`Pending`] is
+//! awaited only when the answer is needed. That is what keeps many
+//! operations in flight over a high-latency link.
+
+use crate::meta::{Entry, Meta};
+use crate::protocol::{Client, Hash16, Hash32, ProtoError, Reply, Request, SlaveIdentity, Ticket};
+use crate::relpath::RelPath;
+use serde_bytes::ByteBuf;
+
+/// A request on its way, with the conversion of its reply.
+pub struct Pending<T> {
+    ticket: Ticket,
+    convert: fn(Vec<Reply>) -> Result<T, ProtoError>,
+}
+
+impl<T> Pending<T> {
+    pub async fn wait(self) -> Result<T, ProtoError> {
+        (self.convert)(self.ticket.await?)
+    }
+}
+
+fn unexpected(r: &[Reply]) -> ProtoError {
+    ProtoError::Violation(format!("unexpected reply {:?}", r.first()))
+}
+
+fn done(r: Vec<Reply>) -> Result<(), ProtoError> {
+    match r.as_slice() {
+        [Reply::Done] => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn committed(r: Vec<Reply>) -> Result<u64, ProtoError> {
+    match r.as_slice() {
+        [Reply::Committed { written }] => Ok(*written),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Clone)]
+pub struct Slave {
+    client: Client,
+}
+
+impl Slave {
+    pub fn new(client: Client) -> Slave {
+        Slave { client }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn req<T>(
+        &self,
+        body: Request,
+        convert: fn(Vec<Reply>) -> Result<T, ProtoError>,
+    ) -> Result<Pending<T>, ProtoError> {
+        Ok(Pending {
+            ticket: self.client.request(body).await?,
+            convert,
+        })
+    }
+
+    pub async fn identity(&self) -> Result<Option<SlaveIdentity>, ProtoError> {
+        self.req(Request::GetIdentity, |r| match r.as_slice() {
+            [Reply::Identity(i)] => Ok(i.clone()),
+            other => Err(unexpected(other)),
+        })
+        .await?
+        .wait()
+        .await
+    }
+
+    pub async fn set_identity(&self, id: SlaveIdentity) -> Result<(), ProtoError> {
+        self.req(Request::SetIdentity(id), done).await?.wait().await
+    }
+
+    pub async fn list(&self, path: RelPath) -> Result<Pending<Vec<Entry>>, ProtoError> {
+        self.req(Request::ListDir { path }, |r| {
+            let mut out = Vec::new();
+            for reply in r {
+                match reply {
+                    Reply::Entries(e) => out.extend(e),
+                    other => return Err(unexpected(&[other])),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn stat(&self, path: RelPath) -> Result<Option<Entry>, ProtoError> {
+        self.req(Request::Stat { path }, |r| match r.as_slice() {
+            [Reply::Stat(s)] => Ok(s.clone()),
+            other => Err(unexpected(other)),
+        })
+        .await?
+        .wait()
+        .await
+    }
+
+    pub async fn mkdir(&self, path: RelPath, meta: Meta) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::Mkdir { path, meta }, done).await
+    }
+
+    pub async fn remove(&self, path: RelPath) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::Remove { path }, done).await
+    }
+
+    pub async fn symlink(
+        &self,
+        path: RelPath,
+        target: Vec<u8>,
+        meta: Meta,
+    ) -> Result<Pending<()>, ProtoError> {
+        self.req(
+            Request::Symlink {
+                path,
+                target: ByteBuf::from(target),
+                meta,
+            },
+            done,
+        )
+        .await
+    }
+
+    pub async fn link(&self, path: RelPath, target: RelPath) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::Link { path, target }, done).await
+    }
+
+    pub async fn set_meta(&self, path: RelPath, meta: Meta) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::SetMeta { path, meta }, done).await
+    }
+
+    pub async fn open_file(
+        &self,
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+    ) -> Result<Pending<Option<u64>>, ProtoError> {
+        self.req(
+            Request::OpenFile {
+                fid,
+                path,
+                basis,
+                size,
+            },
+            |r| match r.as_slice() {
+                [Reply::Opened { basis_size }] => Ok(*basis_size),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await
+    }
+
+    pub async fn window_hashes(
+        &self,
+        fid: u64,
+        offset: u64,
+        len: u64,
+        window: u32,
+    ) -> Result<Pending<Vec<Hash32>>, ProtoError> {
+        self.req(
+            Request::WindowHashes {
+                fid,
+                offset,
+                len,
+                window,
+            },
+            |mut r| match r.pop() {
+                Some(Reply::Hashes(h)) if r.is_empty() => Ok(h),
+                other => Err(ProtoError::Violation(format!("unexpected reply {other:?}"))),
+            },
+        )
+        .await
+    }
+
+    pub async fn block_hashes(
+        &self,
+        fid: u64,
+        offset: u64,
+        len: u64,
+        block: u32,
+    ) -> Result<Pending<Vec<Hash16>>, ProtoError> {
+        self.req(
+            Request::BlockHashes {
+                fid,
+                offset,
+                len,
+                block,
+            },
+            |mut r| match r.pop() {
+                Some(Reply::BlockHashes(h)) if r.is_empty() => Ok(h),
+                other => Err(ProtoError::Violation(format!("unexpected reply {other:?}"))),
+            },
+        )
+        .await
+    }
+
+    pub async fn signature(
+        &self,
+        fid: u64,
+        offset: u64,
+        len: u64,
+        block: u32,
+    ) -> Result<Pending<Vec<u8>>, ProtoError> {
+        self.req(
+            Request::Signature {
+                fid,
+                offset,
+                len,
+                block,
+            },
+            |mut r| match r.pop() {
+                Some(Reply::Signature(s)) if r.is_empty() => Ok(s.into_vec()),
+                other => Err(ProtoError::Violation(format!("unexpected reply {other:?}"))),
+            },
+        )
+        .await
+    }
+
+    pub async fn write(&self, fid: u64, offset: u64, data: Vec<u8>) -> Result<(), ProtoError> {
+        self.client
+            .post(Request::Write {
+                fid,
+                offset,
+                data: ByteBuf::from(data),
+            })
+            .await
+    }
+
+    pub async fn copy(&self, fid: u64, offset: u64, len: u64) -> Result<(), ProtoError> {
+        self.client.post(Request::Copy { fid, offset, len }).await
+    }
+
+    pub async fn patch(
+        &self,
+        fid: u64,
+        offset: u64,
+        out_len: u64,
+        basis_off: u64,
+        basis_len: u64,
+        delta: Vec<u8>,
+    ) -> Result<(), ProtoError> {
+        self.client
+            .post(Request::Patch {
+                fid,
+                offset,
+                out_len,
+                basis_off,
+                basis_len,
+                delta: ByteBuf::from(delta),
+            })
+            .await
+    }
+
+    pub async fn commit(
+        &self,
+        fid: u64,
+        digest: Hash32,
+        meta: Meta,
+    ) -> Result<Pending<u64>, ProtoError> {
+        self.req(Request::Commit { fid, digest, meta }, committed)
+            .await
+    }
+
+    pub async fn abort(&self, fid: u64) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::Abort { fid }, done).await
+    }
+
+    pub async fn put_file(
+        &self,
+        path: RelPath,
+        data: Vec<u8>,
+        digest: Hash32,
+        meta: Meta,
+    ) -> Result<Pending<u64>, ProtoError> {
+        self.req(
+            Request::PutFile {
+                path,
+                data: ByteBuf::from(data),
+                digest,
+                meta,
+            },
+            committed,
+        )
+        .await
+    }
+
+    /// Makes everything the agent did so far durable.
+    pub async fn barrier(&self) -> Result<(), ProtoError> {
+        self.req(Request::Barrier, done).await?.wait().await
+    }
+}

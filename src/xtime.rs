@@ -1,0 +1,220 @@
+//! xtime and stime stamps kept in `user.` extended attributes.
+//!
+//! - `user.georep.master` on the master root holds the master's uuid.
+//! - `user.georep.<master-uuid>.xtime` on every marked entry: the newest
+//!   change at or below it (the marker invariant: parent >= child).
+//! - `user.georep.<session-uuid>.stime` on master directories: the xtime up
+//!   to which that subtree is known to be on the session's slave.
+//!
+//! Stamps are nanoseconds since the epoch, 8 bytes big-endian, issued by a
+//! hybrid logical clock (max(now, newest + 1)) so they never go backwards.
+
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+pub const MASTER_ID_ATTR: &str = "user.georep.master";
+
+pub fn xtime_attr(master: &Uuid) -> String {
+    format!("user.georep.{master}.xtime")
+}
+
+pub fn stime_attr(session: &Uuid) -> String {
+    format!("user.georep.{session}.stime")
+}
+
+/// Decodes a stamp; anything malformed reads as absent (0), which only
+/// makes the crawl look at more, never at less.
+pub fn decode(v: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
+}
+
+/// Reads a stamp without following a final symlink; absent or unreadable is 0.
+pub fn read(path: &Path, attr: &str) -> io::Result<u64> {
+    match xattr::get(path, attr) {
+        Ok(v) => Ok(v.as_deref().and_then(decode).unwrap_or(0)),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn write(path: &Path, attr: &str, stamp: u64) -> io::Result<()> {
+    xattr::set(path, attr, &stamp.to_be_bytes())
+}
+
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads the master id of `root`, if it is a master root.
+pub fn master_id(root: &Path) -> io::Result<Option<Uuid>> {
+    match xattr::get(root, MASTER_ID_ATTR) {
+        Ok(Some(v)) => Ok(std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| Uuid::parse_str(s.trim()).ok())),
+        Ok(None) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Returns the master id of `root`, creating one on first use. Fails
+/// clearly when the file system does not support `user.` xattrs.
+pub fn ensure_master_id(root: &Path) -> io::Result<Uuid> {
+    if let Some(id) = master_id(root)? {
+        return Ok(id);
+    }
+    let id = Uuid::new_v4();
+    xattr::set(root, MASTER_ID_ATTR, id.to_string().as_bytes())?;
+    Ok(id)
+}
+
+/// Holds the master's marker lock (an `flock` on the root directory) so
+/// that concurrent markers never lose a stamp in a read-modify-write race.
+pub struct MarkerLock {
+    _dir: Flock<File>,
+}
+
+impl MarkerLock {
+    pub fn take(root: &Path) -> io::Result<MarkerLock> {
+        let dir = Flock::lock(File::open(root)?, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io::Error::from(e))?;
+        Ok(MarkerLock { _dir: dir })
+    }
+}
+
+/// Issues a new stamp for the master at `root`: later than every stamp in
+/// the tree (the root's xtime is the newest) and than the wall clock.
+pub fn next_stamp(root: &Path, master: &Uuid) -> io::Result<u64> {
+    let newest = read(root, &xtime_attr(master))?;
+    Ok(now_ns().max(newest.saturating_add(1)))
+}
+
+/// What a call to [`mark`] stamped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marked {
+    pub master_root: PathBuf,
+    pub master: Uuid,
+    pub stamp: u64,
+    /// Entries stamped, from the path up to the master root.
+    pub entries: usize,
+}
+
+/// Marks `path` changed: stamps it (or, if it is gone or a symlink, its
+/// nearest directory) and every ancestor up to each master root above it,
+/// keeping the marker invariant. Returns one record per master.
+pub fn mark(path: &Path) -> io::Result<Vec<Marked>> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    let abs = normalize(&abs);
+    // The first entry that can carry a user xattr: an existing file or directory.
+    let mut start = abs.clone();
+    loop {
+        match std::fs::symlink_metadata(&start) {
+            Ok(md) if md.is_dir() || md.is_file() => break,
+            _ => {
+                if !start.pop() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "no existing ancestor",
+                    ));
+                }
+            }
+        }
+    }
+    let mut chain = Vec::new();
+    let mut p = start.clone();
+    loop {
+        chain.push(p.clone());
+        if !p.pop() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for (i, candidate) in chain.iter().enumerate() {
+        let Some(id) = master_id(candidate).unwrap_or(None) else {
+            continue;
+        };
+        let _lock = MarkerLock::take(candidate)?;
+        let attr = xtime_attr(&id);
+        let stamp = next_stamp(candidate, &id)?;
+        for entry in &chain[..=i] {
+            write(entry, &attr, stamp)?;
+        }
+        out.push(Marked {
+            master_root: candidate.clone(),
+            master: id,
+            stamp,
+            entries: i + 1,
+        });
+    }
+    if out.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is not inside a georep master (no {MASTER_ID_ATTR} xattr on it or any parent): create a session for its tree first",
+                abs.display()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Removes `.` and `..` lexically (the path may no longer exist).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mark_keeps_invariant_and_is_monotonic() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("m");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"x").unwrap();
+        let id = ensure_master_id(&root).unwrap();
+        assert_eq!(ensure_master_id(&root).unwrap(), id);
+        let attr = xtime_attr(&id);
+        let m1 = mark(&root.join("a/b/f")).unwrap();
+        assert_eq!(m1.len(), 1);
+        assert_eq!(m1[0].entries, 4);
+        for p in ["", "a", "a/b", "a/b/f"] {
+            assert_eq!(read(&root.join(p), &attr).unwrap(), m1[0].stamp);
+        }
+        // A clock far in the future on the root: the next stamp still goes up.
+        write(&root, &attr, u64::MAX / 2).unwrap();
+        let m2 = mark(&root.join("a/gone/file")).unwrap();
+        assert_eq!(m2[0].stamp, u64::MAX / 2 + 1);
+        assert_eq!(read(&root.join("a"), &attr).unwrap(), m2[0].stamp);
+        assert_eq!(read(&root.join("a/b/f"), &attr).unwrap(), m1[0].stamp);
+    }
+
+    #[test]
+    fn mark_outside_master_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let e = mark(d.path()).unwrap_err();
+        assert!(e.to_string().contains("not inside a georep master"), "{e}");
+    }
+}
