@@ -129,7 +129,16 @@ pub async fn ship_linked(e: &Arc<Engine>, path: &RelPath, m: &MEntry, basis: boo
                     continue;
                 }
                 match link(e, &other, path).await {
-                    Ok(()) => {}
+                    // The link changed its directory, whose metadata may already
+                    // have been set by this crawl: set it again, from the master.
+                    Ok(()) => {
+                        if let Err(err) = restore_dir_meta(e, &other).await {
+                            if err.is_fatal() {
+                                e.record_slave_err(&other, err);
+                                return false;
+                            }
+                        }
+                    }
                     // Its directory may not exist on the slave yet: it is linked when visited.
                     Err(err) if !err.is_fatal() => {}
                     Err(err) => {
@@ -147,6 +156,25 @@ pub async fn ship_linked(e: &Arc<Engine>, path: &RelPath, m: &MEntry, basis: boo
                 false
             }
         },
+    }
+}
+
+async fn restore_dir_meta(e: &Engine, path: &RelPath) -> Result<(), crate::protocol::ProtoError> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    let full = e.master.path(&dir);
+    let meta = tokio::task::spawn_blocking(move || {
+        let md = std::fs::symlink_metadata(&full).ok()?;
+        let x = crate::meta::read_xattrs(&full).ok()?;
+        Some(crate::meta::Meta::from_metadata(&md, x))
+    })
+    .await
+    .ok()
+    .flatten();
+    match meta {
+        Some(meta) => e.slave.set_meta(dir, meta).await?.wait().await,
+        None => Ok(()),
     }
 }
 

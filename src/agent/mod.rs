@@ -164,7 +164,10 @@ fn run(
         );
         return Err(AgentError::Refused(msg));
     }
-    let (root, _lock) = match open_root(&opts.root) {
+    // The state directory exists before any crawl, so creating it never
+    // moves the root's mtime after the worker has set it.
+    let (root, _lock) = match open_root(&opts.root).and_then(|(r, l)| r.state_dir().map(|_| (r, l)))
+    {
         Ok(r) => r,
         Err(e) => {
             send(first.id, Err(e.clone()));

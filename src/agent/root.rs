@@ -234,6 +234,23 @@ impl Root {
     pub fn link(&self, rel: &RelPath, target: &RelPath) -> WResult<()> {
         let (tdir, tname) = self.parent(target)?;
         let (dir, name) = self.parent(rel)?;
+        let tst = fstatat(
+            tdir.as_fd(),
+            OsStr::from_bytes(tname),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| errno_err(e, "stat", target))?;
+        if let Ok(st) = fstatat(
+            dir.as_fd(),
+            OsStr::from_bytes(name),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            // Already a link to the same inode: rename() between two links
+            // of one inode does nothing, so there is nothing to do either.
+            if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) {
+                return Ok(());
+            }
+        }
         let tmp = tmp_name();
         let tmp_os = OsStr::from_bytes(&tmp);
         linkat(

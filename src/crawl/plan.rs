@@ -128,7 +128,11 @@ fn plan_entry(
         (Kind::File, Some(s)) => {
             // A marked file is compared by content (hashes); an unmarked one
             // by size and mtime, so an unmarked writer is still caught here.
-            if (kind == CrawlKind::Xtime && m.xtime > stime) || !quick_equal(&m.entry, s) {
+            // A link count that differs means a hard link to (re)make.
+            if (kind == CrawlKind::Xtime && m.xtime > stime)
+                || !quick_equal(&m.entry, s)
+                || m.entry.nlink != s.nlink
+            {
                 Some(Action::Ship { basis: true })
             } else if meta_differs(&m.entry, s) {
                 Some(Action::Meta)
@@ -275,6 +279,20 @@ mod tests {
             vec![(1, Action::Ship { basis: false }), (2, Action::Symlink)]
         );
         assert_eq!(p.skipped, vec![0]);
+    }
+
+    #[test]
+    fn link_count_mismatch_reships_through_the_link_logic() {
+        let mut a = m("a", Kind::File, 1, 1, 0);
+        a.entry.nlink = 2;
+        let p = plan_dir(
+            CrawlKind::Xtime,
+            &[a],
+            Some(&[e("a", Kind::File, 1, 1)]),
+            10,
+            none,
+        );
+        assert_eq!(p.actions, vec![(0, Action::Ship { basis: true })]);
     }
 
     #[test]
