@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what georep's demo, tests and benchmarks need on a fresh Debian
+# machine, where it is missing: OpenSSH (client and server), rsync,
+# qemu-utils, attr. Idempotent; prints what it installs.
+set -euo pipefail
+
+need=()
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+{ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ]; } || need+=(openssh-server)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+command -v getfattr >/dev/null 2>&1 || need+=(attr)
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "setup: need root (or sudo) to apt-get install ${need[*]}" >&2; exit 1; }
+        SUDO=sudo
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
