@@ -27,6 +27,8 @@ pub struct Links {
     /// Inodes shipped (or being shipped) in this crawl, and through which name.
     cells: Mutex<HashMap<Key, Arc<OnceCell<Option<RelPath>>>>>,
     known: Mutex<HashMap<Key, BTreeSet<RelPath>>>,
+    /// Whether `known` changed since it was loaded.
+    dirty: std::sync::atomic::AtomicBool,
     file: Option<PathBuf>,
 }
 
@@ -45,14 +47,20 @@ impl Links {
         Links {
             cells: Mutex::default(),
             known: Mutex::new(known),
+            dirty: Default::default(),
             file: Some(file),
         }
     }
 
+    /// Saves the remembered names if they changed (not fsynced: losing
+    /// them only means a later full crawl relearns them).
     pub fn save(&self) -> std::io::Result<()> {
         let Some(file) = &self.file else {
             return Ok(());
         };
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let groups = self
             .known
             .lock()
@@ -62,17 +70,21 @@ impl Links {
             .map(|(k, v)| (k.0, k.1, v.iter().cloned().collect()))
             .collect();
         let data = serde_json::to_vec(&Saved { groups }).map_err(std::io::Error::other)?;
-        georep_monitor::write_atomic(file, &data)
+        georep_monitor::write_atomic_volatile(file, &data)
     }
 
     /// Records that `path` is a name of a multiply-linked master inode.
     pub fn saw(&self, e: &Entry, path: &RelPath) {
-        self.known
+        let added = self
+            .known
             .lock()
             .unwrap()
             .entry((e.dev, e.ino))
             .or_default()
             .insert(path.clone());
+        if added {
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn cell(&self, key: Key) -> Arc<OnceCell<Option<RelPath>>> {
@@ -90,7 +102,9 @@ impl Links {
 
     fn forget(&self, key: Key, path: &RelPath) {
         if let Some(s) = self.known.lock().unwrap().get_mut(&key) {
-            s.remove(path);
+            if s.remove(path) {
+                self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 }

@@ -245,6 +245,16 @@ impl Session {
             .unwrap_or_default()
     }
 
+    /// Saves bookkeeping fields (last sync times) without waiting for the disk.
+    pub fn save_state_volatile(&self, s: &State) -> std::io::Result<()> {
+        georep_monitor::write_atomic_volatile(
+            &self.dir.join("state.json"),
+            &serde_json::to_vec_pretty(s).expect("state serializes"),
+        )
+    }
+
+    /// Saves the state durably. Losing an update to a crash is safe anyway:
+    /// every field only ever makes the next sync do more (a full crawl).
     pub fn save_state(&self, s: &State) -> std::io::Result<()> {
         georep_monitor::write_atomic(
             &self.dir.join("state.json"),

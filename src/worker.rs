@@ -272,7 +272,17 @@ pub async fn sync_once(
         }
         state.last_complete_ns = Some(xtime::now_ns());
         state.last_synced_xtime = Some(root_xtime);
-        save_state(&state)?;
+        if kind == CrawlKind::Full {
+            save_state(&state)?;
+        } else {
+            // Only the sync times changed: not worth a disk flush.
+            session
+                .save_state_volatile(&state)
+                .map_err(|source| WorkerError::State {
+                    path: session.dir.join("state.json"),
+                    source,
+                })?;
+        }
     }
     let s = &engine.stats;
     let wire = slave.client().stats();
@@ -311,7 +321,7 @@ pub async fn sync_once(
         duration_ms: started.elapsed().as_millis() as u64,
         ..summary
     };
-    let _ = georep_monitor::write_atomic(
+    let _ = georep_monitor::write_atomic_volatile(
         &session.dir.join("last-sync.json"),
         &serde_json::to_vec_pretty(&summary).unwrap_or_default(),
     );

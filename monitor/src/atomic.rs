@@ -8,6 +8,17 @@ use std::path::Path;
 /// Writes `data` to `path` through a temporary file in the same directory,
 /// fsyncs it, renames it over `path` and fsyncs the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace(path, data, true)
+}
+
+/// Like [`write_atomic`], but without the fsyncs: readers still see the old
+/// file or the new one, never half of one; after a power loss the file may
+/// be the old one. For files whose loss is harmless (summaries, caches).
+pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace(path, data, false)
+}
+
+fn replace(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -22,9 +33,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -4,5 +4,5 @@
 pub mod atomic;
 pub mod pidfile;
 
-pub use atomic::write_atomic;
+pub use atomic::{write_atomic, write_atomic_volatile};
 pub use pidfile::{PidFile, PidRecord, ProcessState};

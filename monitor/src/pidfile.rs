@@ -126,8 +126,9 @@ impl PidFile {
         let data = serde_json::to_vec(&rec).map_err(io::Error::other)?;
         file.set_len(0)?;
         use std::os::unix::fs::FileExt;
+        // Not fsynced: the lock, not the file, says who runs, and after a
+        // crash the record is checked against the process table anyway.
         file.write_all_at(&data, 0)?;
-        file.sync_all()?;
         Ok(Ok(PidFile {
             path: path.to_path_buf(),
             _file: file,

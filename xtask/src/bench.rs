@@ -1,0 +1,237 @@
+//! The benchmark context and the two tools' runners.
+
+use crate::procs::{self, Measured, Peaks};
+use crate::proxy::Proxy;
+use crate::sshd::Sshd;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Where a workload's slave lives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Link {
+    Local,
+    /// Over SSH through the byte-counting proxy.
+    Ssh,
+    /// Over SSH through the proxy adding 50 ms each way.
+    Wan,
+}
+
+pub struct Ctx {
+    pub dir: PathBuf,
+    pub georep: PathBuf,
+    pub quick: bool,
+    pub reps: usize,
+    pub marker: String,
+    pub sshd: Sshd,
+    pub lan: Proxy,
+    pub wan: Proxy,
+}
+
+/// One measured run of one tool.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub wall_ms: f64,
+    pub wire_bytes: u64,
+    pub peaks_kib: Peaks,
+}
+
+/// A tool's results on a workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolResult {
+    pub tool: String,
+    pub options: String,
+    pub runs: Vec<Run>,
+}
+
+impl ToolResult {
+    pub fn median_ms(&self) -> f64 {
+        let mut v: Vec<f64> = self.runs.iter().map(|r| r.wall_ms).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v[v.len() / 2]
+    }
+
+    pub fn median_bytes(&self) -> u64 {
+        let mut v: Vec<u64> = self.runs.iter().map(|r| r.wire_bytes).collect();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    }
+
+    pub fn peaks(&self) -> Peaks {
+        let mut out = Peaks::new();
+        for r in &self.runs {
+            for (k, v) in &r.peaks_kib {
+                let e = out.entry(k.clone()).or_insert(0);
+                *e = (*e).max(*v);
+            }
+        }
+        out
+    }
+}
+
+impl Ctx {
+    pub fn proxy(&self, link: Link) -> Option<&Proxy> {
+        match link {
+            Link::Local => None,
+            Link::Ssh => Some(&self.lan),
+            Link::Wan => Some(&self.wan),
+        }
+    }
+
+    pub fn ssh_config(&self, link: Link) -> anyhow::Result<PathBuf> {
+        let port = self.proxy(link).map(|p| p.port).unwrap_or(self.sshd.port);
+        self.sshd.client_config("bench", port)
+    }
+
+    /// Runs `cmd` measured; wire bytes are the proxy's count for SSH links,
+    /// else what `local_bytes` extracts from the command's stdout.
+    pub fn measure(
+        &self,
+        link: Link,
+        cmd: Command,
+        local_bytes: impl Fn(&str) -> u64,
+    ) -> anyhow::Result<(Run, Measured)> {
+        if let Some(p) = self.proxy(link) {
+            p.reset();
+        }
+        let m = procs::run(cmd, &self.marker, &self.dir)?;
+        // Let the proxy drain its queues before reading its counters.
+        if link == Link::Wan {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let wire = match self.proxy(link) {
+            Some(p) => {
+                let (u, d) = p.bytes();
+                u + d
+            }
+            None => local_bytes(&m.stdout),
+        };
+        Ok((
+            Run {
+                wall_ms: m.wall.as_secs_f64() * 1000.0,
+                wire_bytes: wire,
+                peaks_kib: m.peaks.clone(),
+            },
+            m,
+        ))
+    }
+
+    /// A `georep` command with this workload's home.
+    pub fn georep(&self, home: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.georep);
+        c.args(args).env("GEOREP_HOME", home);
+        c
+    }
+
+    /// Creates a georep session from `master` to `slave_path` over `link`.
+    pub fn georep_session(
+        &self,
+        home: &Path,
+        name: &str,
+        master: &Path,
+        slave_path: &Path,
+        link: Link,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(home)?;
+        std::fs::create_dir_all(slave_path)?;
+        let m = master.to_str().unwrap();
+        let mut args: Vec<String> = vec!["create".into(), name.into(), m.into()];
+        match link {
+            Link::Local => args.push(slave_path.display().to_string()),
+            Link::Ssh | Link::Wan => {
+                let port = self.proxy(link).unwrap().port;
+                args.push(format!("root@127.0.0.1:{}", slave_path.display()));
+                args.extend([
+                    "--ssh-port".into(),
+                    port.to_string(),
+                    "--identity".into(),
+                    self.sshd.client_key().display().to_string(),
+                ]);
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        procs::setup(&mut self.georep(home, &args))?;
+        Ok(())
+    }
+
+    /// The measured `georep sync NAME --json`; wire bytes from its summary for local links.
+    pub fn georep_sync(&self, home: &Path, name: &str, link: Link) -> anyhow::Result<Run> {
+        let cmd = self.georep(home, &["sync", name, "--json"]);
+        let (run, _) = self.measure(link, cmd, |out| {
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+            v["wire_bytes_out"].as_u64().unwrap_or(0) + v["wire_bytes_in"].as_u64().unwrap_or(0)
+        })?;
+        Ok(run)
+    }
+
+    /// The measured `rsync OPTS src/ dst/` (over ssh for SSH links).
+    pub fn rsync(&self, opts: &[&str], src: &Path, dst: &Path, link: Link) -> anyhow::Result<Run> {
+        let mut c = Command::new("rsync");
+        c.args(opts).arg("--stats");
+        let dst_arg = match link {
+            Link::Local => format!("{}/", dst.display()),
+            _ => {
+                c.arg("-e")
+                    .arg(format!("ssh -F {}", self.ssh_config(link)?.display()));
+                format!("bench:{}/", dst.display())
+            }
+        };
+        c.arg(format!("{}/", src.display())).arg(dst_arg);
+        let (run, _) = self.measure(link, c, rsync_bytes)?;
+        Ok(run)
+    }
+}
+
+/// Total bytes sent plus received, from `rsync --stats`.
+pub fn rsync_bytes(out: &str) -> u64 {
+    let field = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.split_whitespace().next().unwrap_or("0").replace(',', ""))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field("Total bytes sent") + field("Total bytes received")
+}
+
+/// Fails unless the two trees are equal (content, not metadata), ignoring georep's own directory.
+pub fn verify_same(a: &Path, b: &Path) -> anyhow::Result<()> {
+    procs::setup(
+        Command::new("diff")
+            .args(["-r", "-q", "--exclude=.georep"])
+            .arg(a)
+            .arg(b),
+    )?;
+    Ok(())
+}
+
+/// Empties a directory (keeps it).
+pub fn empty_dir(p: &Path) -> anyhow::Result<()> {
+    if p.exists() {
+        std::fs::remove_dir_all(p)?;
+    }
+    std::fs::create_dir_all(p)?;
+    Ok(())
+}
+
+/// `cp -a` (for restoring a slave to its before-state between repetitions).
+pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if to.exists() {
+        std::fs::remove_dir_all(to)?;
+    }
+    procs::setup(
+        Command::new("cp")
+            .arg("-a")
+            .arg("--sparse=always")
+            .arg(from)
+            .arg(to),
+    )?;
+    Ok(())
+}

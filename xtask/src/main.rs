@@ -1,0 +1,181 @@
+//! Project tasks. `cargo run --release -p xtask -- bench [--quick] [--json FILE]`
+//! runs georep and rsync side by side on generated workloads (see README).
+
+mod bench;
+mod data;
+mod procs;
+mod proxy;
+mod sshd;
+mod workloads;
+
+use anyhow::Context;
+use bench::{Ctx, Link};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+use workloads::Outcome;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Benchmark georep against rsync (and the link's limits).
+    Bench {
+        /// Small sizes: the whole run in about two minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Only these workloads (comma-separated ids, e.g. W2,W8).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Repetitions of each tool per workload (median reported).
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Scratch directory (default: target/bench); needs ~25 GiB for the full run.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn build_georep() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "georep",
+            "--bin",
+            "georep",
+        ])
+        .current_dir(workspace_root())
+        .status()?;
+    anyhow::ensure!(st.success(), "building georep failed");
+    Ok(workspace_root().join("target/release/georep"))
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn print_table(outcomes: &[Outcome], m: &workloads::Check) {
+    println!(
+        "\n{:<4} {:<9} {:>10} {:>12}  {:<44} options",
+        "id", "tool", "median s", "wire MB", "peak RSS MiB"
+    );
+    for o in outcomes {
+        println!("-- {} : {}", o.id, o.title);
+        for t in &o.tools {
+            let peaks: Vec<String> = t
+                .peaks()
+                .iter()
+                .map(|(k, v)| format!("{k} {}", mib(*v)))
+                .collect();
+            println!(
+                "{:<4} {:<9} {:>10.3} {:>12.2}  {:<44} {}",
+                o.id,
+                t.tool,
+                t.median_ms() / 1000.0,
+                t.median_bytes() as f64 / 1e6,
+                peaks.join(", "),
+                t.options
+            );
+        }
+        if o.tools.iter().any(|t| t.tool == "rsync") {
+            let (rt, rb) = o.ratios();
+            println!("     georep/rsync: time {rt:.3}, bytes {rb:.3}");
+        }
+        for c in &o.checks {
+            println!(
+                "     target {}: {:.3} (limit {}) {}",
+                c.what,
+                c.value,
+                c.limit,
+                if c.met { "MET" } else { "MISSED" }
+            );
+        }
+        for n in &o.notes {
+            println!("     note: {n}");
+        }
+    }
+    println!(
+        "-- M : {}: {:.1} (limit {}) {}",
+        m.what,
+        m.value,
+        m.limit,
+        if m.met { "MET" } else { "MISSED" }
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let Cli {
+        cmd:
+            Cmd::Bench {
+                quick,
+                json,
+                only,
+                reps,
+                dir,
+            },
+    } = Cli::parse();
+    let georep = build_georep()?;
+    let dir = dir.unwrap_or_else(|| workspace_root().join("target/bench"));
+    std::fs::create_dir_all(&dir)?;
+    let dir = std::fs::canonicalize(&dir)?;
+    let sshd = sshd::Sshd::start(&dir.join("sshd")).context("starting the benchmark sshd")?;
+    let lan = proxy::Proxy::start(sshd.port, Duration::ZERO)?;
+    let wan = proxy::Proxy::start(sshd.port, Duration::from_millis(50))?;
+    let ctx = Ctx {
+        dir: dir.clone(),
+        georep,
+        quick,
+        reps: reps.unwrap_or(if quick { 2 } else { 3 }),
+        marker: format!("GEOREP_BENCH_RUN={}", std::process::id()),
+        sshd,
+        lan,
+        wan,
+    };
+    let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
+    let mut outcomes = Vec::new();
+    type Runner = fn(&Ctx) -> anyhow::Result<Outcome>;
+    let all: [(&str, Runner); 7] = [
+        ("W1", workloads::w1),
+        ("W2", workloads::w2),
+        ("W3", workloads::w3),
+        ("W5", |c| workloads::w5(c, Link::Ssh)),
+        ("W6", |c| workloads::w5(c, Link::Wan)),
+        ("W7", workloads::w7),
+        ("W8", workloads::w8),
+    ];
+    for (id, run) in all {
+        if !want(id) {
+            continue;
+        }
+        eprintln!("bench: {id} ...");
+        let o = run(&ctx).with_context(|| format!("workload {id}"))?;
+        let _ = std::fs::remove_dir_all(dir.join(id.to_lowercase()));
+        outcomes.push(o);
+    }
+    let m = workloads::memory_check(&outcomes);
+    print_table(&outcomes, &m);
+    if let Some(path) = json {
+        let doc = serde_json::json!({ "quick": quick, "reps": ctx.reps, "workloads": outcomes, "memory": m });
+        std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+        eprintln!("bench: results written to {}", path.display());
+    }
+    Ok(())
+}

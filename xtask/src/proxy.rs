@@ -1,0 +1,114 @@
+//! A user-space TCP proxy on loopback: counts the bytes crossing it in each
+//! direction and can delay every chunk by a fixed time each way (WAN
+//! emulation: this kernel has no netem). Throughput is preserved: chunks
+//! are queued with a deadline, not forwarded one round trip at a time.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+pub struct Proxy {
+    pub port: u16,
+    pub up: Arc<AtomicU64>,
+    pub down: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Listens on 127.0.0.1 (a free port) and forwards to `127.0.0.1:target`.
+    pub fn start(target: u16, delay: Duration) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let (up, down, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        {
+            let (up, down, stop) = (up.clone(), down.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => {
+                            let _ = client.set_nonblocking(false);
+                            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                                continue;
+                            };
+                            let _ = client.set_nodelay(true);
+                            let _ = server.set_nodelay(true);
+                            pipe(
+                                client.try_clone().unwrap(),
+                                server.try_clone().unwrap(),
+                                delay,
+                                up.clone(),
+                            );
+                            pipe(server, client, delay, down.clone());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            });
+        }
+        Ok(Proxy {
+            port,
+            up,
+            down,
+            stop,
+        })
+    }
+
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn reset(&self) {
+        self.up.store(0, Ordering::Relaxed);
+        self.down.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to`, each chunk delivered `delay` after it was read.
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, count: Arc<AtomicU64>) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((at, data)) = rx.recv() {
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
