@@ -417,6 +417,14 @@ impl Agent<'_> {
                     Err(e) => Err(e),
                 }
             }
+            // The casts are needed where the C types are narrower than u64.
+            #[allow(clippy::unnecessary_cast)]
+            Request::StatFs => nix::sys::statvfs::fstatvfs(self.root.fd())
+                .map(|s| Reply::StatFs {
+                    avail: s.blocks_available() as u64 * s.fragment_size() as u64,
+                    total: s.blocks() as u64 * s.fragment_size() as u64,
+                })
+                .map_err(|e| WireError::new(ErrorKind::Io, format!("statfs: {e}"))),
             Request::Barrier => {
                 self.flush();
                 nix::unistd::syncfs(self.root.fd())
