@@ -302,13 +302,29 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// The error and its causes on one line, leaving out causes whose text an
+/// outer message already includes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg.replace('\n', " | ")
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging("warn");
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("georep: {e:#}");
+            eprintln!("georep: {}", one_line(&e));
             exit_code(&e)
         }
     };

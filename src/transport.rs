@@ -20,7 +20,7 @@ pub enum TransportError {
     },
     #[error("{error}{}", stderr_suffix(.stderr))]
     Protocol { error: ProtoError, stderr: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Ssh(#[from] crate::ssh::SshError),
 }
 

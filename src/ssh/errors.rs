@@ -77,7 +77,7 @@ fn telling_line(text: &str) -> String {
         .rfind(|l| {
             !l.is_empty() && !l.starts_with("Warning: Permanently added") && !l.starts_with('@')
         })
-        .unwrap_or("ssh failed without a message")
+        .unwrap_or("ssh exited without a message (killed, or the connection was cut)")
         .trim_start_matches("ssh: ")
         .to_string()
 }
