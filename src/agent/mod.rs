@@ -229,8 +229,9 @@ fn recv(
             Ok(m) => return Ok(Some(m)),
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let idle =
-                    started.elapsed().as_millis() as u64 - last_input.load(Ordering::Relaxed);
+                // Saturating: the reader may store a newer time than the one just read.
+                let idle = (started.elapsed().as_millis() as u64)
+                    .saturating_sub(last_input.load(Ordering::Relaxed));
                 if idle > keepalive.as_millis() as u64 {
                     return Err(AgentError::KeepAlive(keepalive.as_secs()));
                 }
