@@ -102,7 +102,7 @@ impl Agent {
     fn reply_to(&mut self, id: u64) -> Option<Response> {
         loop {
             let r = self.read_response()?;
-            if r.id == id && r.last || r.result.is_err() && r.id == id {
+            if r.id == id && (r.last || r.result.is_err()) {
                 return Some(r);
             }
         }
