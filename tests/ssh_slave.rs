@@ -381,3 +381,33 @@ fn ssh_killed_mid_transfer_exposes_no_partial_file_and_the_next_sync_converges()
     // The agent cleans up after itself: no temporary survives a listing.
     assert!(tree::temporaries(&w.slave).is_empty());
 }
+
+#[test]
+fn no_verify_creates_without_checking_and_the_worker_reports_what_is_wrong() {
+    let sshd = Sshd::start();
+    let w = World::new();
+    std::fs::write(w.master.join("f"), b"x").unwrap();
+    // Push-pem without checks: a wrong remote program is only found by the worker.
+    let mut args = common::sshd::create_args(&sshd, "nv", &w.master, &w.slave);
+    let i = args.iter().position(|a| a == "--remote-georep").unwrap();
+    args[i + 1] = "/nonexistent/georep".into();
+    args.push("--no-verify".into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.run_ok(&a);
+    expect_failure(&w, &["sync".into(), "nv".into()], 4, "georep does not run");
+    // Without push-pem nor checks, nothing recorded the host key: the worker refuses it.
+    let other = w.dir.path().join("other");
+    let out = w.run(&[
+        "create",
+        "plain",
+        w.master.to_str().unwrap(),
+        &sshd.spec(&other),
+        "--ssh-port",
+        &sshd.port.to_string(),
+        "--identity",
+        sshd.operator_key.to_str().unwrap(),
+        "--no-verify",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    expect_failure(&w, &["sync".into(), "plain".into()], 4, "is not known");
+}
