@@ -16,6 +16,27 @@ pub struct CreateOptions {
     pub marker: MarkerPolicy,
     pub ssh_port: Option<u16>,
     pub identity: Option<PathBuf>,
+    /// SSH slave: generate a session key and install it as a forced command.
+    pub push_pem: bool,
+    /// SSH slave: skip the checks of the slave.
+    pub no_verify: bool,
+    /// SSH slave: the georep program there.
+    pub remote_georep: Option<String>,
+}
+
+/// Why `create` failed: bad input, or the SSH slave (with its retry class).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    User(#[from] UserError),
+    #[error("{0}")]
+    Ssh(#[from] crate::ssh::SshError),
+}
+
+/// A new session, and what was checked on an SSH slave.
+pub struct Created {
+    pub session: Session,
+    pub check: Option<crate::ssh::setup::SlaveCheck>,
 }
 
 fn check_master(master: &Path) -> Result<PathBuf, UserError> {
@@ -80,24 +101,62 @@ fn check_local_slave(slave: &Path, master: &Path) -> Result<PathBuf, UserError> 
     Ok(abs)
 }
 
-/// Creates a session: validates master and slave, stamps the master's id,
-/// writes the config. Nothing is written if a check fails.
+/// Creates a session: validates master and slave (for an SSH slave:
+/// installs the session key and checks the slave), stamps the master's id,
+/// writes the config. The session directory is assembled aside and renamed
+/// into place last, so nothing is left behind if a step fails.
 pub fn create(
     name: &str,
     master: &Path,
     slave: &str,
     opts: &CreateOptions,
-) -> Result<Session, UserError> {
+) -> Result<Created, CreateError> {
     check_name(name)?;
     let dir = sessions_dir().join(name);
     if dir.join("config.toml").exists() {
-        return Err(user_err!("session {name:?} already exists ({}): choose another name or `georep delete {name}` first", dir.display()));
+        return Err(user_err!("session {name:?} already exists ({}): choose another name or `georep delete {name}` first", dir.display()).into());
     }
     let master = check_master(master)?;
-    let slave = match SlaveSpec::parse(slave)? {
-        SlaveSpec::Local(p) => check_local_slave(&p, &master)?.display().to_string(),
-        SlaveSpec::Ssh { .. } => {
-            return Err(user_err!("slave {slave:?} is an SSH slave, which this build cannot reach yet: use a local slave directory"));
+    let (slave, ssh) = match SlaveSpec::parse(slave)? {
+        SlaveSpec::Local(p) => {
+            if opts.push_pem {
+                return Err(user_err!("--push-pem is for SSH slaves ([user@]host:/path); {slave:?} is a local directory").into());
+            }
+            (check_local_slave(&p, &master)?.display().to_string(), None)
+        }
+        SlaveSpec::Ssh { user, host, path } => {
+            crate::ssh::check_host(&host)?;
+            if let Some(u) = &user {
+                crate::ssh::check_user(u)?;
+            }
+            let root = crate::ssh::check_remote_path(&path)?;
+            let identity = match &opts.identity {
+                Some(id) => Some(std::fs::canonicalize(id).map_err(|e| {
+                    user_err!(
+                        "identity {}: {e}: give the private key file to connect with",
+                        id.display()
+                    )
+                })?),
+                None => None,
+            };
+            let spec = match &user {
+                Some(u) => format!("{u}@{host}:{root}"),
+                None => format!("{host}:{root}"),
+            };
+            let target = crate::ssh::SshTarget {
+                user,
+                host,
+                port: opts.ssh_port,
+                root,
+                identity,
+                known_hosts: PathBuf::new(),
+                remote_georep: opts
+                    .remote_georep
+                    .clone()
+                    .unwrap_or_else(|| crate::ssh::DEFAULT_REMOTE_GEOREP.to_string()),
+                session_key: false,
+            };
+            (spec, Some(target))
         }
     };
     for other in Session::all().into_iter().flatten() {
@@ -107,7 +166,8 @@ pub fn create(
                 other.name,
                 master.display(),
                 slave
-            ));
+            )
+            .into());
         }
     }
     xtime::ensure_master_id(&master).map_err(|e| {
@@ -116,7 +176,7 @@ pub fn create(
             master.display()
         )
     })?;
-    let config = Config {
+    let mut config = Config {
         session_id: uuid::Uuid::new_v4(),
         master,
         slave,
@@ -126,26 +186,76 @@ pub fn create(
         keepalive_secs: 30,
         ssh_port: opts.ssh_port,
         identity: opts.identity.clone(),
+        remote_georep: opts.remote_georep.clone(),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| {
+    let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
+    std::fs::create_dir_all(&staging).map_err(|e| {
         user_err!(
             "cannot create session directory {}: {e}: set GEOREP_HOME to a writable directory",
-            dir.display()
+            staging.display()
         )
     })?;
-    let session = Session {
-        name: name.to_string(),
-        dir,
-        config,
-    };
-    if let Err(e) = session.save_config() {
-        let _ = std::fs::remove_dir_all(&session.dir);
-        return Err(user_err!(
-            "cannot write {}: {e}",
-            session.config_path().display()
-        ));
+    let result = (|| {
+        let mut check = None;
+        if let Some(target) = ssh {
+            let setup = crate::ssh::setup::SetupOptions {
+                push_pem: opts.push_pem,
+                verify: !opts.no_verify,
+                tag: key_tag(name),
+                agent_keepalive_secs: (config.keepalive_secs * 2).max(120),
+                keepalive: std::time::Duration::from_secs(config.keepalive_secs),
+            };
+            let (identity, c) = crate::ssh::setup::prepare(&staging, &dir, target, &setup)?;
+            config.identity = identity;
+            check = c;
+        }
+        let session = Session {
+            name: name.to_string(),
+            dir: staging.clone(),
+            config: config.clone(),
+        };
+        session
+            .save_config()
+            .map_err(|e| user_err!("cannot write {}: {e}", session.config_path().display()))?;
+        std::fs::rename(&staging, &dir).map_err(|e| {
+            user_err!(
+                "cannot create session directory {}: {e}: is another create of {name:?} running?",
+                dir.display()
+            )
+        })?;
+        Ok::<_, CreateError>(check)
+    })();
+    match result {
+        Ok(check) => Ok(Created {
+            session: Session {
+                name: name.to_string(),
+                dir,
+                config,
+            },
+            check,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Err(e)
+        }
     }
-    Ok(session)
+}
+
+/// The comment of a session's key in the slave's authorized_keys: names
+/// the session, this host and this georep home, so that creating the same
+/// session again replaces its line instead of adding one.
+fn key_tag(name: &str) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
+        .collect();
+    let home = crate::session::home();
+    let h = blake3::hash(home.as_os_str().as_encoded_bytes()).to_hex();
+    format!("georep:{name}@{host}:{}", &h[..8])
 }
 
 /// Deletes a stopped session; with `reset_sync_time`, also removes its
@@ -254,6 +364,7 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                 .transpose()?
         }
         "identity" => c.identity = value.map(PathBuf::from),
+        "remote_georep" => c.remote_georep = value.map(str::to_string),
         _ => return Err(unknown_key(key)),
     }
     session

@@ -17,6 +17,7 @@ pub mod relpath;
 pub mod session;
 pub mod slave;
 pub mod sparse;
+pub mod ssh;
 pub mod transfer;
 pub mod transport;
 pub mod worker;

@@ -33,10 +33,21 @@ enum Cmd {
         /// auto: trust xtimes only while georep's watcher runs; mark: every writer calls `georep mark`.
         #[arg(long, value_enum, default_value = "auto")]
         marker: MarkerArg,
+        /// SSH port of the slave.
         #[arg(long)]
         ssh_port: Option<u16>,
+        /// SSH private key to connect with (with --push-pem: to install the session key).
         #[arg(long)]
         identity: Option<PathBuf>,
+        /// Generate a key for the session and install it on the slave as a forced command.
+        #[arg(long)]
+        push_pem: bool,
+        /// Do not check the SSH slave before creating the session.
+        #[arg(long)]
+        no_verify: bool,
+        /// The georep program on the SSH slave (default: georep, on the PATH).
+        #[arg(long)]
+        remote_georep: Option<String>,
     },
     /// Run one crawl in the foreground; exit 0 once the slave equals the master.
     Sync {
@@ -111,6 +122,12 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<UserError>().is_some() {
             return exit::USAGE;
         }
+        if let Some(e) = cause.downcast_ref::<georep::ssh::SshError>() {
+            return match e.retry() {
+                Retry::Temporary => exit::TEMPORARY,
+                Retry::Permanent => exit::PERMANENT,
+            };
+        }
         if let Some(w) = cause.downcast_ref::<georep::worker::WorkerError>() {
             return match w {
                 georep::worker::WorkerError::Config(_) => exit::USAGE,
@@ -140,6 +157,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             marker,
             ssh_port,
             identity,
+            push_pem,
+            no_verify,
+            remote_georep,
         } => {
             let opts = georep::admin::CreateOptions {
                 mode: match mode {
@@ -153,8 +173,25 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 },
                 ssh_port,
                 identity,
+                push_pem,
+                no_verify,
+                remote_georep,
             };
-            let s = georep::admin::create(&session, &master, &slave, &opts)?;
+            let created = match georep::admin::create(&session, &master, &slave, &opts) {
+                Ok(c) => c,
+                Err(georep::admin::CreateError::User(e)) => return Err(e.into()),
+                Err(georep::admin::CreateError::Ssh(e)) => return Err(e.into()),
+            };
+            let s = &created.session;
+            if let Some(c) = &created.check {
+                println!(
+                    "slave checked: georep {} agent runs on {}, writable, {:.1} GiB free of {:.1} GiB",
+                    c.agent_version,
+                    c.root,
+                    c.avail_bytes as f64 / (1u64 << 30) as f64,
+                    c.total_bytes as f64 / (1u64 << 30) as f64
+                );
+            }
             println!(
                 "created session {} : {} -> {} ({})",
                 s.name,
@@ -265,13 +302,29 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// The error and its causes on one line, leaving out causes whose text an
+/// outer message already includes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg.replace('\n', " | ")
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging("warn");
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("georep: {e:#}");
+            eprintln!("georep: {}", one_line(&e));
             exit_code(&e)
         }
     };

@@ -115,6 +115,9 @@ pub struct Config {
     pub ssh_port: Option<u16>,
     #[serde(default)]
     pub identity: Option<PathBuf>,
+    /// The georep program on an SSH slave (default `georep`, on the PATH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_georep: Option<String>,
 }
 
 fn default_interval() -> u64 {
@@ -136,6 +139,7 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ),
     ("ssh_port", "SSH port of the slave"),
     ("identity", "SSH private key file"),
+    ("remote_georep", "georep program on an SSH slave"),
 ];
 
 /// Replication state kept between runs.

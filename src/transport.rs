@@ -20,6 +20,8 @@ pub enum TransportError {
     },
     #[error("{error}{}", stderr_suffix(.stderr))]
     Protocol { error: ProtoError, stderr: String },
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
 }
 
 fn stderr_suffix(s: &str) -> String {
@@ -35,6 +37,7 @@ impl TransportError {
         match self {
             TransportError::Spawn { .. } => crate::error::Retry::Permanent,
             TransportError::Protocol { error, .. } => error.retry(),
+            TransportError::Ssh(e) => e.retry(),
         }
     }
 }
@@ -79,6 +82,16 @@ impl StderrTail {
     }
 }
 
+/// Whatever else keeps a transport alive (an SSH session and its remote
+/// process): closed after the agent's input, or dropped with the connection.
+pub trait Link: Send {
+    /// Waits up to `timeout` for the agent to exit, then tears the link down.
+    fn close(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
 /// A live connection: the protocol client and whatever keeps the
 /// transport alive (a child process, a thread). Dropping it closes the
 /// agent's input and kills a child that has not exited.
@@ -87,16 +100,32 @@ pub struct Connection {
     pub stderr: StderrTail,
     child: Option<tokio::process::Child>,
     thread: Option<std::thread::JoinHandle<()>>,
+    link: Option<Box<dyn Link>>,
 }
 
 impl Connection {
+    /// A connection kept alive by `link` (see [`Link`]).
+    pub fn with_link(client: Client, stderr: StderrTail, link: Box<dyn Link>) -> Connection {
+        Connection {
+            client,
+            stderr,
+            child: None,
+            thread: None,
+            link: Some(link),
+        }
+    }
+
     /// Closes the agent's input (the caller must have dropped its other
     /// client clones) and waits for the agent to publish and exit; kills
     /// it after `timeout`.
     pub async fn close(mut self, timeout: Duration) {
         let child = self.child.take();
         let thread = self.thread.take();
+        let link = self.link.take();
         drop(self);
+        if let Some(link) = link {
+            link.close(timeout).await;
+        }
         if let Some(mut child) = child {
             if tokio::time::timeout(timeout, child.wait()).await.is_err() {
                 let _ = child.kill().await;
@@ -193,6 +222,7 @@ where
             stderr,
             child,
             thread,
+            link: None,
         }),
         Err(error) => {
             // Give the child a moment to print why it failed.

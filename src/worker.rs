@@ -117,11 +117,12 @@ pub async fn connect(session: &Session) -> Result<Connection, WorkerError> {
                     source,
                 })
         }
-        SlaveSpec::Ssh { .. } => Err(crate::user_err!(
-            "slave {}: SSH slaves are not supported by this build",
-            session.config.slave
-        )
-        .into()),
+        SlaveSpec::Ssh { .. } => crate::ssh::connect_session(session, keepalive)
+            .await
+            .map_err(|source| WorkerError::Connect {
+                slave: session.config.slave.clone(),
+                source,
+            }),
     }
 }
 

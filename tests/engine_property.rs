@@ -7,9 +7,21 @@ mod common;
 use common::{mutate, n, tree, World};
 use proptest::prelude::*;
 
-fn run_case(use_marks: bool, initial: &[mutate::Op], rounds: &[Vec<mutate::Op>]) {
+/// One case; with `ssh`, the slave is reached through a real sshd.
+fn run_case(
+    use_marks: bool,
+    initial: &[mutate::Op],
+    rounds: &[Vec<mutate::Op>],
+    ssh: Option<&common::sshd::Sshd>,
+) {
     let w = World::new();
-    w.create("p", &["--marker", if use_marks { "mark" } else { "auto" }]);
+    let marker = ["--marker", if use_marks { "mark" } else { "auto" }];
+    match ssh {
+        None => w.create("p", &marker),
+        Some(sshd) => {
+            w.create_ssh(sshd, "p", &marker);
+        }
+    }
     for op in initial {
         mutate::apply(&w.master, op);
     }
@@ -57,6 +69,26 @@ proptest! {
         initial in prop::collection::vec(mutate::op(), 5..40),
         rounds in prop::collection::vec(prop::collection::vec(mutate::op(), 1..12), 1..5),
     ) {
-        run_case(use_marks, &initial, &rounds);
+        run_case(use_marks, &initial, &rounds, None);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("GEOREP_PROPTEST_SSH_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(6),
+        max_shrink_iters: 50,
+        failure_persistence: None,
+        .. ProptestConfig::default()
+    })]
+
+    /// The same property with the slave behind a real sshd (push-pem key, forced command).
+    #[test]
+    fn slave_over_ssh_equals_master_after_every_round(
+        use_marks in any::<bool>(),
+        initial in prop::collection::vec(mutate::op(), 5..40),
+        rounds in prop::collection::vec(prop::collection::vec(mutate::op(), 1..12), 1..4),
+    ) {
+        let sshd = common::sshd::Sshd::start();
+        run_case(use_marks, &initial, &rounds, Some(&sshd));
     }
 }

@@ -229,8 +229,9 @@ fn recv(
             Ok(m) => return Ok(Some(m)),
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let idle =
-                    started.elapsed().as_millis() as u64 - last_input.load(Ordering::Relaxed);
+                // Saturating: the reader may store a newer time than the one just read.
+                let idle = (started.elapsed().as_millis() as u64)
+                    .saturating_sub(last_input.load(Ordering::Relaxed));
                 if idle > keepalive.as_millis() as u64 {
                     return Err(AgentError::KeepAlive(keepalive.as_secs()));
                 }
@@ -417,6 +418,14 @@ impl Agent<'_> {
                     Err(e) => Err(e),
                 }
             }
+            // The casts are needed where the C types are narrower than u64.
+            #[allow(clippy::unnecessary_cast)]
+            Request::StatFs => nix::sys::statvfs::fstatvfs(self.root.fd())
+                .map(|s| Reply::StatFs {
+                    avail: s.blocks_available() as u64 * s.fragment_size() as u64,
+                    total: s.blocks() as u64 * s.fragment_size() as u64,
+                })
+                .map_err(|e| WireError::new(ErrorKind::Io, format!("statfs: {e}"))),
             Request::Barrier => {
                 self.flush();
                 nix::unistd::syncfs(self.root.fd())

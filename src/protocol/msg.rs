@@ -132,6 +132,8 @@ pub enum Request {
     },
     /// Makes everything done so far durable (syncfs).
     Barrier,
+    /// Space of the file system holding the root (checked by `create`).
+    StatFs,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +156,11 @@ pub enum Reply {
     Signature(ByteBuf),
     Committed {
         written: u64,
+    },
+    /// Bytes available to the agent's user, and the file system's size.
+    StatFs {
+        avail: u64,
+        total: u64,
     },
 }
 

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod mutate;
+pub mod proxy;
+pub mod sshd;
 pub mod tree;
 
 use serde_json::Value;
@@ -73,6 +75,14 @@ impl World {
         ];
         args.extend_from_slice(extra);
         self.run_ok(&args);
+    }
+
+    /// Creates `session` replicating to `self.slave` through `sshd` (push-pem).
+    pub fn create_ssh(&self, sshd: &sshd::Sshd, session: &str, extra: &[&str]) -> Output {
+        let mut args = sshd::create_args(sshd, session, &self.master, &self.slave);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run_ok(&args)
     }
 
     /// `georep sync SESSION --json`, which must exit 0; returns the summary.
