@@ -151,6 +151,9 @@ impl Ctx {
                     port.to_string(),
                     "--identity".into(),
                     self.sshd.client_key().display().to_string(),
+                    // The "remote" side is this machine: run the same build there.
+                    "--remote-georep".into(),
+                    self.georep.display().to_string(),
                 ]);
             }
         }

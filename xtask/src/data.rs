@@ -118,3 +118,20 @@ pub fn wide_tree(root: &Path, dirs: usize, per_dir: usize) -> std::io::Result<()
     }
     Ok(())
 }
+
+/// Moves a file's mtime `secs` into the future, as a later writer would:
+/// benchmark steps happen within one second, which rsync's quick check
+/// (size + mtime in seconds) would otherwise take for "unchanged".
+pub fn bump_mtime(path: &Path, secs: i64) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path)?;
+    let t = nix::sys::time::TimeSpec::new(md.mtime() + secs, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )?;
+    Ok(())
+}

@@ -166,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             continue;
         }
         eprintln!("bench: {id} ...");
+        let _ = std::fs::remove_dir_all(dir.join(id.to_lowercase()));
         let o = run(&ctx).with_context(|| format!("workload {id}"))?;
         let _ = std::fs::remove_dir_all(dir.join(id.to_lowercase()));
         outcomes.push(o);

@@ -30,6 +30,9 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl Sshd {
     pub fn start(dir: &Path) -> anyhow::Result<Sshd> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
         std::fs::create_dir_all(dir)?;
         keygen(&dir.join("host_key"))?;
         keygen(&dir.join("client_key"))?;

@@ -132,6 +132,7 @@ pub fn w2(ctx: &Ctx) -> anyhow::Result<Outcome> {
     data::random_file(&master.join("disk0.img"), size, 2)?;
     copy_tree(&master, &before)?;
     let changed = data::rewrite_blocks(&master.join("disk0.img"), 0.01, 22)?;
+    data::bump_mtime(&master.join("disk0.img"), 100)?;
     ctx.georep_session(&home, "w2", &master, &gs, Link::Ssh, &["--marker", "mark"])?;
     let opts = ["-a", "--no-whole-file"];
     let mut g = tool("georep", "sync (file marked)");
@@ -187,6 +188,7 @@ pub fn w3(ctx: &Ctx) -> anyhow::Result<Outcome> {
     data::random_file(&master.join("journal.cdp"), size, 3)?;
     copy_tree(&master, &before)?;
     data::append(&master.join("journal.cdp"), appended, 33)?;
+    data::bump_mtime(&master.join("journal.cdp"), 100)?;
     ctx.georep_session(
         &home,
         "w3",
@@ -255,6 +257,7 @@ pub fn w5(ctx: &Ctx, link: Link) -> anyhow::Result<Outcome> {
         ctx.georep_session(&home, &name, &master, &gs, link, &[])?;
         g.runs.push(ctx.georep_sync(&home, &name, link)?);
         verify_same(&master, &gs)?;
+        crate::procs::setup(&mut ctx.georep(&home, &["delete", &name]))?;
         empty_dir(&rs)?;
         r.runs.push(ctx.rsync(&opts, &master, &rs, link)?);
         verify_same(&master, &rs)?;
@@ -308,6 +311,7 @@ pub fn w7(ctx: &Ctx) -> anyhow::Result<Outcome> {
         ctx.georep_session(&home, &name, &master, &gs, Link::Ssh, &[])?;
         g.runs.push(ctx.georep_sync(&home, &name, Link::Ssh)?);
         verify_same(&master, &gs)?;
+        crate::procs::setup(&mut ctx.georep(&home, &["delete", &name]))?;
         slave_alloc = slave_alloc.max(allocated(&gs.join("sparse.img"))?);
         empty_dir(&rs)?;
         r.runs.push(ctx.rsync(&opts, &master, &rs, Link::Ssh)?);
@@ -366,6 +370,7 @@ pub fn w8(ctx: &Ctx) -> anyhow::Result<Outcome> {
         ctx.georep_session(&home, &name, &master, &gs, Link::Ssh, &[])?;
         g.runs.push(ctx.georep_sync(&home, &name, Link::Ssh)?);
         verify_same(&master, &gs)?;
+        crate::procs::setup(&mut ctx.georep(&home, &["delete", &name]))?;
         empty_dir(&rs)?;
         r.runs.push(ctx.rsync(&opts, &master, &rs, Link::Ssh)?);
         empty_dir(&raw)?;
