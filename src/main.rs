@@ -139,8 +139,12 @@ fn exit_code(err: &anyhow::Error) -> i32 {
     exit::PERMANENT
 }
 
+/// The worker's runtime. Blocking master reads are few at a time by design
+/// (budgets in the crawl), so a small blocking pool bounds thread stacks and
+/// allocator arenas, which is most of the worker's memory.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -121,7 +121,8 @@ pub async fn ship(
         if size_hint <= SMALL || (!basis && size_hint <= MAX_DATA as u64) {
             small(e, rel, size_hint).await
         } else {
-            large(e, rel, basis).await
+            // Boxed: its state is large, and most files are small.
+            Box::pin(large(e, rel, basis)).await
         }
     }
     .instrument(span)

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Bytes of small files read but not yet queued for the transport.
-pub const READ_BUDGET: usize = 16 << 20;
+pub const READ_BUDGET: usize = 8 << 20;
 /// Large files transferred at once (each holds a few windows in memory).
 const LARGE_FILES: usize = 2;
 /// Actions of one directory in flight at once.
@@ -323,16 +323,23 @@ impl Engine {
                     }
                 }
             }
-            let slave_by_name = |name: &[u8]| slist.as_ref().and_then(|l| l.iter().find(|s| s.name.as_slice() == name).cloned());
-            let actions: Vec<_> = plan
+            // The agent lists in name order: look entries up by binary search.
+            let slave_by_name = |name: &[u8]| {
+                let l = slist.as_ref()?;
+                l.binary_search_by(|s| s.name.as_slice().cmp(name)).ok().map(|i| l[i].clone())
+            };
+            let work: Vec<_> = plan
                 .actions
                 .iter()
                 .filter_map(|(i, a)| {
                     let m = mlist[*i].clone();
                     let s = slave_by_name(&m.entry.name);
-                    dir.join(&m.entry.name).ok().map(|p| self.clone().act(p, m, s, a.clone()))
+                    dir.join(&m.entry.name).ok().map(|p| (p, m, s, a.clone()))
                 })
                 .collect();
+            // Futures are made as slots free up, so a huge directory costs
+            // memory for its listing, not for one future per entry.
+            let actions = futures::stream::iter(work).map(|(p, m, s, a)| self.clone().act(p, m, s, a));
             for (p, t) in removes {
                 match t.wait().await {
                     Ok(()) => {
@@ -344,7 +351,7 @@ impl Engine {
                     }
                 }
             }
-            let results: Vec<bool> = futures::stream::iter(actions).buffer_unordered(DIR_CONCURRENCY).collect().await;
+            let results: Vec<bool> = actions.buffer_unordered(DIR_CONCURRENCY).collect().await;
             ok &= results.iter().all(|&r| r);
             if !ok || self.stopped() {
                 return false;

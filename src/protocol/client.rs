@@ -2,8 +2,8 @@
 //! flight over one byte stream, replies matched by id.
 
 use super::{
-    encode_frame, Envelope, Reply, Request, Response, WireError, BANNER, MAX_FRAME,
-    PROTOCOL_VERSION,
+    encode_frame, encode_frame_sized, Envelope, Reply, Request, Response, WireError, BANNER,
+    MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -251,8 +251,10 @@ impl Client {
     }
 
     async fn send(&self, env: Envelope) -> Result<(), ProtoError> {
-        let frame = encode_frame(&env).map_err(|e| ProtoError::Violation(e.to_string()))?;
-        let want = frame.len().min(SEND_BUDGET) as u32;
+        // Budget first, then encode: a request waiting for room holds its
+        // data once, not twice.
+        let payload = env.body.payload_len();
+        let want = (payload + 64).min(SEND_BUDGET) as u32;
         let permit = self
             .inner
             .budget
@@ -260,6 +262,9 @@ impl Client {
             .acquire_many_owned(want)
             .await
             .map_err(|_| ProtoError::Lost("client closed".into()))?;
+        let frame =
+            encode_frame_sized(&env, payload).map_err(|e| ProtoError::Violation(e.to_string()))?;
+        drop(env);
         self.inner
             .stats
             .bytes_out

@@ -60,7 +60,14 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>
 
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode_frame<T: serde::Serialize>(msg: &T) -> io::Result<Vec<u8>> {
-    let out = vec![0u8; 4];
+    encode_frame_sized(msg, 0)
+}
+
+/// Encodes `msg` into a buffer pre-sized for `payload` bytes of data, so
+/// large frames are not left with the slack of repeated doubling.
+pub fn encode_frame_sized<T: serde::Serialize>(msg: &T, payload: usize) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload + 256);
+    out.extend_from_slice(&[0u8; 4]);
     let body = postcard::to_extend(msg, out).map_err(io::Error::other)?;
     let len = body.len() - 4;
     if len > MAX_FRAME {

@@ -136,6 +136,17 @@ pub enum Request {
     StatFs,
 }
 
+impl Request {
+    /// Bytes of bulk data the request carries.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Request::Write { data, .. } | Request::PutFile { data, .. } => data.len(),
+            Request::Patch { delta, .. } => delta.len(),
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {
     HelloOk {
