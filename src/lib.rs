@@ -5,7 +5,9 @@
 
 pub mod admin;
 pub mod agent;
+pub mod continuous;
 pub mod crawl;
+pub mod daemon;
 pub mod delta;
 pub mod digest;
 pub mod error;
@@ -19,5 +21,6 @@ pub mod slave;
 pub mod sparse;
 pub mod transfer;
 pub mod transport;
+pub mod watcher;
 pub mod worker;
 pub mod xtime;

@@ -66,6 +66,50 @@ enum Cmd {
         #[command(subcommand)]
         op: Option<ConfigOp>,
     },
+    /// Start the session's monitor (daemonised; --foreground for systemd); it runs the worker.
+    Start {
+        session: String,
+        /// Stay in the foreground, logging to stderr too (for systemd).
+        #[arg(long)]
+        foreground: bool,
+        /// Internal: the daemonised monitor started by `georep start`.
+        #[arg(long, hide = true)]
+        detach: bool,
+    },
+    /// Stop the session's monitor and worker cleanly (--force: kill them).
+    Stop {
+        session: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Suspend the session's worker (the monitor keeps running).
+    Pause { session: String },
+    /// Continue a paused worker.
+    Resume { session: String },
+    /// Show sessions' status: a table, --detail, --json, --prometheus, or a --nagios check.
+    Status {
+        session: Option<String>,
+        #[arg(long, group = "format")]
+        json: bool,
+        #[arg(long, group = "format")]
+        prometheus: bool,
+        #[arg(long, group = "format")]
+        detail: bool,
+        /// Nagios/Icinga check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+        #[arg(long, group = "format")]
+        nagios: bool,
+        /// With --nagios: lag (seconds) at which to warn.
+        #[arg(long, requires = "nagios")]
+        warning: Option<u64>,
+        /// With --nagios: lag (seconds) that is critical.
+        #[arg(long, requires = "nagios")]
+        critical: Option<u64>,
+    },
+    /// Set a checkpoint: `now`, an RFC 3339 time or @SECONDS; status says when it completes.
+    Checkpoint { session: String, when: String },
+    /// Internal: the worker the monitor runs.
+    #[command(hide = true)]
+    Worker { session: String },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {
         #[arg(long)]
@@ -254,6 +298,43 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(exit::OK)
         }
+        Cmd::Start {
+            session,
+            foreground,
+            detach,
+        } => {
+            if foreground || detach {
+                georep::daemon::run_monitor(&session, detach)
+            } else {
+                georep::daemon::start(&session)
+            }
+        }
+        Cmd::Stop { session, force } => georep::daemon::stop(&session, force),
+        Cmd::Pause { session } => georep::daemon::pause(&session, false),
+        Cmd::Resume { session } => georep::daemon::pause(&session, true),
+        Cmd::Status {
+            session,
+            json,
+            prometheus,
+            detail,
+            nagios,
+            warning,
+            critical,
+        } => {
+            use georep::daemon::status::Format;
+            let format = match (json, prometheus, detail, nagios) {
+                (true, ..) => Format::Json,
+                (_, true, ..) => Format::Prometheus,
+                (_, _, true, _) => Format::Detail,
+                (.., true) => Format::Nagios,
+                _ => Format::Table,
+            };
+            georep::daemon::status::status(session.as_deref(), format, warning, critical)
+        }
+        Cmd::Checkpoint { session, when } => {
+            georep::daemon::status::set_checkpoint(&session, &when)
+        }
+        Cmd::Worker { session } => georep::daemon::run_worker(&session),
         Cmd::Agent { root, keepalive } => {
             let opts = georep::agent::AgentOptions {
                 root,
@@ -267,7 +348,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging("warn");
+    // The monitor and the worker set up their own logging.
+    let own_logging = matches!(
+        &cli.cmd,
+        Cmd::Worker { .. }
+            | Cmd::Start {
+                foreground: true,
+                ..
+            }
+            | Cmd::Start { detach: true, .. }
+    );
+    if !own_logging {
+        init_logging("warn");
+    }
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -486,7 +486,17 @@ impl Supervisor {
             return format!("worker {how}: {f}");
         }
         let tail = tail.lock().unwrap();
-        match tail.iter().rev().find(|l| !l.trim().is_empty()) {
+        // The last line that is not routine logging (an error, a warning, a panic).
+        let routine = |l: &str| {
+            [" INFO ", " DEBUG ", " TRACE "]
+                .iter()
+                .any(|w| l.contains(w))
+        };
+        match tail
+            .iter()
+            .rev()
+            .find(|l| !l.trim().is_empty() && !routine(l))
+        {
             Some(line) => format!("worker {how}; its last words: {}", line.trim()),
             None => format!("worker {how}"),
         }
