@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::daemon::{wait_for, wait_same, Running};
+use common::daemon::{wait_for, wait_same};
 use common::{mutate, tree, World};
 use proptest::strategy::{Strategy, ValueTree};
 use std::io::Write;
