@@ -242,3 +242,56 @@ fn pause_resume_config_change_and_delete_refused() {
     assert_eq!(st["restarts"], 0, "{st:#}");
     assert!(w.log("p").contains("configuration changed"));
 }
+
+#[test]
+fn foreground_monitor_for_systemd_reopens_its_log_on_sighup_and_stops_on_sigterm() {
+    let w = World::new();
+    std::fs::write(w.master.join("f"), b"x").unwrap();
+    w.create("fg", &[]);
+    let _guard = common::daemon::Running {
+        w: &w,
+        session: "fg".into(),
+    };
+    // What georep@.service runs.
+    let mut child = w
+        .cmd(&["start", "fg", "--foreground"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = w.wait_active("fg");
+    assert_eq!(pid(&st, "monitor_pid"), child.id());
+    let dup = w.run(&["start", "fg", "--foreground"]);
+    assert_eq!(dup.status.code(), Some(2), "{}", common::stderr(&dup));
+    assert!(common::stderr(&dup).contains("already running"));
+
+    // logrotate: the file is moved away, SIGHUP makes the monitor open a new one.
+    let log = w.home.join("sessions/fg/georep.log");
+    std::fs::rename(&log, log.with_extension("log.1")).unwrap();
+    signal(child.id(), Signal::SIGHUP);
+    wait_for("the reopened log", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("log reopened"))
+    })
+    .expect("a new log after SIGHUP");
+    assert!(std::fs::read_to_string(log.with_extension("log.1"))
+        .unwrap()
+        .contains("monitor started"));
+
+    signal(child.id(), Signal::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("monitor stopped"),
+        "the foreground monitor logs to stderr too"
+    );
+    let st = w.status("fg");
+    assert_eq!(st["monitor_status"], "Stopped", "{st:#}");
+    wait_for("no process left", || w.processes().is_empty().then_some(()))
+        .unwrap_or_else(|| panic!("left behind: {:?}", w.processes()));
+}
