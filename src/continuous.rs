@@ -343,7 +343,9 @@ async fn run_loop(
                     r.report.crawl_status = Some("Idle".into());
                     r.report.busy = false;
                     r.report.last_synced_ns = synced;
-                    r.report.full_crawl_reason = summary.full_reason.clone();
+                    if summary.full_reason.is_some() {
+                        r.report.full_crawl_reason = summary.full_reason.clone();
+                    }
                     if error.is_some() {
                         r.report.error = error;
                     }

@@ -288,13 +288,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Config { session, op } => {
             let mut s = Session::load(&session)?;
-            match op {
+            match &op {
                 None => print!("{}", std::fs::read_to_string(s.config_path())?),
                 Some(ConfigOp::Get { key }) => println!("{}", georep::admin::config_get(&s, &key)?),
                 Some(ConfigOp::Set { key, value }) => {
                     georep::admin::config_set(&mut s, &key, Some(&value))?
                 }
                 Some(ConfigOp::Reset { key }) => georep::admin::config_set(&mut s, &key, None)?,
+            }
+            if op.is_some() {
+                georep::daemon::note_config_change(&s);
             }
             Ok(exit::OK)
         }

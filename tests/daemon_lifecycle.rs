@@ -79,6 +79,13 @@ fn start_fault_restart_monitor_death_and_stop() {
     });
     assert!(!alive(worker));
     assert_eq!(pid(&st, "monitor_pid"), monitor);
+    // A new worker's watcher cannot vouch for the time it was down: a full crawl.
+    assert!(
+        st["full_crawl_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no marker watched")),
+        "{st:#}"
+    );
     assert!(w.log("s").contains("worker faulty"));
 
     // kill -9 of the monitor: never reported running, and its worker leaves too.

@@ -204,3 +204,36 @@ fn stop_with_a_large_file_in_flight_leaves_no_partial_file() {
         tree::temporaries(&w.slave)
     );
 }
+
+#[test]
+fn interval_mode_passes_and_the_mark_policy_without_a_watcher() {
+    // Interval mode: one pass per interval; unmarked changes still stamped by the watcher.
+    let w = World::new();
+    std::fs::write(w.master.join("a"), b"1").unwrap();
+    w.create("i", &["--mode", "interval", "--interval", "2"]);
+    let _r = w.start("i");
+    w.wait_active("i");
+    wait_same(&w.master, &w.slave, "first pass");
+    let before = w.status("i");
+    std::fs::write(w.master.join("b"), b"2").unwrap();
+    wait_same(&w.master, &w.slave, "next pass");
+    let after = w.wait_status("i", "last_synced to move", |s| {
+        s["last_synced"] != before["last_synced"]
+    });
+    assert_eq!(after["restarts"], 0);
+
+    // marker = mark: no watcher; a writer's `georep mark` triggers the crawl.
+    let w = World::new();
+    std::fs::write(w.master.join("a"), b"1").unwrap();
+    w.create("m", &["--marker", "mark"]);
+    let _r = w.start("m");
+    w.wait_active("m");
+    std::fs::create_dir(w.master.join("d")).unwrap();
+    std::fs::write(w.master.join("d/new"), b"marked").unwrap();
+    w.run_ok(&["mark", w.master.join("d/new").to_str().unwrap()]);
+    wait_same(&w.master, &w.slave, "a marked change");
+    assert!(
+        !w.log("m").contains("watcher started"),
+        "marker = mark runs no watcher"
+    );
+}

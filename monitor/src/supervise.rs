@@ -201,8 +201,10 @@ impl Supervisor {
 
     /// Waits while paused with no worker; false when asked to stop.
     async fn wait_resume(&mut self, st: &mut Status, sig: &mut Signals, paused: &mut bool) -> bool {
+        let mut refresh = tokio::time::interval(STATUS_REFRESH);
         while *paused {
             tokio::select! {
+                _ = refresh.tick() => self.write(st),
                 _ = sig.term.recv() => return false,
                 _ = sig.int.recv() => return false,
                 _ = sig.hup.recv() => self.reopen_log(),
@@ -228,6 +230,7 @@ impl Supervisor {
     ) -> bool {
         let deadline = tokio::time::Instant::now() + delay;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut written = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return true,
@@ -239,6 +242,10 @@ impl Supervisor {
                 _ = tick.tick() => {
                     if self.config_changed(st, config_seen) {
                         return true;
+                    }
+                    if written.elapsed() >= STATUS_REFRESH {
+                        self.write(st);
+                        written = Instant::now();
                     }
                 }
             }

@@ -229,6 +229,16 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
     Ok(exit::OK)
 }
 
+/// After `config set`: tells whether the running monitor picks the change up.
+pub fn note_config_change(s: &Session) {
+    if let Some(r) = live(&s.monitor_pid_path()) {
+        println!(
+            "session {} is running: its monitor (pid {}) restarts the worker with the new settings",
+            s.name, r.pid
+        );
+    }
+}
+
 fn wait_gone(rec: &PidRecord, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while rec.state() == ProcessState::Running {

@@ -61,24 +61,8 @@ impl Watcher {
     /// started afterwards misses nothing: a change it does not see is
     /// stamped by the watcher for the next crawl.
     pub fn start(root: PathBuf, master: Uuid) -> std::io::Result<Watcher> {
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        let shared = Arc::new(Shared::default());
-        let mut w = Inner {
-            inotify,
-            root,
-            master,
-            wds: HashMap::new(),
-            fps: Fingerprints::default(),
-            shared: shared.clone(),
-            root_wd: None,
-        };
-        w.walk(&w.root.clone(), false);
-        if w.root_wd.is_none() {
-            return Err(std::io::Error::other(format!(
-                "cannot watch the master root {}",
-                w.root.display()
-            )));
-        }
+        let w = Inner::new(root, master)?;
+        let shared = w.shared.clone();
         tracing::info!(watches = w.wds.len(), "watcher started");
         let thread = std::thread::Builder::new()
             .name("georep-watcher".into())
@@ -149,6 +133,27 @@ fn mask() -> F {
 }
 
 impl Inner {
+    fn new(root: PathBuf, master: Uuid) -> std::io::Result<Inner> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        let mut w = Inner {
+            inotify,
+            root,
+            master,
+            wds: HashMap::new(),
+            fps: Fingerprints::default(),
+            shared: Arc::default(),
+            root_wd: None,
+        };
+        w.walk(&w.root.clone(), false);
+        if w.root_wd.is_none() {
+            return Err(std::io::Error::other(format!(
+                "cannot watch the master root {}",
+                w.root.display()
+            )));
+        }
+        Ok(w)
+    }
+
     /// Watches `dir` and every directory below it (watch first, then list,
     /// so nothing created in between is missed). With `collect`, returns
     /// every entry found, to be stamped (a directory that arrived whole).
@@ -340,5 +345,87 @@ impl Inner {
                 .shared
                 .gap(format!("stamping changed entries failed: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xtime;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn wait_changes(w: &Watcher, past: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while w.changes() == past {
+            assert!(
+                Instant::now() < deadline,
+                "the watcher never reported a change"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        w.changes()
+    }
+
+    #[test]
+    fn stamps_real_changes_and_ignores_georeps_own_xattrs() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("m");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"1").unwrap();
+        let id = xtime::ensure_master_id(&root).unwrap();
+        let xattr_name = xtime::xtime_attr(&id);
+        let w = Watcher::start(root.clone(), id).unwrap();
+        assert_eq!(w.watches(), 3);
+        // A plain write: the file and its ancestors are stamped.
+        std::fs::write(root.join("a/b/f"), b"22").unwrap();
+        let c = wait_changes(&w, 0);
+        let stamp = xtime::read(&root.join("a/b/f"), &xattr_name).unwrap();
+        assert!(stamp > 0);
+        assert!(xtime::read(&root, &xattr_name).unwrap() >= stamp);
+        // georep's own writes (a stime, a stamp by `georep mark` of a
+        // directory), then a sentinel change: only the sentinel counts.
+        w.shared().pending.lock().unwrap().begin_crawl();
+        w.shared().pending.lock().unwrap().end_crawl(true);
+        xtime::write(&root.join("a"), &xtime::stime_attr(&Uuid::new_v4()), 5).unwrap();
+        xtime::mark(&root.join("a/b")).unwrap();
+        std::fs::set_permissions(root.join("a/b/f"), std::fs::Permissions::from_mode(0o640))
+            .unwrap();
+        let c2 = wait_changes(&w, c);
+        assert_eq!(
+            c2,
+            c + 1,
+            "georep's own xattr writes were taken for changes"
+        );
+        assert_eq!(w.shared().pending.lock().unwrap().counts(), (0, 0, 1));
+        // A new directory with content already inside: watched and stamped.
+        std::fs::create_dir_all(root.join("n/deep")).unwrap();
+        std::fs::write(root.join("n/deep/g"), b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while xtime::read(&root.join("n/deep/g"), &xattr_name).unwrap_or(0) == 0 {
+            assert!(Instant::now() < deadline, "new subtree never stamped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(w.gaps(), 0);
+    }
+
+    #[test]
+    fn a_queue_overflow_is_a_gap_and_rewatches_the_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("m");
+        std::fs::create_dir_all(&root).unwrap();
+        let id = xtime::ensure_master_id(&root).unwrap();
+        let mut inner = Inner::new(root.clone(), id).unwrap();
+        let gaps = inner.shared.gaps.load(Ordering::SeqCst);
+        // A directory made while events were being lost: no watch, no event.
+        std::fs::create_dir(root.join("lost")).unwrap();
+        let _ = inner.inotify.read_events();
+        inner.handle(vec![nix::sys::inotify::InotifyEvent {
+            wd: inner.root_wd.unwrap(),
+            mask: F::IN_Q_OVERFLOW,
+            cookie: 0,
+            name: None,
+        }]);
+        assert!(inner.shared.gaps.load(Ordering::SeqCst) > gaps);
+        assert!(inner.wds.values().any(|p| p == &root.join("lost")));
     }
 }
