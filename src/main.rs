@@ -288,7 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Config { session, op } => {
             let mut s = Session::load(&session)?;
-            match &op {
+            let changes = matches!(op, Some(ConfigOp::Set { .. } | ConfigOp::Reset { .. }));
+            match op {
                 None => print!("{}", std::fs::read_to_string(s.config_path())?),
                 Some(ConfigOp::Get { key }) => println!("{}", georep::admin::config_get(&s, &key)?),
                 Some(ConfigOp::Set { key, value }) => {
@@ -296,7 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Some(ConfigOp::Reset { key }) => georep::admin::config_set(&mut s, &key, None)?,
             }
-            if op.is_some() {
+            if changes {
                 georep::daemon::note_config_change(&s);
             }
             Ok(exit::OK)

@@ -260,7 +260,7 @@ fn foreground_monitor_for_systemd_reopens_its_log_on_sighup_and_stops_on_sigterm
         session: "fg".into(),
     };
     // What georep@.service runs.
-    let mut child = w
+    let child = w
         .cmd(&["start", "fg", "--foreground"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -357,6 +357,7 @@ impl Supervisor {
         let mut progress_at = Instant::now();
         let mut written = Instant::now();
         let mut dirty = false;
+        let mut stdout_open = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let apply = |st: &mut Status, r: &WorkerReport| {
             if let Some(ws) = r.status {
@@ -381,7 +382,7 @@ impl Supervisor {
         };
         let died = loop {
             tokio::select! {
-                msg = rx.recv() => match msg {
+                msg = rx.recv(), if stdout_open => match msg {
                     Some(Msg::Report(r)) => {
                         heard = Instant::now();
                         if r.progress != last.progress || !r.busy {
@@ -400,11 +401,8 @@ impl Supervisor {
                     Some(Msg::Garbage(line)) => {
                         tracing::warn!(line = %line, "unexpected output from the worker");
                     }
-                    None => {
-                        // stdout closed: the worker is exiting; its exit is awaited below.
-                        let status = child.wait().await;
-                        break self.exit_reason(status, &last, &tail);
-                    }
+                    // stdout closed: the worker is exiting; its exit is awaited by the branch below.
+                    None => stdout_open = false,
                 },
                 status = child.wait() => {
                     // Let the reader deliver the last lines (a fatal report).
