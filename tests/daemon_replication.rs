@@ -38,7 +38,11 @@ fn a_plain_writer_reaches_the_slave_without_marks_and_without_loops() {
     // Rounds of random mutations by a writer that never marks anything.
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let ops = proptest::collection::vec(mutate::op(), 25);
-    for round in 0..3 {
+    let rounds: usize = std::env::var("GEOREP_DAEMON_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for round in 0..rounds {
         for op in ops.new_tree(&mut runner).unwrap().current() {
             mutate::apply(&w.master, &op);
         }

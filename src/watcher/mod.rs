@@ -19,6 +19,7 @@ use pending::{ChangeKind, Pending};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -260,6 +261,8 @@ impl Inner {
         let mut marks: Vec<PathBuf> = Vec::new();
         let mut kinds: Vec<(ChangeKind, PathBuf)> = Vec::new();
         let mut rewalk = false;
+        // inotify reports a change only under the name it was made through.
+        let mut hardlinked: Option<PathBuf> = None;
         for ev in events {
             let m = ev.mask;
             if m.contains(F::IN_Q_OVERFLOW) {
@@ -299,6 +302,13 @@ impl Inner {
             }
             let path = dir.join(&name);
             let is_dir = m.contains(F::IN_ISDIR);
+            if !is_dir
+                && hardlinked.is_none()
+                && !m.intersects(F::IN_DELETE | F::IN_MOVED_FROM)
+                && std::fs::symlink_metadata(&path).is_ok_and(|md| md.is_file() && md.nlink() > 1)
+            {
+                hardlinked = Some(path.clone());
+            }
             if m.intersects(F::IN_CREATE | F::IN_DELETE | F::IN_MOVED_FROM | F::IN_MOVED_TO) {
                 if is_dir && m.contains(F::IN_MOVED_FROM) {
                     self.unwatch(&path);
@@ -328,6 +338,14 @@ impl Inner {
         }
         if marks.is_empty() {
             return;
+        }
+        if let Some(p) = hardlinked {
+            // Its other names (and their directories) saw nothing: only a
+            // full crawl finds them all.
+            self.shared.gap(format!(
+                "{} changed and has several hard links, whose other names inotify does not report",
+                p.display()
+            ));
         }
         marks.sort();
         marks.dedup();
