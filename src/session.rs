@@ -2,7 +2,8 @@
 //! state directory under the georep home.
 //!
 //! Layout: `$GEOREP_HOME/sessions/NAME/{config.toml, state.json,
-//! worker.pid, links.json, last-sync.json}`.
+//! worker.pid, links.json, last-sync.json}`, and for the daemon
+//! `{monitor.pid, status.json, checkpoint.json, georep.log}`.
 
 use crate::error::UserError;
 use crate::user_err;
