@@ -184,6 +184,7 @@ pub fn create(
         interval_secs: opts.interval_secs.unwrap_or(3600),
         marker: opts.marker,
         keepalive_secs: 30,
+        hang_timeout_secs: crate::session::default_hang_timeout(),
         ssh_port: opts.ssh_port,
         identity: opts.identity.clone(),
         remote_georep: opts.remote_georep.clone(),
@@ -357,6 +358,17 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                 })
                 .transpose()?
                 .unwrap_or(30)
+        }
+        "hang_timeout_secs" => {
+            c.hang_timeout_secs = value
+                .map(|v| {
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &u64| n >= 5)
+                        .ok_or_else(|| bad("a number of seconds, at least 5"))
+                })
+                .transpose()?
+                .unwrap_or(crate::session::default_hang_timeout())
         }
         "ssh_port" => {
             c.ssh_port = value

@@ -5,7 +5,9 @@
 
 pub mod admin;
 pub mod agent;
+pub mod continuous;
 pub mod crawl;
+pub mod daemon;
 pub mod delta;
 pub mod digest;
 pub mod error;
@@ -20,5 +22,6 @@ pub mod sparse;
 pub mod ssh;
 pub mod transfer;
 pub mod transport;
+pub mod watcher;
 pub mod worker;
 pub mod xtime;

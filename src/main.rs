@@ -77,6 +77,50 @@ enum Cmd {
         #[command(subcommand)]
         op: Option<ConfigOp>,
     },
+    /// Start the session's monitor (daemonised; --foreground for systemd); it runs the worker.
+    Start {
+        session: String,
+        /// Stay in the foreground, logging to stderr too (for systemd).
+        #[arg(long)]
+        foreground: bool,
+        /// Internal: the daemonised monitor started by `georep start`.
+        #[arg(long, hide = true)]
+        detach: bool,
+    },
+    /// Stop the session's monitor and worker cleanly (--force: kill them).
+    Stop {
+        session: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Suspend the session's worker (the monitor keeps running).
+    Pause { session: String },
+    /// Continue a paused worker.
+    Resume { session: String },
+    /// Show sessions' status: a table, --detail, --json, --prometheus, or a --nagios check.
+    Status {
+        session: Option<String>,
+        #[arg(long, group = "format")]
+        json: bool,
+        #[arg(long, group = "format")]
+        prometheus: bool,
+        #[arg(long, group = "format")]
+        detail: bool,
+        /// Nagios/Icinga check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+        #[arg(long, group = "format")]
+        nagios: bool,
+        /// With --nagios: lag (seconds) at which to warn.
+        #[arg(long, requires = "nagios")]
+        warning: Option<u64>,
+        /// With --nagios: lag (seconds) that is critical.
+        #[arg(long, requires = "nagios")]
+        critical: Option<u64>,
+    },
+    /// Set a checkpoint: `now`, an RFC 3339 time or @SECONDS; status says when it completes.
+    Checkpoint { session: String, when: String },
+    /// Internal: the worker the monitor runs.
+    #[command(hide = true)]
+    Worker { session: String },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {
         #[arg(long)]
@@ -139,15 +183,8 @@ fn exit_code(err: &anyhow::Error) -> i32 {
     exit::PERMANENT
 }
 
-/// The worker's runtime. Blocking master reads are few at a time by design
-/// (budgets in the crawl), so a small blocking pool bounds thread stacks and
-/// allocator arenas, which is most of the worker's memory.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .max_blocking_threads(8)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    georep::worker::runtime().context("starting the async runtime")
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -285,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Config { session, op } => {
             let mut s = Session::load(&session)?;
+            let changes = matches!(op, Some(ConfigOp::Set { .. } | ConfigOp::Reset { .. }));
             match op {
                 None => print!("{}", std::fs::read_to_string(s.config_path())?),
                 Some(ConfigOp::Get { key }) => println!("{}", georep::admin::config_get(&s, &key)?),
@@ -293,8 +331,48 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Some(ConfigOp::Reset { key }) => georep::admin::config_set(&mut s, &key, None)?,
             }
+            if changes {
+                georep::daemon::note_config_change(&s);
+            }
             Ok(exit::OK)
         }
+        Cmd::Start {
+            session,
+            foreground,
+            detach,
+        } => {
+            if foreground || detach {
+                georep::daemon::run_monitor(&session, detach)
+            } else {
+                georep::daemon::start(&session)
+            }
+        }
+        Cmd::Stop { session, force } => georep::daemon::stop(&session, force),
+        Cmd::Pause { session } => georep::daemon::pause(&session, false),
+        Cmd::Resume { session } => georep::daemon::pause(&session, true),
+        Cmd::Status {
+            session,
+            json,
+            prometheus,
+            detail,
+            nagios,
+            warning,
+            critical,
+        } => {
+            use georep::daemon::status::Format;
+            let format = match (json, prometheus, detail, nagios) {
+                (true, ..) => Format::Json,
+                (_, true, ..) => Format::Prometheus,
+                (_, _, true, _) => Format::Detail,
+                (.., true) => Format::Nagios,
+                _ => Format::Table,
+            };
+            georep::daemon::status::status(session.as_deref(), format, warning, critical)
+        }
+        Cmd::Checkpoint { session, when } => {
+            georep::daemon::status::set_checkpoint(&session, &when)
+        }
+        Cmd::Worker { session } => georep::daemon::run_worker(&session),
         Cmd::Agent { root, keepalive } => {
             let opts = georep::agent::AgentOptions {
                 root,
@@ -324,7 +402,19 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging("warn");
+    // The monitor and the worker set up their own logging.
+    let own_logging = matches!(
+        &cli.cmd,
+        Cmd::Worker { .. }
+            | Cmd::Start {
+                foreground: true,
+                ..
+            }
+            | Cmd::Start { detach: true, .. }
+    );
+    if !own_logging {
+        init_logging("warn");
+    }
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -2,7 +2,8 @@
 //! state directory under the georep home.
 //!
 //! Layout: `$GEOREP_HOME/sessions/NAME/{config.toml, state.json,
-//! worker.pid, links.json, last-sync.json}`.
+//! worker.pid, links.json, last-sync.json}`, and for the daemon
+//! `{monitor.pid, status.json, checkpoint.json, georep.log}`.
 
 use crate::error::UserError;
 use crate::user_err;
@@ -111,6 +112,9 @@ pub struct Config {
     /// Seconds without an answer before the connection is declared dead.
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u64,
+    /// A worker that reports nothing, or makes no progress in a crawl, for this long is killed and restarted.
+    #[serde(default = "default_hang_timeout")]
+    pub hang_timeout_secs: u64,
     #[serde(default)]
     pub ssh_port: Option<u16>,
     #[serde(default)]
@@ -128,6 +132,10 @@ fn default_keepalive() -> u64 {
     30
 }
 
+pub fn default_hang_timeout() -> u64 {
+    300
+}
+
 /// Keys `georep config` can change, with their meaning.
 pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("mode", "continuous | interval"),
@@ -136,6 +144,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     (
         "keepalive_secs",
         "seconds without an answer before the slave is declared dead",
+    ),
+    (
+        "hang_timeout_secs",
+        "seconds without progress before the monitor kills a hung worker",
     ),
     ("ssh_port", "SSH port of the slave"),
     ("identity", "SSH private key file"),
@@ -272,6 +284,18 @@ impl Session {
 
     pub fn monitor_pid_path(&self) -> PathBuf {
         self.dir.join("monitor.pid")
+    }
+
+    pub fn status_path(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.dir.join("checkpoint.json")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("georep.log")
     }
 
     /// A live process of this session (worker or monitor), if any.

@@ -50,6 +50,9 @@ pub enum FileError {
     Changed(PathBuf),
     #[error(transparent)]
     Slave(#[from] ProtoError),
+    /// The worker is stopping: the file is aborted (never published) and sent by the next crawl.
+    #[error("interrupted by shutdown")]
+    Interrupted,
 }
 
 impl FileError {
@@ -227,6 +230,9 @@ fn all_hole(extents: &[(u64, u64)], off: u64, len: u64) -> bool {
 
 async fn large(e: &Engine, rel: &RelPath, basis: bool) -> Result<Shipped, FileError> {
     let _slot = e.large_files.acquire().await.expect("never closed");
+    if e.shutting_down() {
+        return Err(FileError::Interrupted);
+    }
     let path = e.master.path(rel);
     let (file, before, extents) = {
         let path = path.clone();
@@ -374,6 +380,9 @@ async fn send_windows(
     let mut digest = Digester::new();
     let mut rolling = delta::RollingPolicy::default();
     for i in 0..nwin {
+        if e.shutting_down() {
+            return Err(FileError::Interrupted);
+        }
         let (off, len) = window_range(size, i);
         if full_copy(i) {
             e.slave.copy(fid, off, len).await?;

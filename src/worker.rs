@@ -15,6 +15,7 @@ use georep_monitor::PidFile;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -163,168 +164,268 @@ fn full_reason(
     None
 }
 
-/// Runs one crawl of `session` to its end.
+/// Runs one crawl of `session` to its end: opens a [`Worker`], crawls
+/// once and closes the connection (waiting for the agent to publish).
 pub async fn sync_once(
     session: &Session,
     opts: &SyncOptions,
     shutdown: CancellationToken,
 ) -> Result<Summary, WorkerError> {
     let started = Instant::now();
-    let _lock = match PidFile::acquire(&session.worker_pid_path()) {
-        Ok(Ok(lock)) => lock,
-        Ok(Err(holder)) => {
-            return Err(WorkerError::Busy {
-                session: session.name.clone(),
-                pid: holder.map(|h| h.pid).unwrap_or(0),
-            })
-        }
-        Err(source) => {
-            return Err(WorkerError::State {
-                path: session.worker_pid_path(),
-                source,
-            })
-        }
-    };
-    let root = session.config.master.clone();
-    let master_err = |source| WorkerError::Master {
-        path: root.clone(),
-        source,
-    };
-    let md = std::fs::metadata(&root).map_err(master_err)?;
-    if !md.is_dir() {
-        return Err(master_err(std::io::Error::other("not a directory")));
-    }
-    let master_id = xtime::ensure_master_id(&root).map_err(master_err)?;
-    let mut state = session.state();
-    let conn = connect(session).await?;
-    let slave = Slave::new(conn.client.clone());
-    let slave_err = |source| WorkerError::Slave {
-        slave: session.config.slave.clone(),
-        source,
-    };
-    let ident = slave.identity().await.map_err(slave_err)?;
-    let reason = full_reason(session, &state, &ident, &master_id, opts);
-    let kind = if reason.is_some() {
-        CrawlKind::Full
-    } else {
-        CrawlKind::Xtime
-    };
-    let save_state = |s: &State| {
-        session.save_state(s).map_err(|source| WorkerError::State {
-            path: session.dir.join("state.json"),
-            source,
-        })
-    };
-    if let Some(r) = &reason {
-        tracing::info!(session = %session.name, reason = %r, "full crawl");
-        if ident
-            .as_ref()
-            .is_some_and(|i| i.session != session.config.session_id)
-        {
-            tracing::warn!(session = %session.name, "the slave root belongs to another session: it will be made equal to this master");
-        }
-        state.epoch = Some(uuid::Uuid::new_v4());
-        state.full_pending = true;
-        state.master_id = Some(master_id);
-        save_state(&state)?;
-        // A baseline stamp, so that the root's stime records this crawl.
-        if xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)? == 0 {
-            xtime::mark(&root).map_err(master_err)?;
-        }
-    }
-    let root_xtime = xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)?;
-    let master = Master::new(root.clone(), &master_id, &session.config.session_id);
-    let links = Links::load(session.dir.join("links.json"));
-    let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
-    let outcome = engine.run().await;
-    if let Err(e) = engine.links().save() {
-        tracing::warn!(error = %e, "could not save the hard-link map");
-    }
-    let outcome = match outcome {
-        Ok(o) => o,
-        Err(CrawlError::Shutdown) => return Err(WorkerError::Shutdown),
-        Err(CrawlError::Slave(e)) => {
-            drop(slave);
-            drop(engine);
-            let stderr = conn.stderr.text();
-            let e = if stderr.trim().is_empty() {
-                e
-            } else {
-                ProtoError::Lost(format!(
-                    "{e} (the agent said: {})",
-                    stderr.trim().replace('\n', " | ")
-                ))
-            };
-            return Err(slave_err(e));
-        }
-    };
-    let complete = outcome.complete && outcome.failure_count == 0;
-    if complete {
-        if kind == CrawlKind::Full {
-            let epoch = state.epoch.expect("set above");
-            slave
-                .set_identity(SlaveIdentity {
-                    session: session.config.session_id,
-                    epoch,
-                })
-                .await
-                .map_err(slave_err)?;
-            state.full_pending = false;
-        }
-        state.last_complete_ns = Some(xtime::now_ns());
-        state.last_synced_xtime = Some(root_xtime);
-        if kind == CrawlKind::Full {
-            save_state(&state)?;
-        } else {
-            // Only the sync times changed: not worth a disk flush.
-            session
-                .save_state_volatile(&state)
-                .map_err(|source| WorkerError::State {
-                    path: session.dir.join("state.json"),
-                    source,
-                })?;
-        }
-    }
-    let s = &engine.stats;
-    let wire = slave.client().stats();
-    let summary = Summary {
-        session: session.name.clone(),
-        crawl: if kind == CrawlKind::Full {
-            "full"
-        } else {
-            "xtime"
-        },
-        full_reason: reason,
-        complete,
-        entries_visited: s.entries_visited.load(Ordering::Relaxed),
-        files_synced: s.files_synced.load(Ordering::Relaxed),
-        files_unchanged: s.files_unchanged.load(Ordering::Relaxed),
-        bytes_sent: s.bytes_literal.load(Ordering::Relaxed) + s.bytes_delta.load(Ordering::Relaxed),
-        bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
-        bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
-        wire_bytes_out: wire.bytes_out.load(Ordering::Relaxed),
-        wire_bytes_in: wire.bytes_in.load(Ordering::Relaxed),
-        deletes: s.deletes.load(Ordering::Relaxed),
-        dirs_created: s.dirs_created.load(Ordering::Relaxed),
-        symlinks: s.symlinks.load(Ordering::Relaxed),
-        hardlinks: s.hardlinks.load(Ordering::Relaxed),
-        meta_updates: s.meta_updates.load(Ordering::Relaxed),
-        stimes_written: s.stimes_written.load(Ordering::Relaxed),
-        skipped: s.skipped.load(Ordering::Relaxed),
-        failures: outcome.failure_count,
-        errors: outcome.failures,
-        duration_ms: 0,
-    };
-    drop(engine);
-    drop(slave);
-    conn.close(Duration::from_secs(30)).await;
+    let mut worker = Worker::open(session)?;
+    let summary = worker.crawl(opts, shutdown).await;
+    worker.close().await;
     let summary = Summary {
         duration_ms: started.elapsed().as_millis() as u64,
-        ..summary
+        ..summary?
     };
     let _ = georep_monitor::write_atomic_volatile(
         &session.dir.join("last-sync.json"),
         &serde_json::to_vec_pretty(&summary).unwrap_or_default(),
     );
     Ok(summary)
+}
+
+/// A session's worker: holds the session's worker lock for its life and
+/// keeps one connection to the slave across crawls (reconnecting when it
+/// was lost), so a continuous worker pays the connection set-up once.
+pub struct Worker<'a> {
+    session: &'a Session,
+    _lock: PidFile,
+    root: PathBuf,
+    master_id: uuid::Uuid,
+    conn: Option<Connection>,
+    /// The engine of the crawl in progress, for live progress reports.
+    pub live: Arc<Mutex<Option<Arc<Engine>>>>,
+}
+
+impl<'a> Worker<'a> {
+    /// Takes the session's worker lock and checks the master.
+    pub fn open(session: &'a Session) -> Result<Worker<'a>, WorkerError> {
+        let lock = match PidFile::acquire(&session.worker_pid_path()) {
+            Ok(Ok(lock)) => lock,
+            Ok(Err(holder)) => {
+                return Err(WorkerError::Busy {
+                    session: session.name.clone(),
+                    pid: holder.map(|h| h.pid).unwrap_or(0),
+                })
+            }
+            Err(source) => {
+                return Err(WorkerError::State {
+                    path: session.worker_pid_path(),
+                    source,
+                })
+            }
+        };
+        let root = session.config.master.clone();
+        let master_err = |source| WorkerError::Master {
+            path: root.clone(),
+            source,
+        };
+        let md = std::fs::metadata(&root).map_err(master_err)?;
+        if !md.is_dir() {
+            return Err(master_err(std::io::Error::other("not a directory")));
+        }
+        let master_id = xtime::ensure_master_id(&root).map_err(master_err)?;
+        Ok(Worker {
+            session,
+            _lock: lock,
+            root,
+            master_id,
+            conn: None,
+            live: Arc::default(),
+        })
+    }
+
+    pub fn master_id(&self) -> uuid::Uuid {
+        self.master_id
+    }
+
+    /// Closes the connection, waiting for the agent to publish and exit.
+    pub async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.close(Duration::from_secs(30)).await;
+        }
+    }
+
+    /// Runs one crawl to its end over the kept connection.
+    pub async fn crawl(
+        &mut self,
+        opts: &SyncOptions,
+        shutdown: CancellationToken,
+    ) -> Result<Summary, WorkerError> {
+        let started = Instant::now();
+        let session = self.session;
+        let root = self.root.clone();
+        let master_id = self.master_id;
+        let master_err = |source| WorkerError::Master {
+            path: root.clone(),
+            source,
+        };
+        let mut state = session.state();
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.client.closed().is_some())
+        {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            self.conn = Some(connect(session).await?);
+        }
+        let conn = self.conn.as_ref().expect("connected above");
+        let agent_stderr = conn.stderr.clone();
+        let slave = Slave::new(conn.client.clone());
+        let wire_start = {
+            let w = slave.client().stats();
+            (
+                w.bytes_out.load(Ordering::Relaxed),
+                w.bytes_in.load(Ordering::Relaxed),
+            )
+        };
+        let slave_err = |source| WorkerError::Slave {
+            slave: session.config.slave.clone(),
+            source,
+        };
+        let ident = match slave.identity().await {
+            Ok(i) => i,
+            Err(e) => {
+                self.conn = None;
+                return Err(slave_err(e));
+            }
+        };
+        let reason = full_reason(session, &state, &ident, &master_id, opts);
+        let kind = if reason.is_some() {
+            CrawlKind::Full
+        } else {
+            CrawlKind::Xtime
+        };
+        let save_state = |s: &State| {
+            session.save_state(s).map_err(|source| WorkerError::State {
+                path: session.dir.join("state.json"),
+                source,
+            })
+        };
+        if let Some(r) = &reason {
+            tracing::info!(session = %session.name, reason = %r, "full crawl");
+            if ident
+                .as_ref()
+                .is_some_and(|i| i.session != session.config.session_id)
+            {
+                tracing::warn!(session = %session.name, "the slave root belongs to another session: it will be made equal to this master");
+            }
+            state.epoch = Some(uuid::Uuid::new_v4());
+            state.full_pending = true;
+            state.master_id = Some(master_id);
+            save_state(&state)?;
+            // A baseline stamp, so that the root's stime records this crawl.
+            if xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)? == 0 {
+                xtime::mark(&root).map_err(master_err)?;
+            }
+        }
+        let root_xtime = xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)?;
+        let master = Master::new(root.clone(), &master_id, &session.config.session_id);
+        let links = Links::load(session.dir.join("links.json"));
+        let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
+        *self.live.lock().unwrap() = Some(engine.clone());
+        let outcome = engine.run().await;
+        *self.live.lock().unwrap() = None;
+        if let Err(e) = engine.links().save() {
+            tracing::warn!(error = %e, "could not save the hard-link map");
+        }
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(CrawlError::Shutdown) => return Err(WorkerError::Shutdown),
+            Err(CrawlError::Slave(e)) => {
+                drop(slave);
+                drop(engine);
+                self.conn = None;
+                let stderr = agent_stderr.text();
+                let e = if stderr.trim().is_empty() {
+                    e
+                } else {
+                    ProtoError::Lost(format!(
+                        "{e} (the agent said: {})",
+                        stderr.trim().replace('\n', " | ")
+                    ))
+                };
+                return Err(slave_err(e));
+            }
+        };
+        let complete = outcome.complete && outcome.failure_count == 0;
+        if complete {
+            if kind == CrawlKind::Full {
+                let epoch = state.epoch.expect("set above");
+                slave
+                    .set_identity(SlaveIdentity {
+                        session: session.config.session_id,
+                        epoch,
+                    })
+                    .await
+                    .map_err(|e| {
+                        self.conn = None;
+                        slave_err(e)
+                    })?;
+                state.full_pending = false;
+            }
+            state.last_complete_ns = Some(xtime::now_ns());
+            state.last_synced_xtime = Some(root_xtime);
+            if kind == CrawlKind::Full {
+                save_state(&state)?;
+            } else {
+                // Only the sync times changed: not worth a disk flush.
+                session
+                    .save_state_volatile(&state)
+                    .map_err(|source| WorkerError::State {
+                        path: session.dir.join("state.json"),
+                        source,
+                    })?;
+            }
+        }
+        let s = &engine.stats;
+        let wire = slave.client().stats();
+        let summary = Summary {
+            session: session.name.clone(),
+            crawl: if kind == CrawlKind::Full {
+                "full"
+            } else {
+                "xtime"
+            },
+            full_reason: reason,
+            complete,
+            entries_visited: s.entries_visited.load(Ordering::Relaxed),
+            files_synced: s.files_synced.load(Ordering::Relaxed),
+            files_unchanged: s.files_unchanged.load(Ordering::Relaxed),
+            bytes_sent: s.bytes_literal.load(Ordering::Relaxed)
+                + s.bytes_delta.load(Ordering::Relaxed),
+            bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
+            bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
+            wire_bytes_out: wire.bytes_out.load(Ordering::Relaxed) - wire_start.0,
+            wire_bytes_in: wire.bytes_in.load(Ordering::Relaxed) - wire_start.1,
+            deletes: s.deletes.load(Ordering::Relaxed),
+            dirs_created: s.dirs_created.load(Ordering::Relaxed),
+            symlinks: s.symlinks.load(Ordering::Relaxed),
+            hardlinks: s.hardlinks.load(Ordering::Relaxed),
+            meta_updates: s.meta_updates.load(Ordering::Relaxed),
+            stimes_written: s.stimes_written.load(Ordering::Relaxed),
+            skipped: s.skipped.load(Ordering::Relaxed),
+            failures: outcome.failure_count,
+            errors: outcome.failures,
+            duration_ms: 0,
+        };
+        Ok(Summary {
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..summary
+        })
+    }
+}
+
+/// The runtime a worker runs on. Blocking master reads are few at a time by
+/// design (budgets in the crawl), so a small blocking pool bounds thread
+/// stacks and allocator arenas, which are most of a worker's memory.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
 }

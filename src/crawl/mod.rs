@@ -159,6 +159,11 @@ impl Engine {
         }
     }
 
+    /// Whether the worker was asked to stop (large transfers check it between windows).
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
     fn stopped(&self) -> bool {
         self.shutdown.is_cancelled() || self.fatal.lock().unwrap().is_some()
     }

@@ -139,6 +139,16 @@ fn link_groups(s: &BTreeMap<Vec<u8>, Snap>) -> Vec<Vec<Vec<u8>>> {
 /// mode, owner, mtime with nanoseconds, user xattrs, symlink targets,
 /// hard-link groups, and that sparse master files stay sparse.
 pub fn assert_same(master: &Path, slave: &Path) {
+    let problems = differences(master, slave);
+    assert!(
+        problems.is_empty(),
+        "slave differs from master:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+/// What [`assert_same`] would complain about (empty when the trees are equal).
+pub fn differences(master: &Path, slave: &Path) -> Vec<String> {
     let m = snapshot(master);
     let s = snapshot(slave);
     let mut problems = Vec::new();
@@ -232,11 +242,7 @@ pub fn assert_same(master: &Path, slave: &Path) {
     {
         problems.push("root directory mode/mtime differs".into());
     }
-    assert!(
-        problems.is_empty(),
-        "slave differs from master:\n  {}",
-        problems.join("\n  ")
-    );
+    problems
 }
 
 /// Names of temporary files left anywhere below `root`.

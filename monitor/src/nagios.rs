@@ -1,0 +1,140 @@
+//! A Nagios/Icinga check of one session: exit code OK 0, WARNING 1,
+//! CRITICAL 2, UNKNOWN 3; one line of text, then perfdata after `|`.
+
+use crate::status::{MonitorStatus, Status, WorkerStatus};
+use crate::time::parse_rfc3339;
+
+pub const OK: i32 = 0;
+pub const WARNING: i32 = 1;
+pub const CRITICAL: i32 = 2;
+pub const UNKNOWN: i32 = 3;
+
+/// Lag thresholds, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub warning: u64,
+    pub critical: u64,
+    /// A running monitor that has not rewritten its status for this long is wedged.
+    pub stale: u64,
+}
+
+fn word(code: i32) -> &'static str {
+    match code {
+        OK => "OK",
+        WARNING => "WARNING",
+        CRITICAL => "CRITICAL",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Evaluates a status already corrected by [`crate::status::effective`].
+pub fn check(s: &Status, t: &Thresholds, now_ns: u64) -> (i32, String) {
+    let age = |v: &Option<String>| {
+        v.as_deref()
+            .and_then(|x| parse_rfc3339(x).ok())
+            .map(|x| now_ns.saturating_sub(x) / 1_000_000_000)
+    };
+    let err = s
+        .last_error
+        .as_deref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default();
+    let (code, text) = match (s.monitor_status, s.worker_status) {
+        (MonitorStatus::Created, _) => (CRITICAL, "never started".to_string()),
+        (MonitorStatus::Stopped, _) => (CRITICAL, format!("not running{err}")),
+        (_, WorkerStatus::Faulty) => (CRITICAL, format!("worker Faulty{err}")),
+        (MonitorStatus::Paused, _) => (WARNING, "paused".to_string()),
+        _ => match (s.lag_seconds, age(&s.updated)) {
+            (_, Some(a)) if a >= t.stale => (
+                UNKNOWN,
+                format!("the monitor has not updated its status for {a} s (wedged?)"),
+            ),
+            (None, _) => (
+                WARNING,
+                format!("{}, not synced yet", s.worker_status.as_str()),
+            ),
+            (Some(l), _) if l >= t.critical => (CRITICAL, format!("lag {l} s >= {} s", t.critical)),
+            (Some(l), _) if l >= t.warning => (WARNING, format!("lag {l} s >= {} s", t.warning)),
+            (Some(l), _) => match (s.checkpoint_completed, age(&s.checkpoint_time)) {
+                (false, Some(ca)) if ca >= t.critical => {
+                    (WARNING, format!("checkpoint not completed after {ca} s"))
+                }
+                _ => (
+                    OK,
+                    format!(
+                        "{}, {}, lag {l} s",
+                        s.worker_status.as_str(),
+                        s.crawl_status.as_deref().unwrap_or("N/A")
+                    ),
+                ),
+            },
+        },
+    };
+    let lag = s.lag_seconds.map(|l| l.to_string()).unwrap_or_default();
+    let perf = format!(
+        "lag={lag}s;{};{};0; pending={};;;0; failures={}c restarts={}c bytes_sent={}c files_synced={}c",
+        t.warning,
+        t.critical,
+        s.entry + s.data + s.meta,
+        s.failures,
+        s.restarts,
+        s.bytes_sent,
+        s.files_synced
+    );
+    (
+        code,
+        format!("GEOREP {} - {}: {text} | {perf}", word(code), s.session),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::format_rfc3339;
+
+    const NOW: u64 = 1_750_000_000_000_000_000;
+
+    fn active(lag: u64) -> Status {
+        Status {
+            monitor_status: MonitorStatus::Started,
+            worker_status: WorkerStatus::Active,
+            crawl_status: Some("Idle".into()),
+            last_synced: Some(format_rfc3339(NOW - lag * 1_000_000_000)),
+            lag_seconds: Some(lag),
+            updated: Some(format_rfc3339(NOW)),
+            ..Status::created("s1", "/m", "/s")
+        }
+    }
+
+    #[test]
+    fn codes_follow_state_and_lag() {
+        let t = Thresholds {
+            warning: 60,
+            critical: 600,
+            stale: 120,
+        };
+        assert_eq!(check(&active(5), &t, NOW).0, OK);
+        assert_eq!(check(&active(60), &t, NOW).0, WARNING);
+        assert_eq!(check(&active(600), &t, NOW).0, CRITICAL);
+        let faulty = Status {
+            worker_status: WorkerStatus::Faulty,
+            ..active(0)
+        };
+        assert_eq!(check(&faulty, &t, NOW).0, CRITICAL);
+        let paused = Status {
+            monitor_status: MonitorStatus::Paused,
+            ..active(0)
+        };
+        assert_eq!(check(&paused, &t, NOW).0, WARNING);
+        let stale = Status {
+            updated: Some(format_rfc3339(NOW - 500_000_000_000)),
+            ..active(0)
+        };
+        assert_eq!(check(&stale, &t, NOW).0, UNKNOWN);
+        let (_, line) = check(&active(5), &t, NOW);
+        assert!(
+            line.starts_with("GEOREP OK - s1: Active, Idle, lag 5 s | lag=5s;60;600;0; "),
+            "{line}"
+        );
+    }
+}

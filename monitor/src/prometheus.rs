@@ -1,0 +1,216 @@
+//! Prometheus text exposition format (version 0.0.4) of the status files,
+//! for node_exporter's textfile collector.
+
+use crate::status::{MonitorStatus, Status, WorkerStatus, CRAWL_STATES};
+use std::fmt::Write;
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+            .collect();
+        let _ = writeln!(self.0, "{name}{{{}}} {value}", l.join(","));
+    }
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Renders every session's metrics; each family lists all sessions together.
+pub fn render(rows: &[Status]) -> String {
+    let mut o = Out(String::new());
+    o.family(
+        "georep_info",
+        "gauge",
+        "Session master and slave (always 1).",
+    );
+    for s in rows {
+        o.sample(
+            "georep_info",
+            &[
+                ("session", &s.session),
+                ("master", &s.master),
+                ("slave", &s.slave),
+            ],
+            1.0,
+        );
+    }
+    o.family(
+        "georep_up",
+        "gauge",
+        "1 when the monitor runs and the worker is Active.",
+    );
+    for s in rows {
+        let up =
+            s.monitor_status == MonitorStatus::Started && s.worker_status == WorkerStatus::Active;
+        o.sample("georep_up", &[("session", &s.session)], up as u8 as f64);
+    }
+    o.family(
+        "georep_monitor_status",
+        "gauge",
+        "Monitor state: 1 for the current one.",
+    );
+    for s in rows {
+        for st in MonitorStatus::ALL {
+            o.sample(
+                "georep_monitor_status",
+                &[("session", &s.session), ("status", st.as_str())],
+                (s.monitor_status == st) as u8 as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_worker_status",
+        "gauge",
+        "Worker state: 1 for the current one.",
+    );
+    for s in rows {
+        for st in WorkerStatus::ALL {
+            o.sample(
+                "georep_worker_status",
+                &[("session", &s.session), ("status", st.as_str())],
+                (s.worker_status == st) as u8 as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_crawl_status",
+        "gauge",
+        "Crawl state: 1 for the current one (all 0 without a worker).",
+    );
+    for s in rows {
+        for st in CRAWL_STATES {
+            o.sample(
+                "georep_crawl_status",
+                &[("session", &s.session), ("status", st)],
+                (s.crawl_status.as_deref() == Some(st)) as u8 as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_last_synced_timestamp_seconds",
+        "gauge",
+        "Every change marked on the master before this time is on the slave.",
+    );
+    for s in rows {
+        if let Some(t) = s.last_synced_ns() {
+            o.sample(
+                "georep_last_synced_timestamp_seconds",
+                &[("session", &s.session)],
+                secs(t),
+            );
+        }
+    }
+    o.family("georep_lag_seconds", "gauge", "Seconds since last_synced.");
+    for s in rows {
+        if let Some(l) = s.lag_seconds {
+            o.sample("georep_lag_seconds", &[("session", &s.session)], l as f64);
+        }
+    }
+    o.family(
+        "georep_pending",
+        "gauge",
+        "Changes seen by the watcher and not yet synced, by kind (entry, data, meta).",
+    );
+    for s in rows {
+        for (kind, v) in [("entry", s.entry), ("data", s.data), ("meta", s.meta)] {
+            o.sample(
+                "georep_pending",
+                &[("session", &s.session), ("kind", kind)],
+                v as f64,
+            );
+        }
+    }
+    for (name, help, get) in [
+        (
+            "georep_failures_total",
+            "Entries that failed to sync (counted per crawl).",
+            (|s: &Status| s.failures) as fn(&Status) -> u64,
+        ),
+        (
+            "georep_restarts_total",
+            "Worker restarts after a fault since the monitor started.",
+            |s: &Status| s.restarts,
+        ),
+        (
+            "georep_bytes_sent_total",
+            "File payload bytes sent to the slave.",
+            |s: &Status| s.bytes_sent,
+        ),
+        (
+            "georep_files_synced_total",
+            "Files shipped to the slave.",
+            |s: &Status| s.files_synced,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for s in rows {
+            o.sample(name, &[("session", &s.session)], get(s) as f64);
+        }
+    }
+    o.family(
+        "georep_checkpoint_time_seconds",
+        "gauge",
+        "The checkpoint's time (absent without a checkpoint).",
+    );
+    for s in rows {
+        if let Some(t) = s
+            .checkpoint_time
+            .as_deref()
+            .and_then(|t| crate::time::parse_rfc3339(t).ok())
+        {
+            o.sample(
+                "georep_checkpoint_time_seconds",
+                &[("session", &s.session)],
+                secs(t),
+            );
+        }
+    }
+    o.family(
+        "georep_checkpoint_completed",
+        "gauge",
+        "1 once everything changed before the checkpoint is on the slave.",
+    );
+    for s in rows {
+        if s.checkpoint_time.is_some() {
+            o.sample(
+                "georep_checkpoint_completed",
+                &[("session", &s.session)],
+                s.checkpoint_completed as u8 as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_checkpoint_completion_timestamp_seconds",
+        "gauge",
+        "When the checkpoint completed.",
+    );
+    for s in rows {
+        if let Some(t) = s
+            .checkpoint_completion_time
+            .as_deref()
+            .and_then(|t| crate::time::parse_rfc3339(t).ok())
+        {
+            o.sample(
+                "georep_checkpoint_completion_timestamp_seconds",
+                &[("session", &s.session)],
+                secs(t),
+            );
+        }
+    }
+    o.0
+}
