@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod catalog;
 pub mod crawl;
 pub mod delta;
 pub mod digest;

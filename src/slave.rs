@@ -295,4 +295,42 @@ impl Slave {
     pub async fn barrier(&self) -> Result<(), ProtoError> {
         self.req(Request::Barrier, done).await?.wait().await
     }
+
+    /// Renames `from` to `to` (which must not exist) durably.
+    pub async fn rename(&self, from: RelPath, to: RelPath) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::Rename { from, to }, done).await
+    }
+
+    /// Reads a small file whole.
+    pub async fn read_file(&self, path: RelPath, max: u64) -> Result<Pending<Vec<u8>>, ProtoError> {
+        self.req(Request::ReadFile { path, max }, |r| match r.as_slice() {
+            [Reply::Data(d)] => Ok(d.to_vec()),
+            other => Err(unexpected(other)),
+        })
+        .await
+    }
+
+    /// Appends verified data in place at `at` (see `Request::AppendTail`).
+    pub async fn append_tail(
+        &self,
+        path: RelPath,
+        at: u64,
+        data: Vec<u8>,
+        sync: bool,
+        check: Option<(u64, Hash32)>,
+    ) -> Result<Pending<u64>, ProtoError> {
+        let digest = *blake3::hash(&data).as_bytes();
+        self.req(
+            Request::AppendTail {
+                path,
+                at,
+                data: ByteBuf::from(data),
+                digest,
+                sync,
+                check,
+            },
+            committed,
+        )
+        .await
+    }
 }

@@ -17,7 +17,7 @@ pub use msg::*;
 use std::io::{self, Read, Write};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
 pub const BANNER: &[u8; 8] = b"GEOREP1\n";

@@ -132,6 +132,30 @@ pub enum Request {
     },
     /// Makes everything done so far durable (syncfs).
     Barrier,
+    /// Renames `from` to `to` (which must not exist) in one step and makes
+    /// both directories durable: how a staged generation is published.
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
+    /// Reads a whole regular file of at most `max` bytes (a catalog record).
+    ReadFile {
+        path: RelPath,
+        max: u64,
+    },
+    /// Appends `data` in place at offset `at` of an existing file, first
+    /// cutting off anything beyond `at` (an unpublished tail); refused if
+    /// the file is shorter than `at`. `digest` is BLAKE3 of `data`. With
+    /// `sync`, the file is made durable; with `check = (from, hash)`, the
+    /// agent then reads back `[from, at + len)` and compares its BLAKE3.
+    AppendTail {
+        path: RelPath,
+        at: u64,
+        data: ByteBuf,
+        digest: Hash32,
+        sync: bool,
+        check: Option<(u64, Hash32)>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,6 +179,7 @@ pub enum Reply {
     Committed {
         written: u64,
     },
+    Data(ByteBuf),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
