@@ -2,7 +2,8 @@
 
 use crate::error::UserError;
 use crate::session::{
-    check_name, sessions_dir, Config, MarkerPolicy, Session, SlaveSpec, SyncMode, CONFIG_KEYS,
+    check_name, sessions_dir, Config, Layout, MarkerPolicy, Session, SlaveSpec, SyncMode,
+    CONFIG_KEYS,
 };
 use crate::user_err;
 use crate::xtime;
@@ -16,6 +17,20 @@ pub struct CreateOptions {
     pub marker: MarkerPolicy,
     pub ssh_port: Option<u16>,
     pub identity: Option<PathBuf>,
+    /// None: a snapshot store if the master has a `store.json`, else a tree.
+    pub layout: Option<Layout>,
+}
+
+/// Resolves the layout of `master` (see [`CreateOptions::layout`]).
+fn resolve_layout(master: &Path, want: Option<Layout>) -> Result<Layout, UserError> {
+    let is_store = master.join(crate::catalog::record::STORE_FILE).exists();
+    match want {
+        None if is_store => Ok(Layout::Store),
+        None | Some(Layout::Tree) => Ok(Layout::Tree),
+        Some(Layout::Store) => crate::catalog::store::check_store(master)
+            .map(|_| Layout::Store)
+            .map_err(|e| user_err!("{e}")),
+    }
 }
 
 fn check_master(master: &Path) -> Result<PathBuf, UserError> {
@@ -94,6 +109,7 @@ pub fn create(
         return Err(user_err!("session {name:?} already exists ({}): choose another name or `georep delete {name}` first", dir.display()));
     }
     let master = check_master(master)?;
+    let layout = resolve_layout(&master, opts.layout)?;
     let slave = match SlaveSpec::parse(slave)? {
         SlaveSpec::Local(p) => check_local_slave(&p, &master)?.display().to_string(),
         SlaveSpec::Ssh { .. } => {
@@ -126,6 +142,7 @@ pub fn create(
         keepalive_secs: 30,
         ssh_port: opts.ssh_port,
         identity: opts.identity.clone(),
+        layout,
     };
     std::fs::create_dir_all(&dir).map_err(|e| {
         user_err!(
@@ -254,6 +271,13 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                 .transpose()?
         }
         "identity" => c.identity = value.map(PathBuf::from),
+        "layout" => {
+            c.layout = match value {
+                None | Some("tree") => Layout::Tree,
+                Some("store") => resolve_layout(&c.master, Some(Layout::Store))?,
+                Some(_) => return Err(bad("tree or store")),
+            }
+        }
         _ => return Err(unknown_key(key)),
     }
     session

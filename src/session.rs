@@ -38,6 +38,16 @@ pub enum SyncMode {
     Interval,
 }
 
+/// What the master is: any tree (mirrored entry by entry), or a snapshot
+/// store replicated point by point in catalog mode (see `catalog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    #[default]
+    Tree,
+    Store,
+}
+
 /// What the worker may assume about xtimes between two crawls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -115,6 +125,9 @@ pub struct Config {
     pub ssh_port: Option<u16>,
     #[serde(default)]
     pub identity: Option<PathBuf>,
+    /// `store`: replicate the master as a snapshot store (catalog mode).
+    #[serde(default)]
+    pub layout: Layout,
 }
 
 fn default_interval() -> u64 {
@@ -136,6 +149,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ),
     ("ssh_port", "SSH port of the slave"),
     ("identity", "SSH private key file"),
+    (
+        "layout",
+        "tree | store (the master is a snapshot store: catalog mode)",
+    ),
 ];
 
 /// Replication state kept between runs.

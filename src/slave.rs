@@ -301,12 +301,38 @@ impl Slave {
         self.req(Request::Rename { from, to }, done).await
     }
 
-    /// Reads a small file whole.
-    pub async fn read_file(&self, path: RelPath, max: u64) -> Result<Pending<Vec<u8>>, ProtoError> {
-        self.req(Request::ReadFile { path, max }, |r| match r.as_slice() {
-            [Reply::Data(d)] => Ok(d.to_vec()),
-            other => Err(unexpected(other)),
+    /// Reads at most `max` bytes of a file from `offset`.
+    pub async fn read_file(
+        &self,
+        path: RelPath,
+        offset: u64,
+        max: u64,
+    ) -> Result<Pending<Vec<u8>>, ProtoError> {
+        self.req(Request::ReadFile { path, offset, max }, |r| {
+            match r.as_slice() {
+                [Reply::Data(d)] => Ok(d.to_vec()),
+                other => Err(unexpected(other)),
+            }
         })
+        .await
+    }
+
+    /// The disk ranges a journal's points after `after` write.
+    pub async fn journal_extents(
+        &self,
+        path: RelPath,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<(u64, u64)>, ProtoError> {
+        self.req(
+            Request::JournalExtents { path, after, limit },
+            |r| match r.as_slice() {
+                [Reply::Extents(e)] => Ok(e.clone()),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await?
+        .wait()
         .await
     }
 

@@ -128,7 +128,9 @@ pub async fn ship(
     basis: bool,
 ) -> Result<Shipped, FileError> {
     let basis = if basis { Basis::Dest } else { Basis::None };
-    Ok(ship_from(e, &e.master.path(rel), rel, size_hint, basis).await?.0)
+    Ok(ship_from(e, &e.master.path(rel), rel, size_hint, basis)
+        .await?
+        .0)
 }
 
 /// Ships local file `src` (a master file or a file made from one) to
@@ -288,7 +290,10 @@ async fn large(
         0
     };
     let shortcut = basis == Basis::Dest;
-    let result = send_windows(e, rel, fid, &path, &file, &extents, size, basis_size, shortcut).await;
+    let result = send_windows(
+        e, rel, fid, &path, &file, &extents, size, basis_size, shortcut,
+    )
+    .await;
     let (digest, unchanged) = match result {
         Ok(r) => r,
         Err(err) => {

@@ -89,6 +89,9 @@ pub struct Summary {
     pub failures: u64,
     pub errors: Vec<Failure>,
     pub duration_ms: u64,
+    /// Catalog mode (layout = store): generations, points, locks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<crate::catalog::replicate::CatalogSummary>,
 }
 
 /// Options of one sync.
@@ -197,6 +200,22 @@ pub async fn sync_once(
     let mut state = session.state();
     let conn = connect(session).await?;
     let slave = Slave::new(conn.client.clone());
+    if session.config.layout == crate::session::Layout::Store {
+        // Catalog mode: points and generations instead of the tree crawl.
+        let summary =
+            crate::catalog::replicate::sync_store(session, &slave, &master_id, shutdown).await;
+        drop(slave);
+        conn.close(Duration::from_secs(30)).await;
+        let summary = Summary {
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..summary?
+        };
+        let _ = georep_monitor::write_atomic(
+            &session.dir.join("last-sync.json"),
+            &serde_json::to_vec_pretty(&summary).unwrap_or_default(),
+        );
+        return Ok(summary);
+    }
     let slave_err = |source| WorkerError::Slave {
         slave: session.config.slave.clone(),
         source,
@@ -303,6 +322,7 @@ pub async fn sync_once(
         failures: outcome.failure_count,
         errors: outcome.failures,
         duration_ms: 0,
+        catalog: None,
     };
     drop(engine);
     drop(slave);

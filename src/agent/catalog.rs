@@ -58,21 +58,37 @@ fn open_regular(root: &Root, path: &RelPath, write: bool) -> WResult<File> {
     Ok(File::from(fd))
 }
 
-/// Reads a whole small regular file.
-pub fn read_file(root: &Root, path: &RelPath, max: u64) -> WResult<Vec<u8>> {
+/// Reads at most `max` bytes of a regular file from `offset`.
+pub fn read_file(root: &Root, path: &RelPath, offset: u64, max: u64) -> WResult<Vec<u8>> {
     let max = max.min(MAX_FRAME as u64 / 2);
-    let f = open_regular(root, path, false)?;
+    let mut f = open_regular(root, path, false)?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
+        .map_err(|e| io_err(e, "seek", path))?;
     let mut out = Vec::new();
-    f.take(max + 1)
+    f.take(max)
         .read_to_end(&mut out)
         .map_err(|e| io_err(e, "read", path))?;
-    if out.len() as u64 > max {
-        return Err(WireError::new(
-            ErrorKind::Invalid,
-            format!("{path}: larger than {max} bytes"),
-        ));
-    }
     Ok(out)
+}
+
+/// The merged disk ranges the journal's points after `after` write.
+pub fn journal_extents(
+    root: &Root,
+    path: &RelPath,
+    after: u64,
+    limit: u64,
+) -> WResult<Vec<(u64, u64)>> {
+    use crate::catalog::cdp;
+    let f = open_regular(root, path, false)?;
+    let bad = |e: cdp::JournalError| WireError::new(ErrorKind::Invalid, format!("{path}: {e}"));
+    let mut s = cdp::Scanner::new(&f, limit, false).map_err(bad)?;
+    let mut ext: Vec<(u64, u64)> = Vec::new();
+    while let Some(p) = s.next_point().map_err(bad)? {
+        if p.span.time > after {
+            ext.extend(p.writes.iter().map(|(o, d)| (*o, d.len() as u64)));
+        }
+    }
+    Ok(crate::catalog::merge_extents(ext))
 }
 
 /// Appends `data` at `at` of an existing file (see `Request::AppendTail`);
@@ -88,7 +104,9 @@ pub fn append_tail(
 ) -> WResult<u64> {
     let mismatch = |m: String| WireError::new(ErrorKind::Mismatch, m);
     if blake3::hash(data).as_bytes() != digest {
-        return Err(mismatch(format!("{path}: appended data damaged in transit")));
+        return Err(mismatch(format!(
+            "{path}: appended data damaged in transit"
+        )));
     }
     let f = open_regular(root, path, true)?;
     let len = f.metadata().map_err(|e| io_err(e, "stat", path))?.len();
@@ -108,7 +126,10 @@ pub fn append_tail(
     }
     if let Some((from, want)) = check {
         if from > end {
-            return Err(WireError::new(ErrorKind::Invalid, format!("{path}: check range starts beyond the end")));
+            return Err(WireError::new(
+                ErrorKind::Invalid,
+                format!("{path}: check range starts beyond the end"),
+            ));
         }
         let mut h = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];

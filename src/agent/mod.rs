@@ -428,9 +428,13 @@ impl Agent<'_> {
                 self.flush_if(|p| p.as_bytes().starts_with(from.as_bytes()));
                 catalog::rename_noreplace(&self.root, &from, &to).map(|_| Reply::Done)
             }
-            Request::ReadFile { path, max } => {
+            Request::ReadFile { path, offset, max } => {
                 self.flush_if(|p| p == &path);
-                catalog::read_file(&self.root, &path, max).map(|d| Reply::Data(d.into()))
+                catalog::read_file(&self.root, &path, offset, max).map(|d| Reply::Data(d.into()))
+            }
+            Request::JournalExtents { path, after, limit } => {
+                self.flush_if(|p| p == &path);
+                catalog::journal_extents(&self.root, &path, after, limit).map(Reply::Extents)
             }
             Request::AppendTail {
                 path,

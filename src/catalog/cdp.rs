@@ -229,7 +229,10 @@ impl<'a> Scanner<'a> {
         self.pos
     }
 
-    fn read_record(&mut self, want_data: bool) -> Result<Option<(Record, Option<Vec<u8>>)>, JournalError> {
+    fn read_record(
+        &mut self,
+        want_data: bool,
+    ) -> Result<Option<(Record, Option<Vec<u8>>)>, JournalError> {
         let at = self.pos;
         if at + RECORD_HEADER_LEN > self.limit {
             return Ok(None);
@@ -249,7 +252,10 @@ impl<'a> Scanner<'a> {
         if rec.length > MAX_RECORD
             || rec.offset % bs != 0
             || rec.length as u64 % bs != 0
-            || rec.offset.checked_add(rec.length as u64).is_none_or(|e| e > self.header.disk_size)
+            || rec
+                .offset
+                .checked_add(rec.length as u64)
+                .is_none_or(|e| e > self.header.disk_size)
             || rec.flags & !CONTINUED != 0
         {
             return Err(corrupt(format!(
@@ -263,7 +269,8 @@ impl<'a> Scanner<'a> {
         }
         let data = if self.verify || want_data {
             self.buf.resize(rec.length as usize, 0);
-            self.file.read_exact_at(&mut self.buf, at + RECORD_HEADER_LEN)?;
+            self.file
+                .read_exact_at(&mut self.buf, at + RECORD_HEADER_LEN)?;
             if self.verify && record_checksum(&head, &self.buf)[..] != head[24..56] {
                 return Err(corrupt("checksum mismatch".into()));
             }
@@ -338,7 +345,11 @@ impl<'a> Scanner<'a> {
 }
 
 /// Every point of `[0, limit)` of a journal.
-pub fn spans(file: &File, limit: u64, verify: bool) -> Result<(Header, Vec<PointSpan>), JournalError> {
+pub fn spans(
+    file: &File,
+    limit: u64,
+    verify: bool,
+) -> Result<(Header, Vec<PointSpan>), JournalError> {
     let mut s = Scanner::new(file, limit, verify)?;
     let mut out = Vec::new();
     while let Some(p) = s.next_span()? {
@@ -424,7 +435,10 @@ mod tests {
         assert_eq!(found.last().unwrap().end, whole);
         let raw_p = dir.path().join("raw");
         std::fs::write(&raw_p, vec![0u8; 1 << 20]).unwrap();
-        let raw = std::fs::OpenOptions::new().write(true).open(&raw_p).unwrap();
+        let raw = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw_p)
+            .unwrap();
         assert_eq!(apply(&f, whole, 102, &raw).unwrap(), (2, Some(102)));
         let img = std::fs::read(&raw_p).unwrap();
         assert_eq!(&img[0..4096], &a[..]);

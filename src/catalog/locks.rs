@@ -110,7 +110,8 @@ pub fn acquire(
     files: Vec<String>,
     purpose: &str,
 ) -> Result<PointLock, CatalogError> {
-    let holder = PidRecord::current().map_err(|e| CatalogError::io("read", Path::new("/proc/self/stat"), e))?;
+    let holder = PidRecord::current()
+        .map_err(|e| CatalogError::io("read", Path::new("/proc/self/stat"), e))?;
     let rec = LockRecord {
         session: session.to_string(),
         host: host.to_string(),
@@ -174,7 +175,10 @@ pub fn clear_stale(store: &Path, session: Option<&str>) -> Result<usize, Catalog
     let _m = mutex(store)?;
     let mut n = 0;
     for l in list(store)? {
-        if !l.live && session.is_none_or(|s| s == l.record.session) && std::fs::remove_file(&l.path).is_ok() {
+        if !l.live
+            && session.is_none_or(|s| s == l.record.session)
+            && std::fs::remove_file(&l.path).is_ok()
+        {
             n += 1;
         }
     }
@@ -211,13 +215,16 @@ mod tests {
         assert!(l[0].live);
         let blocked = unless_locked(d.path(), &files, || ()).unwrap();
         assert!(blocked.is_err());
-        assert!(unless_locked(d.path(), &["other".to_string()], || ()).unwrap().is_ok());
+        assert!(unless_locked(d.path(), &["other".to_string()], || ())
+            .unwrap()
+            .is_ok());
         drop(lock);
         assert!(list(d.path()).unwrap().is_empty());
         assert!(unless_locked(d.path(), &files, || ()).unwrap().is_ok());
         // A lock left by a dead process (another start time) is stale.
         let lock = acquire(d.path(), "s", "h", "d", 5, files.clone(), "qcow").unwrap();
-        let mut rec: LockRecord = serde_json::from_slice(&std::fs::read(lock.path()).unwrap()).unwrap();
+        let mut rec: LockRecord =
+            serde_json::from_slice(&std::fs::read(lock.path()).unwrap()).unwrap();
         rec.holder.start_ticks += 1;
         std::fs::write(lock.path(), serde_json::to_vec(&rec).unwrap()).unwrap();
         assert!(!list(d.path()).unwrap()[0].live);

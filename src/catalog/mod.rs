@@ -16,6 +16,7 @@
 //! - [`sample`]: a generator of realistic sample stores (an appliance model)
 
 pub mod cdp;
+pub mod cli;
 pub mod locks;
 pub mod plan;
 pub mod points;
@@ -81,5 +82,30 @@ impl CatalogError {
             self,
             CatalogError::NotAStore(_) | CatalogError::NotFound(_) | CatalogError::Usage(_)
         )
+    }
+}
+
+/// Sorts ranges `(offset, length)` and merges overlapping or adjacent ones.
+pub fn merge_extents(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|e| e.1 > 0);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (o, l) in v {
+        match out.last_mut() {
+            Some(last) if o <= last.0 + last.1 => last.1 = last.1.max(o + l - last.0),
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn extents_merge() {
+        assert_eq!(
+            super::merge_extents(vec![(10, 5), (0, 4), (4, 2), (12, 10), (30, 0), (40, 1)]),
+            vec![(0, 6), (10, 12), (40, 1)]
+        );
     }
 }

@@ -66,7 +66,11 @@ pub struct GenPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppendSource {
     /// Points of a master journal after `after`, up to its published length.
-    Journal { file: String, length: u64, after: u64 },
+    Journal {
+        file: String,
+        length: u64,
+        after: u64,
+    },
     /// A point the master now holds as an image (made by reclamation):
     /// sent as one point of the blocks that can differ. `chain`: the master
     /// images from the point down to (excluding) `since`, the newest image
@@ -99,7 +103,9 @@ pub enum Step {
     Generation(GenPlan),
     Append(AppendPlan),
     /// Removes a slave generation whose master host snapshot is gone.
-    Delete { snapshot: String },
+    Delete {
+        snapshot: String,
+    },
 }
 
 /// The slave's images as they will be after earlier steps of the plan.
@@ -153,7 +159,10 @@ fn image(m: &Host, slave: &SlaveImages, d: &Disk, p: u64) -> (ImageSource, Optio
             None => true,
             Some(b) => slave.named(disk, b),
         };
-        if copyable && record::base_name(&q.file) == record::base_name(&record::qcow_file(&d.record.host, disk, p)) {
+        if copyable
+            && record::base_name(&q.file)
+                == record::base_name(&record::qcow_file(&d.record.host, disk, p))
+        {
             return (
                 ImageSource::Copy {
                     file: q.file.clone(),
@@ -175,7 +184,9 @@ fn image(m: &Host, slave: &SlaveImages, d: &Disk, p: u64) -> (ImageSource, Optio
 fn newest(m: &Host, s: Option<&Host>, slave: &SlaveImages, journals: bool) -> Option<GenPlan> {
     let snap = m.newest()?;
     let t = snap.disks.values().map(|d| d.newest_point()).min()?;
-    if s.and_then(|s| s.newest()).is_some_and(|g| g.record.time >= t) {
+    if s.and_then(|s| s.newest())
+        .is_some_and(|g| g.record.time >= t)
+    {
         return None;
     }
     let disks = snap
@@ -267,13 +278,21 @@ pub fn slave_storage_names(disk: &str) -> (String, String) {
 /// Appends of the points of generation `g`'s master source after the slave's
 /// last point of each disk. A generation still being planned is given as
 /// `planned` (its journals start empty at its disks' points).
-fn appends_after(m: &Host, host: &str, snapshot: &str, source: &str, journals: &[(String, CdpStorage, u64)]) -> Vec<Step> {
+fn appends_after(
+    m: &Host,
+    host: &str,
+    snapshot: &str,
+    source: &str,
+    journals: &[(String, CdpStorage, u64)],
+) -> Vec<Step> {
     let Some(src) = m.snapshots.values().find(|s| s.dir == source) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for (disk, j, size) in journals {
-        let Some(md) = src.disks.get(disk) else { continue };
+        let Some(md) = src.disks.get(disk) else {
+            continue;
+        };
         let sources = append_sources(md, j.end, j.base);
         if !sources.is_empty() {
             out.push(Step::Append(AppendPlan {
@@ -293,7 +312,10 @@ fn appends_after(m: &Host, host: &str, snapshot: &str, source: &str, journals: &
 fn journals_of(g: &Snapshot) -> Vec<(String, CdpStorage, u64)> {
     g.disks
         .iter()
-        .filter_map(|(n, d)| d.cdp().map(|c| (n.clone(), c.clone(), d.record.virtual_size)))
+        .filter_map(|(n, d)| {
+            d.cdp()
+                .map(|c| (n.clone(), c.clone(), d.record.virtual_size))
+        })
         .collect()
 }
 
@@ -307,9 +329,11 @@ fn planned_journals(host: &str, g: &GenPlan) -> Vec<(String, CdpStorage, u64)> {
 
 fn push_gen(steps: &mut Vec<Step>, slave: &mut SlaveImages, m: &Host, g: GenPlan) {
     for d in &g.disks {
-        slave
-            .images
-            .push((d.disk.clone(), d.point, record::qcow_file(&m.name, &d.disk, d.point)));
+        slave.images.push((
+            d.disk.clone(),
+            d.point,
+            record::qcow_file(&m.name, &d.disk, d.point),
+        ));
     }
     let journals = planned_journals(&m.name, &g);
     let (snapshot, source) = (super::time::name(g.time), g.source.clone());
@@ -338,7 +362,11 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
         }
         (SyncMode::Continuous, Some(g)) => {
             let src = m.snapshots.values().find(|x| x.dir == source_of(g));
-            let later: Vec<&Snapshot> = m.snapshots.range(g.record.time + 1..).map(|(_, v)| v).collect();
+            let later: Vec<&Snapshot> = m
+                .snapshots
+                .range(g.record.time + 1..)
+                .map(|(_, v)| v)
+                .collect();
             // A disk whose master points go on as cdp but whose replica has no
             // journal (made in interval mode): start over as on a first sync.
             let restart = later.is_empty()
@@ -357,7 +385,13 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
                     push_gen(&mut steps, &mut slave, m, gp);
                 }
             } else {
-                steps.extend(appends_after(m, name, &g.dir, source_of(g), &journals_of(g)));
+                steps.extend(appends_after(
+                    m,
+                    name,
+                    &g.dir,
+                    source_of(g),
+                    &journals_of(g),
+                ));
                 for ms in later {
                     let disks = ms
                         .disks
@@ -388,7 +422,8 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
     // Deletions last: the slave never has fewer points than it needs meanwhile.
     for g in s.into_iter().flat_map(|h| h.snapshots.values()) {
         let src = source_of(g);
-        let gone = !m.snapshots.values().any(|x| x.dir == src) && !m.unreadable.iter().any(|u| u == src);
+        let gone =
+            !m.snapshots.values().any(|x| x.dir == src) && !m.unreadable.iter().any(|u| u == src);
         if gone {
             steps.push(Step::Delete {
                 snapshot: g.dir.clone(),

@@ -39,7 +39,13 @@ pub struct Filter {
     pub disk: Option<String>,
 }
 
-fn disk_points(root: &Path, host: &str, snap: &str, d: &Disk, out: &mut Vec<Point>) -> Result<(), CatalogError> {
+fn disk_points(
+    root: &Path,
+    host: &str,
+    snap: &str,
+    d: &Disk,
+    out: &mut Vec<Point>,
+) -> Result<(), CatalogError> {
     let mk = |t: u64, kind, file: &str| Point {
         host: host.to_string(),
         disk: d.record.disk.clone(),
@@ -67,7 +73,7 @@ fn disk_points(root: &Path, host: &str, snap: &str, d: &Disk, out: &mut Vec<Poin
 }
 
 /// Every point of the store matching `filter`, sorted by host, disk and
-/// time. A point held by two host snapshots is listed once.
+/// time. (A point is never held twice: replication ships each once.)
 pub fn list(root: &Path, cat: &Catalog, filter: &Filter) -> Result<Vec<Point>, CatalogError> {
     let mut out = Vec::new();
     for (name, h) in &cat.hosts {
@@ -84,7 +90,6 @@ pub fn list(root: &Path, cat: &Catalog, filter: &Filter) -> Result<Vec<Point>, C
         }
     }
     out.sort_by(|a, b| (&a.host, &a.disk, a.time, a.kind).cmp(&(&b.host, &b.disk, b.time, b.kind)));
-    out.dedup_by(|b, a| a.host == b.host && a.disk == b.disk && a.time == b.time);
     Ok(out)
 }
 
@@ -103,7 +108,11 @@ pub struct HostRpo {
 /// newest points of the disks of its newest host snapshot.
 pub fn newest_complete(h: &Host) -> Option<u64> {
     let s = h.newest()?;
-    s.disks.values().map(|d| d.newest_point()).min().or(Some(s.record.time))
+    s.disks
+        .values()
+        .map(|d| d.newest_point())
+        .min()
+        .or(Some(s.record.time))
 }
 
 /// [`newest_complete`] for every host, with its age now (RPO by data time).
@@ -216,9 +225,20 @@ impl Source {
 
 /// Makes the content of point (host, disk, t) readable: the qcow image
 /// itself, or a raw image restored from a journal into `tmp_dir`.
-pub fn source(root: &Path, h: &Host, disk: &str, t: u64, tmp_dir: &Path) -> Result<Source, CatalogError> {
+pub fn source(
+    root: &Path,
+    h: &Host,
+    disk: &str,
+    t: u64,
+    tmp_dir: &Path,
+) -> Result<Source, CatalogError> {
     let (_, d) = h.disk_covering(disk, t).ok_or_else(|| {
-        CatalogError::NotFound(format!("no point {}/{disk}@{} in {}", h.name, time::name(t), root.display()))
+        CatalogError::NotFound(format!(
+            "no point {}/{disk}@{} in {}",
+            h.name,
+            time::name(t),
+            root.display()
+        ))
     })?;
     if let Some(q) = d.qcow_at(t) {
         return Ok(Source::Image(root.join(&q.file)));
@@ -250,7 +270,12 @@ pub fn source(root: &Path, h: &Host, disk: &str, t: u64, tmp_dir: &Path) -> Resu
 
 /// Materialises a point as a standalone qcow2 image at `out` (written
 /// beside it first, then renamed, so `out` is never partial).
-pub fn restore(root: &Path, cat: &Catalog, r: &PointRef, out: &Path) -> Result<Point, CatalogError> {
+pub fn restore(
+    root: &Path,
+    cat: &Catalog,
+    r: &PointRef,
+    out: &Path,
+) -> Result<Point, CatalogError> {
     let p = resolve(root, cat, r)?;
     let h = &cat.hosts[&p.host];
     let dir = out
@@ -298,19 +323,32 @@ fn verify_storage(root: &Path, body: &StorageBody) -> Result<(), String> {
             let p = root.join(&q.file);
             let (size, digest) = file_digest(&p).map_err(|e| e.to_string())?;
             if size != q.size {
-                return Err(format!("{}: {size} bytes, the record says {}", q.file, q.size));
+                return Err(format!(
+                    "{}: {size} bytes, the record says {}",
+                    q.file, q.size
+                ));
             }
             if record::hex(&digest) != q.digest {
-                return Err(format!("{}: content does not match the record's digest", q.file));
+                return Err(format!(
+                    "{}: content does not match the record's digest",
+                    q.file
+                ));
             }
             let info = qcow::info(&p).map_err(|e| e.to_string())?;
             if info.backing != q.backing {
-                return Err(format!("{}: backing {:?}, the record says {:?}", q.file, info.backing, q.backing));
+                return Err(format!(
+                    "{}: backing {:?}, the record says {:?}",
+                    q.file, info.backing, q.backing
+                ));
             }
             if let Some(b) = &info.backing {
                 let bp = p.parent().unwrap_or(root).join(b);
                 if !bp.is_file() {
-                    return Err(format!("{}: backing file {} is missing", q.file, bp.display()));
+                    return Err(format!(
+                        "{}: backing file {} is missing",
+                        q.file,
+                        bp.display()
+                    ));
                 }
             }
             Ok(())
@@ -320,17 +358,35 @@ fn verify_storage(root: &Path, body: &StorageBody) -> Result<(), String> {
             let f = File::open(&p).map_err(|e| format!("{}: {e}", c.file))?;
             let len = f.metadata().map_err(|e| e.to_string())?.len();
             if len < c.length {
-                return Err(format!("{}: {len} bytes, shorter than the recorded {}", c.file, c.length));
+                return Err(format!(
+                    "{}: {len} bytes, shorter than the recorded {}",
+                    c.file, c.length
+                ));
             }
-            let (hdr, spans) = cdp::spans(&f, c.length, true).map_err(|e| format!("{}: {e}", c.file))?;
+            let (hdr, spans) =
+                cdp::spans(&f, c.length, true).map_err(|e| format!("{}: {e}", c.file))?;
             let end = spans.last().map(|s| s.end).unwrap_or(cdp::HEADER_LEN);
             if end != c.length {
-                return Err(format!("{}: whole points end at {end}, the record says {}", c.file, c.length));
+                return Err(format!(
+                    "{}: whole points end at {end}, the record says {}",
+                    c.file, c.length
+                ));
             }
-            if spans.len() as u64 != c.points || spans.last().map(|s| s.time).unwrap_or(c.start) != c.end {
-                return Err(format!("{}: {} points, the record says {} ending at {}", c.file, spans.len(), c.points, c.end));
+            if spans.len() as u64 != c.points
+                || spans.last().map(|s| s.time).unwrap_or(c.start) != c.end
+            {
+                return Err(format!(
+                    "{}: {} points, the record says {} ending at {}",
+                    c.file,
+                    spans.len(),
+                    c.points,
+                    c.end
+                ));
             }
-            if hdr.start != c.start || hdr.base_time != c.base || hdr.base_name != record::base_name(&c.base_file) {
+            if hdr.start != c.start
+                || hdr.base_time != c.base
+                || hdr.base_name != record::base_name(&c.base_file)
+            {
                 return Err(format!("{}: header does not match the record", c.file));
             }
             Ok(())
@@ -342,7 +398,10 @@ fn verify_storage(root: &Path, body: &StorageBody) -> Result<(), String> {
 pub fn file_digest(p: &Path) -> Result<(u64, [u8; 32]), CatalogError> {
     use std::os::unix::fs::FileExt;
     let f = File::open(p).map_err(|e| CatalogError::io("open", p, e))?;
-    let size = f.metadata().map_err(|e| CatalogError::io("stat", p, e))?.len();
+    let size = f
+        .metadata()
+        .map_err(|e| CatalogError::io("stat", p, e))?
+        .len();
     let mut d = crate::digest::Digester::new();
     let mut buf = vec![0u8; crate::digest::WINDOW as usize];
     let mut off = 0;

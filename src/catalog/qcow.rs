@@ -111,7 +111,9 @@ pub fn convert(src: &Path, src_fmt: &str, dst: &Path, dst_fmt: &str) -> Result<(
 /// holding only the clusters that differ from `base` (whose file is then
 /// its backing), or a standalone image when there is no base. The backing
 /// reference written is `backing_name` (relative to `out`'s final
-/// directory), so the image is valid where it will be published.
+/// directory, a qcow2 image there), so the image is valid where it will be
+/// published; without a name the base stays the backing. The image passes
+/// `qemu-img check` before its backing reference is renamed.
 pub fn materialise(
     content: &Path,
     content_fmt: &str,
@@ -120,21 +122,34 @@ pub fn materialise(
     out: &Path,
 ) -> Result<(), CatalogError> {
     let Some((base, base_fmt)) = base else {
-        return convert(content, content_fmt, out, "qcow2");
+        convert(content, content_fmt, out, "qcow2")?;
+        return check(out);
     };
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let content = abs(content);
     let base = abs(base);
     qemu_img(&[
-        &"create", &"-q", &"-f", &"qcow2", &"-b", &content, &"-F", &content_fmt, &out,
+        &"create",
+        &"-q",
+        &"-f",
+        &"qcow2",
+        &"-b",
+        &content,
+        &"-F",
+        &content_fmt,
+        &out,
     ])?;
     // Safe rebase: writes into `out` exactly the clusters where the old
     // backing (the content) and the new one (the base) differ.
     qemu_img(&[
         &"rebase", &"-q", &"-f", &"qcow2", &"-b", &base, &"-F", &base_fmt, &out,
     ])?;
-    let name = backing_name.map(str::to_string).unwrap_or_else(|| base.display().to_string());
-    set_backing(out, &name, base_fmt)
+    check(out)?;
+    match backing_name {
+        // Where it is published, the backing is a qcow2 image whatever the base was here.
+        Some(name) => set_backing(out, name, "qcow2"),
+        None => Ok(()),
+    }
 }
 
 /// Rewrites the backing reference in the header only (no data changes).

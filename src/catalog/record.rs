@@ -292,7 +292,9 @@ mod tests {
     fn names_and_paths() {
         assert!(valid_name("web-01.example"));
         assert!(!valid_name(".hidden") && !valid_name("a/b") && !valid_name(""));
-        assert!(valid_rel("hosts/a/b") && !valid_rel("../x") && !valid_rel("/x") && !valid_rel("a//b"));
+        assert!(
+            valid_rel("hosts/a/b") && !valid_rel("../x") && !valid_rel("/x") && !valid_rel("a//b")
+        );
         let t = 1_735_689_600_000_000_000;
         assert_eq!(time_of_file(base_name(&qcow_file("h", "d", t))), Some(t));
         assert_eq!(time_of_file(base_name(&cdp_file("h", "d", t))), Some(t));

@@ -187,7 +187,14 @@ impl Appliance {
     }
 
     /// Creates a host with `disks` disks of `size` bytes and its first snapshot.
-    pub fn add_host(&mut self, host: &str, disks: usize, size: u64, cdp: bool, at: u64) -> Result<u64, CatalogError> {
+    pub fn add_host(
+        &mut self,
+        host: &str,
+        disks: usize,
+        size: u64,
+        cdp: bool,
+        at: u64,
+    ) -> Result<u64, CatalogError> {
         let rec = HostRecord {
             record: kind::HOST.into(),
             host: host.into(),
@@ -206,9 +213,17 @@ impl Appliance {
         self.snapshot_at(host, None, now)
     }
 
-    fn snapshot_at(&mut self, host: &str, new: Option<(u64, bool)>, at: u64) -> Result<u64, CatalogError> {
+    fn snapshot_at(
+        &mut self,
+        host: &str,
+        new: Option<(u64, bool)>,
+        at: u64,
+    ) -> Result<u64, CatalogError> {
         let h = self.host(host)?;
-        let hrec = h.record.clone().ok_or_else(|| CatalogError::NotFound(format!("no host {host}")))?;
+        let hrec = h
+            .record
+            .clone()
+            .ok_or_else(|| CatalogError::NotFound(format!("no host {host}")))?;
         let prev = h.newest();
         let is_cdp = match new {
             Some((_, c)) => c,
@@ -217,16 +232,23 @@ impl Appliance {
         let t = self.next_time(at);
         let snap = time::name(t);
         let scratch = self.scratch()?;
-        let stage = self.root.join(record::snapshots_dir(host)).join(format!(".new-{snap}"));
+        let stage = self
+            .root
+            .join(record::snapshots_dir(host))
+            .join(format!(".new-{snap}"));
         std::fs::create_dir_all(&stage).map_err(io("create", &stage))?;
         let mut refs = Vec::new();
         for (i, disk) in hrec.disks.iter().enumerate() {
             let pd = prev.and_then(|s| s.disks.get(disk));
-            let size = pd.map(|d| d.record.virtual_size).or(new.map(|n| n.0)).unwrap_or(16 << 20);
+            let size = pd
+                .map(|d| d.record.virtual_size)
+                .or(new.map(|n| n.0))
+                .unwrap_or(16 << 20);
             let raw = scratch.path().join(format!("{disk}.raw"));
             match pd {
                 Some(d) => {
-                    let src = points::source(&self.root, &h, disk, d.newest_point(), scratch.path())?;
+                    let src =
+                        points::source(&self.root, &h, disk, d.newest_point(), scratch.path())?;
                     qcow::convert(src.path(), src.format(), &raw, "raw")?;
                 }
                 None => {
@@ -237,7 +259,10 @@ impl Appliance {
                 }
             }
             if !is_cdp && pd.is_some() {
-                let f = OpenOptions::new().write(true).open(&raw).map_err(io("open", &raw))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&raw)
+                    .map_err(io("open", &raw))?;
                 let change = self.change;
                 self.write_random(&f, size, change)?;
             }
@@ -249,20 +274,34 @@ impl Appliance {
             let tmp = dir.join(format!(".new-{}", record::base_name(&file)));
             let parent = pd.and_then(|d| d.qcows().last().cloned());
             let (base, backing) = match (&parent, full) {
-                (Some(p), false) => (Some(self.root.join(&p.file)), Some(record::base_name(&p.file).to_string())),
+                (Some(p), false) => (
+                    Some(self.root.join(&p.file)),
+                    Some(record::base_name(&p.file).to_string()),
+                ),
                 _ => (None, None),
             };
-            qcow::materialise(&raw, "raw", base.as_deref().map(|b| (b, "qcow2")), backing.as_deref(), &tmp)?;
+            qcow::materialise(
+                &raw,
+                "raw",
+                base.as_deref().map(|b| (b, "qcow2")),
+                backing.as_deref(),
+                &tmp,
+            )?;
             std::fs::rename(&tmp, &img).map_err(io("rename", &img))?;
             let (fsize, digest) = points::file_digest(&img)?;
-            let mut storages = vec![storage(host, &snap, disk, StorageBody::Qcow(QcowStorage {
-                file: file.clone(),
-                time: t,
-                parent: parent.as_ref().map(|p| p.time),
-                backing,
-                size: fsize,
-                digest: record::hex(&digest),
-            }))];
+            let mut storages = vec![storage(
+                host,
+                &snap,
+                disk,
+                StorageBody::Qcow(QcowStorage {
+                    file: file.clone(),
+                    time: t,
+                    parent: parent.as_ref().map(|p| p.time),
+                    backing,
+                    size: fsize,
+                    digest: record::hex(&digest),
+                }),
+            )];
             if is_cdp {
                 let jfile = record::cdp_file(host, disk, t);
                 let hdr = cdp::Header {
@@ -275,15 +314,20 @@ impl Appliance {
                 let jp = self.root.join(&jfile);
                 let bytes = hdr.encode().map_err(|e| CatalogError::invalid(&jp, e))?;
                 write_file(&jp, &bytes)?;
-                storages.push(storage(host, &snap, disk, StorageBody::Cdp(CdpStorage {
-                    file: jfile,
-                    base: t,
-                    base_file: file.clone(),
-                    start: t,
-                    end: t,
-                    length: cdp::HEADER_LEN,
-                    points: 0,
-                })));
+                storages.push(storage(
+                    host,
+                    &snap,
+                    disk,
+                    StorageBody::Cdp(CdpStorage {
+                        file: jfile,
+                        base: t,
+                        base_file: file.clone(),
+                        start: t,
+                        end: t,
+                        length: cdp::HEADER_LEN,
+                        points: 0,
+                    }),
+                ));
             }
             let mut names = Vec::new();
             for (n, s) in storages.iter().enumerate() {
@@ -302,7 +346,10 @@ impl Appliance {
             };
             let dname = record::disk_record_name(disk);
             write_file(&stage.join(&dname), &record::to_json(&drec))?;
-            refs.push(DiskRef { disk: disk.clone(), record: dname });
+            refs.push(DiskRef {
+                disk: disk.clone(),
+                record: dname,
+            });
         }
         let srec = HostSnapshotRecord {
             record: kind::HOST_SNAPSHOT.into(),
@@ -330,7 +377,8 @@ impl Appliance {
             let at = self.rng.below(blocks - run + 1) * BLOCK;
             buf.resize((run * BLOCK) as usize, 0);
             self.rng.fill(&mut buf);
-            f.write_all_at(&buf, at).map_err(|e| CatalogError::Tool(format!("writing a raw image: {e}")))?;
+            f.write_all_at(&buf, at)
+                .map_err(|e| CatalogError::Tool(format!("writing a raw image: {e}")))?;
             todo -= run;
         }
         Ok(())
@@ -340,7 +388,12 @@ impl Appliance {
     /// snapshot, all disks sharing each point's time; then publishes the new
     /// lengths in the storage records. With `partial`, a torn record is left
     /// after the published length of one journal (an append in flight).
-    pub fn cdp_append(&mut self, host: &str, ticks: usize, partial: bool) -> Result<usize, CatalogError> {
+    pub fn cdp_append(
+        &mut self,
+        host: &str,
+        ticks: usize,
+        partial: bool,
+    ) -> Result<usize, CatalogError> {
         self.cdp_append_at(host, ticks, partial, time::now(), 1_000_000)
     }
 
@@ -357,15 +410,31 @@ impl Appliance {
         let Some(s) = h.newest() else { return Ok(0) };
         let mut journals = Vec::new();
         for d in s.disks.values() {
-            let Some(st) = d.storages.iter().find(|st| matches!(st.record.body, StorageBody::Cdp(_))) else {
+            let Some(st) = d
+                .storages
+                .iter()
+                .find(|st| matches!(st.record.body, StorageBody::Cdp(_)))
+            else {
                 continue;
             };
-            let StorageBody::Cdp(c) = &st.record.body else { unreachable!() };
+            let StorageBody::Cdp(c) = &st.record.body else {
+                unreachable!()
+            };
             let p = self.root.join(&c.file);
-            let f = OpenOptions::new().read(true).write(true).open(&p).map_err(io("open", &p))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(io("open", &p))?;
             // Whatever lies beyond the published length is a torn append: drop it.
             f.set_len(c.length).map_err(io("truncate", &p))?;
-            journals.push((st.clone(), c.clone(), f, d.record.virtual_size, Vec::<u8>::new()));
+            journals.push((
+                st.clone(),
+                c.clone(),
+                f,
+                d.record.virtual_size,
+                Vec::<u8>::new(),
+            ));
         }
         if journals.is_empty() {
             return Ok(0);
@@ -378,7 +447,8 @@ impl Appliance {
                 let nwrites = self.rng.below(4);
                 let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
                 for _ in 0..nwrites {
-                    let blocks = (1 + self.rng.below(self.max_write_blocks.max(1))).min(size / BLOCK);
+                    let blocks =
+                        (1 + self.rng.below(self.max_write_blocks.max(1))).min(size / BLOCK);
                     let at = self.rng.below(size / BLOCK - blocks + 1) * BLOCK;
                     buf.resize((blocks * BLOCK) as usize, 0);
                     self.rng.fill(&mut buf);
@@ -392,21 +462,33 @@ impl Appliance {
         }
         for (st, c, f, _, bytes) in journals.iter_mut() {
             let p = self.root.join(&c.file);
-            f.write_all_at(bytes, c.length).map_err(io("append to", &p))?;
+            f.write_all_at(bytes, c.length)
+                .map_err(io("append to", &p))?;
             f.sync_data().map_err(io("fsync", &p))?;
             c.length += bytes.len() as u64;
             let rec = storage(host, &s.dir, &st.record.disk, StorageBody::Cdp(c.clone()));
-            let rp = self.root.join(record::snapshots_dir(host)).join(&s.dir).join(&st.name);
+            let rp = self
+                .root
+                .join(record::snapshots_dir(host))
+                .join(&s.dir)
+                .join(&st.name);
             write_file(&rp, &record::to_json(&rec))?;
         }
         if partial {
             let (_, c, f, _, _) = &journals[0];
             let t = self.last_time + 1_000_000;
             let rec = cdp::encode_point(t, &[(0, &vec![7u8; BLOCK as usize][..])]);
-            let len = f.metadata().map_err(io("stat", &self.root.join(&c.file)))?.len();
-            f.write_all_at(&rec[..rec.len() / 2], len).map_err(io("append to", &self.root.join(&c.file)))?;
+            let len = f
+                .metadata()
+                .map_err(io("stat", &self.root.join(&c.file)))?
+                .len();
+            f.write_all_at(&rec[..rec.len() / 2], len)
+                .map_err(io("append to", &self.root.join(&c.file)))?;
         }
-        self.log.push(format!("{host}: {ticks} cdp points appended to {} journals", journals.len()));
+        self.log.push(format!(
+            "{host}: {ticks} cdp points appended to {} journals",
+            journals.len()
+        ));
         Ok(ticks)
     }
 
@@ -419,14 +501,23 @@ impl Appliance {
         let cands: Vec<_> = h
             .snapshots
             .values()
-            .filter(|s| s.disks.values().any(|d| d.cdp().is_some_and(|c| c.points >= 3)))
+            .filter(|s| {
+                s.disks
+                    .values()
+                    .any(|d| d.cdp().is_some_and(|c| c.points >= 3))
+            })
             .collect();
         if cands.is_empty() {
-            self.log.push(format!("{host}: reclamation: no journal with 3 points"));
+            self.log
+                .push(format!("{host}: reclamation: no journal with 3 points"));
             return Ok(None);
         }
         let s = cands[self.rng.below(cands.len() as u64) as usize];
-        let mut disks: Vec<_> = s.disks.values().filter(|d| d.cdp().is_some_and(|c| c.points >= 3)).collect();
+        let mut disks: Vec<_> = s
+            .disks
+            .values()
+            .filter(|d| d.cdp().is_some_and(|c| c.points >= 3))
+            .collect();
         if !all_disks {
             let i = self.rng.below(disks.len() as u64) as usize;
             disks = vec![disks[i]];
@@ -436,7 +527,9 @@ impl Appliance {
             let c = d.cdp().unwrap();
             let p = self.root.join(&c.file);
             let f = File::open(&p).map_err(io("open", &p))?;
-            Ok(cdp::spans(&f, c.length, true).map_err(|e| CatalogError::invalid(&p, e))?.1)
+            Ok(cdp::spans(&f, c.length, true)
+                .map_err(|e| CatalogError::invalid(&p, e))?
+                .1)
         };
         let first = spans_of(disks[0])?;
         let mut m = first[first.len() / 2].time;
@@ -459,7 +552,13 @@ impl Appliance {
             let dir = self.root.join(record::disk_dir(host, disk));
             let qtmp = dir.join(format!(".new-{}", record::base_name(&qfile)));
             let base = self.root.join(&c.base_file);
-            qcow::materialise(src.path(), src.format(), Some((&base, "qcow2")), Some(record::base_name(&c.base_file)), &qtmp)?;
+            qcow::materialise(
+                src.path(),
+                src.format(),
+                Some((&base, "qcow2")),
+                Some(record::base_name(&c.base_file)),
+                &qtmp,
+            )?;
             let (qsize, qdigest) = points::file_digest(&qtmp)?;
             // The shorter journal: a new header, then the points after m, byte for byte.
             let jp = self.root.join(&c.file);
@@ -471,11 +570,15 @@ impl Appliance {
                 base_time: m,
                 base_name: record::base_name(&qfile).to_string(),
             };
-            let mut bytes = hdr.encode().map_err(|e| CatalogError::invalid(&jp, e))?.to_vec();
+            let mut bytes = hdr
+                .encode()
+                .map_err(|e| CatalogError::invalid(&jp, e))?
+                .to_vec();
             let after: Vec<_> = spans.iter().filter(|sp| sp.time > m).collect();
             if let Some(a) = after.first() {
                 let mut tail = vec![0u8; (c.length - a.start) as usize];
-                jf.read_exact_at(&mut tail, a.start).map_err(io("read", &jp))?;
+                jf.read_exact_at(&mut tail, a.start)
+                    .map_err(io("read", &jp))?;
                 bytes.extend(tail);
             }
             let jtmp = dir.join(format!(".new-{}", record::base_name(&jfile)));
@@ -508,15 +611,27 @@ impl Appliance {
                 std::fs::rename(qtmp, root.join(&q.file)).map_err(io("rename", qtmp))?;
                 std::fs::rename(jtmp, root.join(&c.file)).map_err(io("rename", jtmp))?;
                 let n0 = d.storages.len() + 100;
-                let (qn, cn) = (record::storage_record_name(disk, n0), record::storage_record_name(disk, n0 + 1));
-                write_file(&sdir.join(&qn), &record::to_json(&storage(host, &s.dir, disk, StorageBody::Qcow(q.clone()))))?;
-                write_file(&sdir.join(&cn), &record::to_json(&storage(host, &s.dir, disk, StorageBody::Cdp(c.clone()))))?;
+                let (qn, cn) = (
+                    record::storage_record_name(disk, n0),
+                    record::storage_record_name(disk, n0 + 1),
+                );
+                write_file(
+                    &sdir.join(&qn),
+                    &record::to_json(&storage(host, &s.dir, disk, StorageBody::Qcow(q.clone()))),
+                )?;
+                write_file(
+                    &sdir.join(&cn),
+                    &record::to_json(&storage(host, &s.dir, disk, StorageBody::Cdp(c.clone()))),
+                )?;
                 let old_name = d.storages.last().unwrap().name.clone();
                 let mut drec = d.record.clone();
                 drec.storages.retain(|n| n != &old_name);
                 drec.storages.push(qn);
                 drec.storages.push(cn);
-                write_file(&sdir.join(record::disk_record_name(disk)), &record::to_json(&drec))?;
+                write_file(
+                    &sdir.join(record::disk_record_name(disk)),
+                    &record::to_json(&drec),
+                )?;
                 let _ = std::fs::remove_file(sdir.join(&old_name));
                 let _ = std::fs::remove_file(root.join(&old.file));
             }
@@ -525,7 +640,12 @@ impl Appliance {
         match locks::unless_locked(&self.root, &doomed, commit)? {
             Ok(r) => {
                 r?;
-                self.log.push(format!("{host}: reclaimed {} journal(s) of {} at {}", prepared.len(), s.dir, time::name(m)));
+                self.log.push(format!(
+                    "{host}: reclaimed {} journal(s) of {} at {}",
+                    prepared.len(),
+                    s.dir,
+                    time::name(m)
+                ));
                 Ok(Some(m))
             }
             Err(l) => {
@@ -550,7 +670,8 @@ impl Appliance {
     pub fn retention(&mut self, host: &str) -> Result<Option<u64>, CatalogError> {
         let h = self.host(host)?;
         if h.snapshots.len() < 3 {
-            self.log.push(format!("{host}: retention: fewer than 3 snapshots"));
+            self.log
+                .push(format!("{host}: retention: fewer than 3 snapshots"));
             return Ok(None);
         }
         let mut it = h.snapshots.values();
@@ -576,7 +697,11 @@ impl Appliance {
             let tmp = scratch.path().join(format!("{}.qcow2", d.record.disk));
             std::fs::copy(&src, &tmp).map_err(io("copy", &src))?;
             // The copy's relative backing name resolves beside the original.
-            qcow::set_backing(&tmp, &self.root.join(&backing_file).display().to_string(), "qcow2")?;
+            qcow::set_backing(
+                &tmp,
+                &self.root.join(&backing_file).display().to_string(),
+                "qcow2",
+            )?;
             qcow::flatten(&tmp)?;
             let (size, digest) = points::file_digest(&tmp)?;
             let newq = QcowStorage {
@@ -612,7 +737,10 @@ impl Appliance {
         match locks::unless_locked(&self.root, &guarded, commit)? {
             Ok(r) => {
                 r?;
-                self.log.push(format!("{host}: retention deleted host snapshot {}", old.dir));
+                self.log.push(format!(
+                    "{host}: retention deleted host snapshot {}",
+                    old.dir
+                ));
                 Ok(Some(old.record.time))
             }
             Err(l) => {
@@ -642,13 +770,22 @@ pub fn create(dir: &Path, o: &SampleOptions) -> Result<Vec<String>, CatalogError
             dir.display()
         )));
     }
-    if o.hosts == 0 || o.disks == 0 || o.snapshots == 0 || o.disk_size < 1 << 20 || o.disk_size % (1 << 20) != 0 {
+    if o.hosts == 0
+        || o.disks == 0
+        || o.snapshots == 0
+        || o.disk_size < 1 << 20
+        || o.disk_size % (1 << 20) != 0
+    {
         return Err(CatalogError::Usage(
-            "--hosts, --disks and --snapshots must be at least 1, --disk-size a multiple of 1M".into(),
+            "--hosts, --disks and --snapshots must be at least 1, --disk-size a multiple of 1M"
+                .into(),
         ));
     }
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    write_file(&dir.join(record::STORE_FILE), &record::to_json(&StoreRecord::default()))?;
+    write_file(
+        &dir.join(record::STORE_FILE),
+        &record::to_json(&StoreRecord::default()),
+    )?;
     let mut a = Appliance::open(dir, o.seed)?;
     a.change = o.change;
     a.max_write_blocks = o.max_write_blocks;
@@ -691,8 +828,17 @@ pub enum Activity {
 
 /// Adds activity to every host: a new host snapshot, CDP appends (on cdp
 /// hosts), a reclamation split and a retention delete, or only `only`.
-pub fn advance(dir: &Path, seed: u64, points: usize, only: Option<Activity>) -> Result<Vec<String>, CatalogError> {
-    let mut a = Appliance::open(dir, seed)?;
+pub fn advance(
+    dir: &Path,
+    o: &SampleOptions,
+    only: Option<Activity>,
+) -> Result<Vec<String>, CatalogError> {
+    let mut a = Appliance::open(dir, o.seed)?;
+    // Deterministic for a given store and seed, different at every advance.
+    a.rng = Rng::new(o.seed ^ a.last_time);
+    a.change = o.change;
+    a.max_write_blocks = o.max_write_blocks;
+    let points = o.points;
     let hosts: Vec<String> = store::load(dir)?.hosts.keys().cloned().collect();
     let on = |x: Activity| only.is_none_or(|o| o == x);
     for h in &hosts {

@@ -74,7 +74,11 @@ impl Disk {
     pub fn newest_point(&self) -> u64 {
         match self.cdp() {
             Some(c) => c.end,
-            None => self.qcows().map(|q| q.time).max().unwrap_or(self.record.time),
+            None => self
+                .qcows()
+                .map(|q| q.time)
+                .max()
+                .unwrap_or(self.record.time),
         }
     }
 
@@ -123,9 +127,12 @@ pub fn assemble(
             .get(name)
             .ok_or_else(|| format!("{}: missing", at(name).display()))
     };
-    let snap: HostSnapshotRecord =
-        record::parse(&at(record::SNAPSHOT_FILE), get(record::SNAPSHOT_FILE)?, kind::HOST_SNAPSHOT)
-            .map_err(|e| e.to_string())?;
+    let snap: HostSnapshotRecord = record::parse(
+        &at(record::SNAPSHOT_FILE),
+        get(record::SNAPSHOT_FILE)?,
+        kind::HOST_SNAPSHOT,
+    )
+    .map_err(|e| e.to_string())?;
     if snap.host != host || snap.snapshot != dir || time::name(snap.time) != dir {
         return Err(format!(
             "{}: host {:?}, snapshot {:?} and time {} do not match its place {host}/{dir}",
@@ -140,18 +147,32 @@ pub fn assemble(
         let rec: DiskSnapshotRecord =
             record::parse(&at(&d.record), get(&d.record)?, kind::DISK_SNAPSHOT)
                 .map_err(|e| e.to_string())?;
-        if rec.disk != d.disk || rec.host != host || rec.snapshot != dir || !record::valid_name(&d.disk) {
-            return Err(format!("{}: names another disk or snapshot", at(&d.record).display()));
+        if rec.disk != d.disk
+            || rec.host != host
+            || rec.snapshot != dir
+            || !record::valid_name(&d.disk)
+        {
+            return Err(format!(
+                "{}: names another disk or snapshot",
+                at(&d.record).display()
+            ));
         }
         let mut storages = Vec::new();
         for s in &rec.storages {
-            let sr: StorageRecord = record::parse(&at(s), get(s)?, kind::STORAGE)
-                .map_err(|e| e.to_string())?;
+            let sr: StorageRecord =
+                record::parse(&at(s), get(s)?, kind::STORAGE).map_err(|e| e.to_string())?;
             if sr.disk != d.disk || sr.host != host || sr.snapshot != dir {
-                return Err(format!("{}: names another disk or snapshot", at(s).display()));
+                return Err(format!(
+                    "{}: names another disk or snapshot",
+                    at(s).display()
+                ));
             }
             if !record::valid_rel(sr.body.file()) {
-                return Err(format!("{}: file {:?} leaves the store", at(s).display(), sr.body.file()));
+                return Err(format!(
+                    "{}: file {:?} leaves the store",
+                    at(s).display(),
+                    sr.body.file()
+                ));
             }
             storages.push(Storage {
                 name: s.clone(),
@@ -159,8 +180,21 @@ pub fn assemble(
             });
         }
         check_storages(&rec, &storages).map_err(|e| format!("{}: {e}", at(&d.record).display()))?;
-        if disks.insert(d.disk.clone(), Disk { record: rec, storages }).is_some() {
-            return Err(format!("{}: disk {} listed twice", at(record::SNAPSHOT_FILE).display(), d.disk));
+        if disks
+            .insert(
+                d.disk.clone(),
+                Disk {
+                    record: rec,
+                    storages,
+                },
+            )
+            .is_some()
+        {
+            return Err(format!(
+                "{}: disk {} listed twice",
+                at(record::SNAPSHOT_FILE).display(),
+                d.disk
+            ));
         }
     }
     Ok(Snapshot {
@@ -179,7 +213,10 @@ fn check_storages(rec: &DiskSnapshotRecord, storages: &[Storage]) -> Result<(), 
             StorageBody::Qcow(q) => {
                 match last_qcow {
                     None if q.time != rec.time => {
-                        return Err(format!("first image at {} but the disk snapshot is at {}", q.time, rec.time))
+                        return Err(format!(
+                            "first image at {} but the disk snapshot is at {}",
+                            q.time, rec.time
+                        ))
                     }
                     Some(p) if q.time <= p.time => return Err("images not in time order".into()),
                     _ => {}
@@ -193,8 +230,15 @@ fn check_storages(rec: &DiskSnapshotRecord, storages: &[Storage]) -> Result<(), 
                 if i + 1 != storages.len() {
                     return Err("the journal is not the last storage".into());
                 }
-                if c.base != base.time || c.base_file != base.file || c.start < c.base || c.end < c.start {
-                    return Err(format!("journal {} does not follow its base image {}", c.file, base.file));
+                if c.base != base.time
+                    || c.base_file != base.file
+                    || c.start < c.base
+                    || c.end < c.start
+                {
+                    return Err(format!(
+                        "journal {} does not follow its base image {}",
+                        c.file, base.file
+                    ));
                 }
             }
         }
@@ -205,7 +249,10 @@ fn check_storages(rec: &DiskSnapshotRecord, storages: &[Storage]) -> Result<(), 
     Ok(())
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CatalogError + 'a {
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CatalogError + 'a {
     move |source| CatalogError::Io {
         op,
         path: path.to_path_buf(),
@@ -227,7 +274,8 @@ pub fn check_store(root: &Path) -> Result<(), CatalogError> {
             }
         }
     })?;
-    let s: StoreRecord = serde_json::from_slice(&bytes).map_err(|e| CatalogError::invalid(&p, e))?;
+    let s: StoreRecord =
+        serde_json::from_slice(&bytes).map_err(|e| CatalogError::invalid(&p, e))?;
     if s.format != record::FORMAT || s.version != record::VERSION {
         return Err(CatalogError::invalid(
             &p,
@@ -402,7 +450,9 @@ mod tests {
         assert!(assemble("h", &dir, &files_for(false)).is_err());
         let mut missing = f.clone();
         missing.remove("s1.json");
-        assert!(assemble("h", &dir, &missing).unwrap_err().contains("missing"));
+        assert!(assemble("h", &dir, &missing)
+            .unwrap_err()
+            .contains("missing"));
         assert!(assemble("other", &dir, &f).is_err());
     }
 }

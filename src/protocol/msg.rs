@@ -138,10 +138,19 @@ pub enum Request {
         from: RelPath,
         to: RelPath,
     },
-    /// Reads a whole regular file of at most `max` bytes (a catalog record).
+    /// Reads at most `max` bytes of a regular file from `offset` (a whole
+    /// catalog record, or an image's header).
     ReadFile {
         path: RelPath,
+        offset: u64,
         max: u64,
+    },
+    /// The disk ranges written by the points of a CDP journal after time
+    /// `after`, within its first `limit` bytes, merged and sorted.
+    JournalExtents {
+        path: RelPath,
+        after: u64,
+        limit: u64,
     },
     /// Appends `data` in place at offset `at` of an existing file, first
     /// cutting off anything beyond `at` (an unpublished tail); refused if
@@ -180,6 +189,7 @@ pub enum Reply {
         written: u64,
     },
     Data(ByteBuf),
+    Extents(Vec<(u64, u64)>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -150,7 +150,10 @@ fn qcow_interval_takes_the_newest_snapshot_and_builds_on_what_the_slave_has() {
 
     let slave = host(vec![snap(
         t(1),
-        &[("a", vec![qcow("a", t(1), None, false)]), ("b", vec![qcow("b", t(1), None, true)])],
+        &[
+            ("a", vec![qcow("a", t(1), None, false)]),
+            ("b", vec![qcow("b", t(1), None, true)]),
+        ],
         Some(t(1)),
     )]);
     let steps = plan_host(SyncMode::Interval, H, Some(&m), Some(&slave));
@@ -165,7 +168,11 @@ fn qcow_interval_takes_the_newest_snapshot_and_builds_on_what_the_slave_has() {
             })
         }
     );
-    let up_to_date = host(vec![snap(t(3), &[("a", vec![qcow("a", t(3), None, false)])], Some(t(3)))]);
+    let up_to_date = host(vec![snap(
+        t(3),
+        &[("a", vec![qcow("a", t(3), None, false)])],
+        Some(t(3)),
+    )]);
     assert!(plan_host(SyncMode::Interval, H, Some(&m), Some(&up_to_date)).is_empty());
 }
 
@@ -173,19 +180,31 @@ fn qcow_interval_takes_the_newest_snapshot_and_builds_on_what_the_slave_has() {
 fn qcow_continuous_takes_the_newest_first_then_every_following_snapshot_in_order() {
     let m = qcow_master(4);
     let first = plan_host(SyncMode::Continuous, H, Some(&m), None);
-    assert_eq!(gens(&first).iter().map(|g| g.time).collect::<Vec<_>>(), vec![t(4)]);
+    assert_eq!(
+        gens(&first).iter().map(|g| g.time).collect::<Vec<_>>(),
+        vec![t(4)]
+    );
 
     let slave = host(vec![snap(
         t(1),
-        &[("a", vec![qcow("a", t(1), None, false)]), ("b", vec![qcow("b", t(1), None, true)])],
+        &[
+            ("a", vec![qcow("a", t(1), None, false)]),
+            ("b", vec![qcow("b", t(1), None, true)]),
+        ],
         Some(t(1)),
     )]);
     let steps = plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave));
     let g = gens(&steps);
-    assert_eq!(g.iter().map(|g| g.time).collect::<Vec<_>>(), vec![t(2), t(3), t(4)]);
+    assert_eq!(
+        g.iter().map(|g| g.time).collect::<Vec<_>>(),
+        vec![t(2), t(3), t(4)]
+    );
     // Each chained image's parent is on the slave by then: copied as is.
     for x in &g {
-        assert!(matches!(disk(x, "b").how, ImageSource::Copy { .. }), "{x:?}");
+        assert!(
+            matches!(disk(x, "b").how, ImageSource::Copy { .. }),
+            "{x:?}"
+        );
         assert_eq!(disk(x, "b").parent, Some(x.time - S));
     }
 }
@@ -193,7 +212,10 @@ fn qcow_continuous_takes_the_newest_first_then_every_following_snapshot_in_order
 fn cdp_master(end: u64, points: u64) -> Host {
     host(vec![snap(
         t(1),
-        &[("a", vec![qcow("a", t(1), None, false), cdp("a", t(1), end, points)])],
+        &[(
+            "a",
+            vec![qcow("a", t(1), None, false), cdp("a", t(1), end, points)],
+        )],
         None,
     )])
 }
@@ -209,7 +231,11 @@ fn cdp_interval_materialises_the_newest_point_as_an_image() {
     assert!(!disk(g[0], "a").journal);
     assert!(!steps.iter().any(|s| matches!(s, Step::Append(_))));
 
-    let slave = host(vec![snap(t(9), &[("a", vec![qcow("a", t(9), None, false)])], Some(t(1)))]);
+    let slave = host(vec![snap(
+        t(9),
+        &[("a", vec![qcow("a", t(9), None, false)])],
+        Some(t(1)),
+    )]);
     assert!(plan_host(SyncMode::Interval, H, Some(&m), Some(&slave)).is_empty());
     let m2 = cdp_master(t(12), 11);
     let steps = plan_host(SyncMode::Interval, H, Some(&m2), Some(&slave));
@@ -229,7 +255,10 @@ fn cdp_interval_materialises_the_newest_point_as_an_image() {
 fn slave_with_journal(base: u64, end: u64, source: u64) -> Host {
     host(vec![snap(
         base,
-        &[("a", vec![qcow("a", base, None, false), cdp("a", base, end, 3)])],
+        &[(
+            "a",
+            vec![qcow("a", base, None, false), cdp("a", base, end, 3)],
+        )],
         Some(source),
     )])
 }
@@ -241,13 +270,18 @@ fn cdp_continuous_starts_with_the_newest_point_then_appends_the_following_ones()
     let g = gens(&first);
     assert_eq!(disk(g[0], "a").point, t(9));
     assert!(disk(g[0], "a").journal, "continuous cdp starts a journal");
-    assert!(!first.iter().any(|s| matches!(s, Step::Append(_))), "nothing after the newest yet");
+    assert!(
+        !first.iter().any(|s| matches!(s, Step::Append(_))),
+        "nothing after the newest yet"
+    );
 
     let slave = slave_with_journal(t(9), t(9), t(1));
     let m2 = cdp_master(t(12), 11);
     let steps = plan_host(SyncMode::Continuous, H, Some(&m2), Some(&slave));
     assert_eq!(steps.len(), 1);
-    let Step::Append(a) = &steps[0] else { panic!("{steps:?}") };
+    let Step::Append(a) = &steps[0] else {
+        panic!("{steps:?}")
+    };
     assert_eq!(
         a.sources,
         vec![AppendSource::Journal {
@@ -263,7 +297,13 @@ fn a_new_master_snapshot_in_continuous_cdp_finishes_the_old_journal_then_mirrors
     let mut m = cdp_master(t(9), 8);
     let s2 = snap(
         t(10),
-        &[("a", vec![qcow("a", t(10), Some(t(1)), true), cdp("a", t(10), t(14), 4)])],
+        &[(
+            "a",
+            vec![
+                qcow("a", t(10), Some(t(1)), true),
+                cdp("a", t(10), t(14), 4),
+            ],
+        )],
         None,
     );
     m.snapshots.insert(t(10), s2);
@@ -319,7 +359,9 @@ fn reclamation_split_never_resends_or_skips_a_point() {
     let m = reclaimed_master(t(5), t(9));
     let slave = slave_with_journal(t(1), t(7), t(1));
     let steps = plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave));
-    let Step::Append(a) = &steps[0] else { panic!("{steps:?}") };
+    let Step::Append(a) = &steps[0] else {
+        panic!("{steps:?}")
+    };
     assert_eq!(
         a.sources,
         vec![AppendSource::Journal {
@@ -331,7 +373,9 @@ fn reclamation_split_never_resends_or_skips_a_point() {
     // Before the split: the split point (now an image) as one point, then the journal.
     let slave = slave_with_journal(t(1), t(3), t(1));
     let steps = plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave));
-    let Step::Append(a) = &steps[0] else { panic!("{steps:?}") };
+    let Step::Append(a) = &steps[0] else {
+        panic!("{steps:?}")
+    };
     assert_eq!(
         a.sources,
         vec![
@@ -351,8 +395,13 @@ fn reclamation_split_never_resends_or_skips_a_point() {
     // A replica journal based after the image's base: every block is sent.
     let slave = slave_with_journal(t(2), t(3), t(1));
     let steps = plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave));
-    let Step::Append(a) = &steps[0] else { panic!("{steps:?}") };
-    assert!(matches!(a.sources[0], AppendSource::Image { full: true, .. }));
+    let Step::Append(a) = &steps[0] else {
+        panic!("{steps:?}")
+    };
+    assert!(matches!(
+        a.sources[0],
+        AppendSource::Image { full: true, .. }
+    ));
     // Up to date after the split: nothing.
     let slave = slave_with_journal(t(1), t(9), t(1));
     assert!(plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave)).is_empty());
@@ -363,8 +412,16 @@ fn a_snapshot_deleted_by_retention_is_deleted_on_the_slave_after_the_new_ones() 
     let mut m = qcow_master(3);
     m.snapshots.remove(&t(1));
     let slave = host(vec![
-        snap(t(1), &[("a", vec![qcow("a", t(1), None, false)])], Some(t(1))),
-        snap(t(2), &[("a", vec![qcow("a", t(2), None, false)])], Some(t(2))),
+        snap(
+            t(1),
+            &[("a", vec![qcow("a", t(1), None, false)])],
+            Some(t(1)),
+        ),
+        snap(
+            t(2),
+            &[("a", vec![qcow("a", t(2), None, false)])],
+            Some(t(2)),
+        ),
     ]);
     let steps = plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave));
     assert!(matches!(steps.first(), Some(Step::Generation(g)) if g.time == t(3)));
