@@ -272,11 +272,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let s = georep::admin::create(&session, &master, &slave, &opts)?;
             println!(
-                "created session {} : {} -> {} ({})",
+                "created session {} : {} -> {} ({}){}",
                 s.name,
                 s.config.master.display(),
                 s.config.slave,
-                s.dir.display()
+                s.dir.display(),
+                if s.config.layout == georep::session::Layout::Store {
+                    ", a snapshot store: catalog mode"
+                } else {
+                    ""
+                }
             );
             Ok(exit::OK)
         }

@@ -181,6 +181,9 @@ pub struct PointSpan {
     pub end: u64,
 }
 
+/// A record's header fields and, when asked for, its data.
+type RecordRead = (Record, Option<Vec<u8>>);
+
 /// Reads a journal's points in order, checking the format as it goes.
 pub struct Scanner<'a> {
     file: &'a File,
@@ -232,7 +235,7 @@ impl<'a> Scanner<'a> {
     fn read_record(
         &mut self,
         want_data: bool,
-    ) -> Result<Option<(Record, Option<Vec<u8>>)>, JournalError> {
+    ) -> Result<Option<RecordRead>, JournalError> {
         let at = self.pos;
         if at + RECORD_HEADER_LEN > self.limit {
             return Ok(None);

@@ -59,6 +59,8 @@ pub struct CatalogSummary {
     /// Images the slave already had (a retry after an interruption).
     pub images_unchanged: u64,
     pub cdp_points: u64,
+    /// Of those, points the master now holds as images (after a reclamation split).
+    pub cdp_points_from_images: u64,
     pub cdp_bytes: u64,
     pub files_removed: u64,
     pub locks_taken: u64,
@@ -215,6 +217,8 @@ impl Run {
 
     /// Runs the whole sync.
     pub async fn run(mut self) -> Result<Outcome, RunError> {
+        // Images built by an interrupted worker of this session are of no use.
+        let _ = std::fs::remove_dir_all(&self.tmp);
         std::fs::create_dir_all(&self.tmp)
             .map_err(|e| RunError::Catalog(CatalogError::io("create", &self.tmp, e)))?;
         let (root, session) = (self.root.clone(), self.session.clone());
@@ -380,7 +384,9 @@ impl Run {
                     self.e.slave.remove(p).await?.wait().await?;
                 }
             }
-            let m_opt = m.record.is_some().then_some(&m);
+            // A host is gone from the master only when nothing of it is left there.
+            let m_opt = (m.record.is_some() || !m.snapshots.is_empty() || !m.unreadable.is_empty())
+                .then_some(&m);
             if let Some(rec) = &m.record {
                 let mut dirs = vec![
                     record::HOSTS.to_string(),
@@ -925,6 +931,7 @@ impl Run {
                         image_point(&root, &tmp, &h, &disk, t, &chain, extents, full, size)
                     })
                     .await?;
+                    self.sum.cdp_points_from_images += 1;
                     chunks.push((bytes, 1, t));
                 }
             }

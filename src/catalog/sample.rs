@@ -497,8 +497,30 @@ impl Appliance {
     /// point plus a shorter journal starting at that point. Returns the
     /// split time, or None when nothing qualifies or a lock forbids it.
     pub fn reclaim(&mut self, host: &str, all_disks: bool) -> Result<Option<u64>, CatalogError> {
+        self.reclaim_where(host, all_disks, false, 0.5)
+    }
+
+    /// Reclamation of the newest host snapshot's journals, at the point
+    /// `at` (0.0-1.0) of the way through them: the points most likely not
+    /// replicated yet.
+    pub fn reclaim_newest(
+        &mut self,
+        host: &str,
+        all_disks: bool,
+        at: f64,
+    ) -> Result<Option<u64>, CatalogError> {
+        self.reclaim_where(host, all_disks, true, at)
+    }
+
+    fn reclaim_where(
+        &mut self,
+        host: &str,
+        all_disks: bool,
+        newest: bool,
+        at: f64,
+    ) -> Result<Option<u64>, CatalogError> {
         let h = self.host(host)?;
-        let cands: Vec<_> = h
+        let mut cands: Vec<_> = h
             .snapshots
             .values()
             .filter(|s| {
@@ -507,6 +529,9 @@ impl Appliance {
                     .any(|d| d.cdp().is_some_and(|c| c.points >= 3))
             })
             .collect();
+        if newest {
+            cands.retain(|s| Some(s.record.time) == h.newest().map(|n| n.record.time));
+        }
         if cands.is_empty() {
             self.log
                 .push(format!("{host}: reclamation: no journal with 3 points"));
@@ -522,7 +547,7 @@ impl Appliance {
             let i = self.rng.below(disks.len() as u64) as usize;
             disks = vec![disks[i]];
         }
-        // The split point: a middle point of the first disk's journal that every chosen journal has.
+        // The split point: one of the first disk's points that every chosen journal has.
         let spans_of = |d: &store::Disk| -> Result<Vec<cdp::PointSpan>, CatalogError> {
             let c = d.cdp().unwrap();
             let p = self.root.join(&c.file);
@@ -532,11 +557,11 @@ impl Appliance {
                 .1)
         };
         let first = spans_of(disks[0])?;
-        let mut m = first[first.len() / 2].time;
+        let idx = ((first.len() as f64 * at.clamp(0.0, 1.0)) as usize).min(first.len() - 2);
+        let m = first[idx].time;
         for d in &disks[1..] {
             if !spans_of(d)?.iter().any(|sp| sp.time == m) {
                 disks.truncate(1);
-                m = first[first.len() / 2].time;
                 break;
             }
         }
@@ -610,7 +635,15 @@ impl Appliance {
                 let disk = &d.record.disk;
                 std::fs::rename(qtmp, root.join(&q.file)).map_err(io("rename", qtmp))?;
                 std::fs::rename(jtmp, root.join(&c.file)).map_err(io("rename", jtmp))?;
-                let n0 = d.storages.len() + 100;
+                // Fresh record names: never one the disk snapshot uses (or used).
+                let mut n0 = d.storages.len();
+                while sdir.join(record::storage_record_name(disk, n0)).exists()
+                    || sdir
+                        .join(record::storage_record_name(disk, n0 + 1))
+                        .exists()
+                {
+                    n0 += 1;
+                }
                 let (qn, cn) = (
                     record::storage_record_name(disk, n0),
                     record::storage_record_name(disk, n0 + 1),
