@@ -96,6 +96,9 @@ enum Cmd {
         /// Share of a disk rewritten between two qcow snapshots (0.0-1.0).
         #[arg(long, default_value_t = 0.02)]
         change: f64,
+        /// Share of a new disk written before its first snapshot (0.0-1.0).
+        #[arg(long, default_value_t = 0.33)]
+        fill: f64,
         /// Largest CDP write, e.g. 64K.
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         max_write: u64,
@@ -413,6 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             snapshots,
             points,
             change,
+            fill,
             max_write,
             kinds,
             advance,
@@ -427,6 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 snapshots,
                 points,
                 change: change.clamp(0.0, 1.0),
+                fill: fill.clamp(0.0, 1.0),
                 max_write_blocks: (max_write / georep::catalog::sample::BLOCK).max(1),
                 kinds: match kinds {
                     KindsArg::Mixed => Kinds::Mixed,

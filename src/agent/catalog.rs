@@ -149,3 +149,89 @@ pub fn append_tail(
     }
     Ok(end)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    fn h(d: &[u8]) -> Hash32 {
+        *blake3::hash(d).as_bytes()
+    }
+
+    #[test]
+    fn append_tail_cuts_an_unpublished_tail_refuses_gaps_and_checks_what_it_wrote() {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        std::fs::write(d.path().join("j"), vec![1u8; 100]).unwrap();
+        assert_eq!(
+            append_tail(&root, &p("j"), 100, b"abc", &h(b"abc"), true, None).unwrap(),
+            103
+        );
+        // A crash left bytes beyond the published length: they are cut off.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path().join("j"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"torn tail").unwrap();
+        let check = Some((100, h(b"abcde")));
+        assert_eq!(
+            append_tail(&root, &p("j"), 103, b"de", &h(b"de"), true, check).unwrap(),
+            105
+        );
+        let data = std::fs::read(d.path().join("j")).unwrap();
+        assert_eq!(&data[100..], b"abcde");
+        // The slave's copy is shorter than the record says: refused.
+        let e = append_tail(&root, &p("j"), 200, b"x", &h(b"x"), false, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Mismatch);
+        // Damaged in transit, or read back different: refused.
+        let e = append_tail(&root, &p("j"), 105, b"x", &h(b"y"), false, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Mismatch);
+        let e = append_tail(
+            &root,
+            &p("j"),
+            105,
+            b"x",
+            &h(b"x"),
+            true,
+            Some((100, h(b"nope"))),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Mismatch);
+        // Never outside the root, never georep's own files.
+        assert!(append_tail(
+            &root,
+            &p(".georep/identity.json"),
+            0,
+            b"",
+            &h(b""),
+            false,
+            None
+        )
+        .is_err());
+        assert!(RelPath::new(b"../x".to_vec()).is_err());
+    }
+
+    #[test]
+    fn rename_never_replaces_and_read_file_reads_ranges() {
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        std::fs::create_dir(d.path().join(".staging-1")).unwrap();
+        std::fs::create_dir(d.path().join("1")).unwrap();
+        let e = rename_noreplace(&root, &p(".staging-1"), &p("1")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Exists);
+        rename_noreplace(&root, &p(".staging-1"), &p("2")).unwrap();
+        assert!(d.path().join("2").is_dir());
+        std::fs::write(d.path().join("f"), b"0123456789").unwrap();
+        assert_eq!(read_file(&root, &p("f"), 0, 100).unwrap(), b"0123456789");
+        assert_eq!(read_file(&root, &p("f"), 3, 4).unwrap(), b"3456");
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("l")).unwrap();
+        assert!(
+            read_file(&root, &p("l"), 0, 100).is_err(),
+            "no reading through a symlink"
+        );
+    }
+}

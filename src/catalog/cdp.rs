@@ -232,10 +232,7 @@ impl<'a> Scanner<'a> {
         self.pos
     }
 
-    fn read_record(
-        &mut self,
-        want_data: bool,
-    ) -> Result<Option<RecordRead>, JournalError> {
+    fn read_record(&mut self, want_data: bool) -> Result<Option<RecordRead>, JournalError> {
         let at = self.pos;
         if at + RECORD_HEADER_LEN > self.limit {
             return Ok(None);

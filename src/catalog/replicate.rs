@@ -17,8 +17,8 @@
 use super::plan::{self, AppendPlan, AppendSource, GenPlan, ImageSource, Step};
 use super::points::{self, HostRpo};
 use super::record::{
-    self, kind, CdpStorage, DiskRef, DiskSnapshotRecord, HostSnapshotRecord, QcowStorage,
-    StorageBody, StorageRecord, StoreRecord,
+    self, kind, DiskRef, DiskSnapshotRecord, HostSnapshotRecord, QcowStorage, StorageBody,
+    StorageRecord, StoreRecord,
 };
 use super::store::{self, Host};
 use super::{cdp, locks, qcow, time, CatalogError};
@@ -870,38 +870,15 @@ impl Run {
         let start_len = j.length;
         let mut hasher = blake3::Hasher::new();
         let mut inflight = std::collections::VecDeque::new();
-        let mut chunks: Vec<(Vec<u8>, u64, u64)> = Vec::new(); // (bytes, points, last time) not yet sent
         for s in &a.sources {
-            match s {
+            let tail = match s {
                 AppendSource::Journal {
                     file,
                     length,
                     after,
                 } => {
                     let (p, length, after) = (self.root.join(file), *length, *after);
-                    let mut reader = blocking(move || JournalTail::open(&p, length, after)).await?;
-                    loop {
-                        let (chunk, r) = blocking(move || {
-                            let c = reader.next_chunk(APPEND_CHUNK);
-                            (c, reader)
-                        })
-                        .await;
-                        reader = r;
-                        match chunk? {
-                            Some(c) => chunks.push(c),
-                            None => break,
-                        }
-                        self.flush_chunks(
-                            &path,
-                            &mut j,
-                            start_len,
-                            &mut hasher,
-                            &mut chunks,
-                            &mut inflight,
-                            false,
-                        )
-                        .await?;
-                    }
+                    blocking(move || Tail::journal(&p, length, after)).await?
                 }
                 AppendSource::Image {
                     time: t,
@@ -917,7 +894,7 @@ impl Run {
                             .journal_extents(path.clone(), *since, j.length)
                             .await?
                     };
-                    let (root, tmp, h, disk, t, chain, size) = (
+                    let (root, tmp, h, disk, t, chain, size, full) = (
                         self.root.clone(),
                         self.tmp.clone(),
                         m.clone(),
@@ -925,33 +902,57 @@ impl Run {
                         *t,
                         chain.clone(),
                         a.virtual_size,
+                        *full,
                     );
-                    let full = *full;
-                    let bytes = blocking(move || {
+                    let tail = blocking(move || {
                         image_point(&root, &tmp, &h, &disk, t, &chain, extents, full, size)
                     })
                     .await?;
                     self.sum.cdp_points_from_images += 1;
-                    chunks.push((bytes, 1, t));
+                    tail
+                }
+            };
+            let mut tail = Some(tail);
+            loop {
+                let mut t = tail.take().expect("put back below");
+                let (chunk, t) = blocking(move || (t.next_chunk(APPEND_CHUNK), t)).await;
+                tail = Some(t);
+                let Some((data, points, last)) = chunk? else {
+                    break;
+                };
+                hasher.update(&data);
+                let len = data.len() as u64;
+                inflight.push_back(
+                    self.e
+                        .slave
+                        .append_tail(path.clone(), j.length, data, false, None)
+                        .await?,
+                );
+                j.length += len;
+                j.points += points;
+                if let Some(t) = last {
+                    j.end = t;
+                }
+                self.sum.cdp_points += points;
+                self.e.stats.bytes_literal.fetch_add(len, Ordering::Relaxed);
+                while inflight.len() > APPEND_WINDOW {
+                    inflight.pop_front().expect("non-empty").wait().await?;
                 }
             }
         }
-        self.flush_chunks(
-            &path,
-            &mut j,
-            start_len,
-            &mut hasher,
-            &mut chunks,
-            &mut inflight,
-            true,
-        )
-        .await?;
-        while let Some(p) = inflight.pop_front() {
-            let p: crate::slave::Pending<u64> = p;
-            p.wait().await?;
-        }
         if j.length == start_len {
             return Ok(());
+        }
+        // Durable, and read back equal to what was sent, before the record says so.
+        let check = Some((start_len, *hasher.finalize().as_bytes()));
+        inflight.push_back(
+            self.e
+                .slave
+                .append_tail(path.clone(), j.length, Vec::new(), true, check)
+                .await?,
+        );
+        while let Some(p) = inflight.pop_front() {
+            p.wait().await?;
         }
         self.sum.cdp_bytes += j.length - start_len;
         let rp = rel(&format!(
@@ -962,45 +963,6 @@ impl Run {
         ))?;
         let rec = storage_record(&a.host, &a.snapshot, &a.disk, StorageBody::Cdp(j));
         self.put(rp, record::to_json(&rec)).await?;
-        Ok(())
-    }
-
-    /// Sends queued chunks; the last one (with `last`) is made durable and
-    /// the whole range appended since `from` read back and compared.
-    #[allow(clippy::too_many_arguments)]
-    async fn flush_chunks(
-        &mut self,
-        path: &RelPath,
-        j: &mut CdpStorage,
-        from: u64,
-        hasher: &mut blake3::Hasher,
-        chunks: &mut Vec<(Vec<u8>, u64, u64)>,
-        inflight: &mut std::collections::VecDeque<crate::slave::Pending<u64>>,
-        last: bool,
-    ) -> Result<(), StepError> {
-        let n = chunks.len();
-        for (i, (data, points, t)) in std::mem::take(chunks).into_iter().enumerate() {
-            let final_one = last && i + 1 == n;
-            hasher.update(&data);
-            let len = data.len() as u64;
-            let check = final_one.then(|| (from, *hasher.finalize().as_bytes()));
-            inflight.push_back(
-                self.e
-                    .slave
-                    .append_tail(path.clone(), j.length, data, final_one, check)
-                    .await?,
-            );
-            j.length += len;
-            j.points += points;
-            if points > 0 {
-                j.end = t;
-            }
-            self.sum.cdp_points += points;
-            self.e.stats.bytes_literal.fetch_add(len, Ordering::Relaxed);
-            while inflight.len() > APPEND_WINDOW {
-                inflight.pop_front().expect("non-empty").wait().await?;
-            }
-        }
         Ok(())
     }
 
@@ -1172,90 +1134,79 @@ pub fn resolve_at_or_before(
         .unwrap_or(c.base))
 }
 
-/// Reads the whole points of a master journal after a time, in chunks.
-struct JournalTail {
+/// Bytes to append to a slave journal: whole points of a master journal
+/// (checksums verified), or a point made from an image (in a temporary
+/// file), read in chunks so memory stays bounded whatever their size.
+struct Tail {
     file: std::fs::File,
     path: PathBuf,
-    /// Spans still to send.
-    spans: std::collections::VecDeque<cdp::PointSpan>,
+    pos: u64,
+    end: u64,
+    /// End offset and time of each point still to send, in order.
+    points: std::collections::VecDeque<(u64, u64)>,
+    _tmp: Option<tempfile::TempPath>,
 }
 
-impl JournalTail {
-    fn open(p: &Path, length: u64, after: u64) -> Result<JournalTail, CatalogError> {
+/// A chunk of a [`Tail`]: bytes, points completed in it, the last one's time.
+type Chunk = (Vec<u8>, u64, Option<u64>);
+
+impl Tail {
+    /// The points of `[0, length)` of a master journal after time `after`.
+    fn journal(p: &Path, length: u64, after: u64) -> Result<Tail, CatalogError> {
         let file = std::fs::File::open(p).map_err(|e| CatalogError::io("open", p, e))?;
-        let mut s =
-            cdp::Scanner::new(&file, length, false).map_err(|e| CatalogError::invalid(p, e))?;
-        let mut spans = std::collections::VecDeque::new();
-        while let Some(sp) = s.next_span().map_err(|e| CatalogError::invalid(p, e))? {
+        let bad = |e: cdp::JournalError| CatalogError::invalid(p, e);
+        let mut s = cdp::Scanner::new(&file, length, false).map_err(bad)?;
+        let mut first = None;
+        while let Some(sp) = s.next_span().map_err(bad)? {
             if sp.time > after {
-                spans.push_back(sp);
+                first = Some(sp);
+                break;
             }
         }
-        Ok(JournalTail {
+        let mut points = std::collections::VecDeque::new();
+        let (mut pos, mut end) = (length, length);
+        if let Some(f) = first {
+            // Verify every record to be sent (reads the data, then again from cache).
+            let mut v = cdp::Scanner::new(&file, length, true).map_err(bad)?;
+            v.resume(f.start, after);
+            while let Some(sp) = v.next_span().map_err(bad)? {
+                points.push_back((sp.end, sp.time));
+            }
+            pos = f.start;
+            end = points.back().map(|x| x.0).unwrap_or(f.start);
+        }
+        Ok(Tail {
             file,
             path: p.to_path_buf(),
-            spans,
+            pos,
+            end,
+            points,
+            _tmp: None,
         })
     }
 
-    /// The next whole points, about `max` bytes, with their checksums
-    /// verified: (bytes, points, last point's time).
-    fn next_chunk(&mut self, max: usize) -> Result<Option<(Vec<u8>, u64, u64)>, CatalogError> {
+    fn next_chunk(&mut self, max: usize) -> Result<Option<Chunk>, CatalogError> {
         use std::os::unix::fs::FileExt;
-        let Some(first) = self.spans.front().copied() else {
+        if self.pos >= self.end {
             return Ok(None);
-        };
-        let mut end = first.end;
-        let mut n = 0;
-        let mut last = first.time;
-        while let Some(sp) = self.spans.front() {
-            if n > 0 && (sp.end - first.start) as usize > max {
+        }
+        let n = (self.end - self.pos).min(max as u64);
+        let mut buf = vec![0u8; n as usize];
+        self.file
+            .read_exact_at(&mut buf, self.pos)
+            .map_err(|e| CatalogError::io("read", &self.path, e))?;
+        self.pos += n;
+        let (mut done, mut last) = (0, None);
+        while let Some(&(e, t)) = self.points.front() {
+            if e > self.pos {
                 break;
             }
-            end = sp.end;
-            last = sp.time;
-            n += 1;
-            self.spans.pop_front();
+            done += 1;
+            last = Some(t);
+            self.points.pop_front();
         }
-        let mut buf = vec![0u8; (end - first.start) as usize];
-        self.file
-            .read_exact_at(&mut buf, first.start)
-            .map_err(|e| CatalogError::io("read", &self.path, e))?;
-        verify_points(&buf, n).map_err(|e| {
-            CatalogError::invalid(&self.path, format!("at byte {}: {e}", first.start))
-        })?;
-        Ok(Some((buf, n, last)))
+        Ok(Some((buf, done, last)))
     }
-}
-
-/// Checks that `buf` is exactly `n` whole points with valid checksums.
-fn verify_points(buf: &[u8], n: u64) -> Result<(), String> {
-    let mut off = 0usize;
-    let mut points = 0;
-    while off < buf.len() {
-        if off + cdp::RECORD_HEADER_LEN as usize > buf.len() {
-            return Err("truncated record".into());
-        }
-        let head = &buf[off..off + cdp::RECORD_HEADER_LEN as usize];
-        let flags = u32::from_le_bytes(head[8..12].try_into().unwrap());
-        let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
-        let data_at = off + cdp::RECORD_HEADER_LEN as usize;
-        let data = buf.get(data_at..data_at + len).ok_or("truncated record")?;
-        let mut h = blake3::Hasher::new();
-        h.update(&head[..24]);
-        h.update(data);
-        if h.finalize().as_bytes()[..] != head[24..56] {
-            return Err("checksum mismatch".into());
-        }
-        if flags & cdp::CONTINUED == 0 {
-            points += 1;
-        }
-        off = data_at + len;
-    }
-    if points != n {
-        return Err(format!("{points} whole points, expected {n}"));
-    }
-    Ok(())
 }
 
 /// One point made from a master image: the blocks that can differ from the
@@ -1271,7 +1222,7 @@ fn image_point(
     extents: Vec<(u64, u64)>,
     full: bool,
     size: u64,
-) -> Result<Vec<u8>, CatalogError> {
+) -> Result<Tail, CatalogError> {
     use std::os::unix::fs::FileExt;
     let mut ext = extents;
     if !full {
@@ -1298,20 +1249,54 @@ fn image_point(
     let _ = std::fs::remove_file(&raw);
     qcow::convert(src.path(), src.format(), &raw, "raw")?;
     let f = std::fs::File::open(&raw).map_err(|e| CatalogError::io("open", &raw, e))?;
-    let mut pieces: Vec<(u64, Vec<u8>)> = Vec::new();
+    let out = tempfile::Builder::new()
+        .prefix("point-")
+        .tempfile_in(tmp)
+        .map_err(|e| CatalogError::io("create temporary in", tmp, e))?;
+    let outp = out.path().to_path_buf();
+    let werr = |e| CatalogError::io("write", &outp, e);
+    let mut w = std::io::BufWriter::new(out.as_file());
+    let mut pieces = Vec::new();
     for (o, l) in ext {
         let mut at = o;
         while at < o + l {
             let n = (o + l - at).min(IMAGE_RECORD);
-            let mut buf = vec![0u8; n as usize];
-            f.read_exact_at(&mut buf, at)
-                .map_err(|e| CatalogError::io("read", &raw, e))?;
-            pieces.push((at, buf));
+            pieces.push((at, n));
             at += n;
         }
     }
-    let writes: Vec<(u64, &[u8])> = pieces.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-    Ok(cdp::encode_point(t, &writes))
+    let mut buf = Vec::new();
+    for (i, (at, n)) in pieces.iter().enumerate() {
+        buf.resize(*n as usize, 0);
+        f.read_exact_at(&mut buf, *at)
+            .map_err(|e| CatalogError::io("read", &raw, e))?;
+        let flags = if i + 1 < pieces.len() {
+            cdp::CONTINUED
+        } else {
+            0
+        };
+        std::io::Write::write_all(&mut w, &cdp::encode_record(t, flags, *at, &buf))
+            .map_err(werr)?;
+    }
+    if pieces.is_empty() {
+        std::io::Write::write_all(&mut w, &cdp::encode_record(t, 0, 0, &[])).map_err(werr)?;
+    }
+    std::io::Write::flush(&mut w).map_err(werr)?;
+    drop(w);
+    let path = out.into_temp_path();
+    let file = std::fs::File::open(&path).map_err(|e| CatalogError::io("open", &path, e))?;
+    let end = file
+        .metadata()
+        .map_err(|e| CatalogError::io("stat", &path, e))?
+        .len();
+    Ok(Tail {
+        file,
+        path: path.to_path_buf(),
+        pos: 0,
+        end,
+        points: [(end, t)].into_iter().collect(),
+        _tmp: Some(path),
+    })
 }
 
 /// One catalog-mode sync of `session` over a connected slave: what the

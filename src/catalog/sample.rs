@@ -31,6 +31,8 @@ pub struct SampleOptions {
     pub points: usize,
     /// Share of a disk's blocks rewritten between two qcow snapshots.
     pub change: f64,
+    /// Share of a new disk's blocks written before its first snapshot.
+    pub fill: f64,
     /// Largest write of one CDP record, in blocks.
     pub max_write_blocks: u64,
     /// Which hosts get journals.
@@ -55,6 +57,7 @@ impl Default for SampleOptions {
             snapshots: 3,
             points: 20,
             change: 0.02,
+            fill: 0.33,
             max_write_blocks: 16,
             kinds: Kinds::Mixed,
         }
@@ -109,6 +112,7 @@ pub struct Appliance {
     last_time: u64,
     pub max_write_blocks: u64,
     pub change: f64,
+    pub fill: f64,
     /// One line per operation done or skipped.
     pub log: Vec<String>,
 }
@@ -161,6 +165,7 @@ impl Appliance {
             last_time: last,
             max_write_blocks: 16,
             change: 0.02,
+            fill: 0.33,
             log: Vec::new(),
         })
     }
@@ -254,8 +259,9 @@ impl Appliance {
                 None => {
                     let f = File::create(&raw).map_err(io("create", &raw))?;
                     f.set_len(size).map_err(io("size", &raw))?;
-                    // A fresh disk: a third of it written.
-                    self.write_random(&f, size, 0.33)?;
+                    // A fresh disk: partly written.
+                    let fill = self.fill;
+                    self.write_random(&f, size, fill)?;
                 }
             }
             if !is_cdp && pd.is_some() {
@@ -370,8 +376,20 @@ impl Appliance {
     /// Rewrites about `share` of the blocks of a raw image, in runs.
     fn write_random(&mut self, f: &File, size: u64, share: f64) -> Result<(), CatalogError> {
         let blocks = size / BLOCK;
-        let mut todo = ((blocks as f64) * share).ceil() as u64;
         let mut buf = Vec::new();
+        if share >= 1.0 {
+            // Every block.
+            let mut at = 0;
+            while at < size {
+                buf.resize((size - at).min(4 << 20) as usize, 0);
+                self.rng.fill(&mut buf);
+                f.write_all_at(&buf, at)
+                    .map_err(|e| CatalogError::Tool(format!("writing a raw image: {e}")))?;
+                at += buf.len() as u64;
+            }
+            return Ok(());
+        }
+        let mut todo = ((blocks as f64) * share).ceil() as u64;
         while todo > 0 {
             let run = (1 + self.rng.below(16)).min(todo).min(blocks);
             let at = self.rng.below(blocks - run + 1) * BLOCK;
@@ -821,6 +839,7 @@ pub fn create(dir: &Path, o: &SampleOptions) -> Result<Vec<String>, CatalogError
     )?;
     let mut a = Appliance::open(dir, o.seed)?;
     a.change = o.change;
+    a.fill = o.fill;
     a.max_write_blocks = o.max_write_blocks;
     let now = time::now();
     let span = 86_400u64 * 1_000_000_000;
