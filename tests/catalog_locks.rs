@@ -36,6 +36,21 @@ fn world() -> World {
     w
 }
 
+fn status(w: &World) -> georep::catalog::status::CatalogStatus {
+    let dir = w.home.join("sessions/c");
+    let path = dir.join("config.toml");
+    let config =
+        georep::session::parse_config(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+    let s = georep::session::Session {
+        name: "c".into(),
+        dir,
+        config,
+    };
+    georep::catalog::status::session_status(&s)
+        .unwrap()
+        .expect("a store session")
+}
+
 fn oldest_files(w: &World) -> Vec<String> {
     let h = store::load_host(&w.master, "host01").unwrap();
     let s = h.snapshots.values().next().unwrap();
@@ -128,6 +143,12 @@ fn a_killed_worker_leaves_a_stale_lock_that_binds_no_one_and_is_cleared() {
     assert!(l.iter().any(|x| x.path == lock.path));
     let listed = w.run_ok(&["point", "locks", w.master.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("stale"));
+    // What `status --detail` gets from the library.
+    let st = status(&w);
+    assert!(
+        !st.locks.is_empty() && st.locks.iter().all(|l| !l.live),
+        "{st:?}"
+    );
     cat::replica_consistent(&w.master, &w.slave);
     // The appliance ignores the stale lock.
     let mut a = Appliance::open(&w.master, 7).unwrap();
@@ -141,6 +162,14 @@ fn a_killed_worker_leaves_a_stale_lock_that_binds_no_one_and_is_cleared() {
     );
     assert!(locks::list(&w.master).unwrap().is_empty());
     cat::replica_consistent(&w.master, &w.slave);
+    let st = status(&w);
+    assert!(st.locks.is_empty());
+    assert_eq!(st.newest_from, "slave");
+    let m = store::load_host(&w.master, "host01").unwrap();
+    assert_eq!(
+        st.newest[0].newest_complete,
+        georep::catalog::points::newest_complete(&m)
+    );
     let tmp = tempfile::tempdir_in(&w.dir).unwrap();
     cat::same_points(&w.master, &w.slave, 0, tmp.path());
 }

@@ -14,6 +14,7 @@
 //! - [`replicate`]: carrying a plan out against the slave
 //! - [`locks`]: the lock protocol shared with the appliance
 //! - [`sample`]: a generator of realistic sample stores (an appliance model)
+//! - [`status`]: locks and RPO of a session, for `status --detail`
 
 pub mod cdp;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod qcow;
 pub mod record;
 pub mod replicate;
 pub mod sample;
+pub mod status;
 pub mod store;
 pub mod time;
 

@@ -95,7 +95,7 @@ pub fn list(root: &Path, cat: &Catalog, filter: &Filter) -> Result<Vec<Point>, C
 
 /// Per host: the newest time at which every disk of its newest host
 /// snapshot can be restored, and how old that is.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct HostRpo {
     pub host: String,
     pub newest_complete: Option<u64>,
