@@ -98,6 +98,25 @@ fn bad_input_is_refused_with_one_line_and_exit_2() {
         ],
         "multiple of 1M",
     );
+    // A slave that holds something else is not mixed into.
+    let w2 = World::new();
+    let m2 = w2.master.to_str().unwrap().to_string();
+    w2.run_ok(&[
+        "sample-store",
+        &m2,
+        "--hosts",
+        "1",
+        "--disk-size",
+        "1M",
+        "--snapshots",
+        "1",
+        "--points",
+        "2",
+    ]);
+    w2.create("c", &[]);
+    std::fs::write(w2.slave.join("precious.txt"), b"keep me").unwrap();
+    refused(&w2, &["sync", "c"], "not empty (precious.txt is there)");
+    assert!(!w2.slave.join("store.json").exists() && !w2.slave.join("hosts").exists());
     // A session whose master stopped being a store.
     w.create("c", &[]);
     std::fs::remove_file(w.master.join("store.json")).unwrap();

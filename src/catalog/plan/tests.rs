@@ -439,3 +439,28 @@ fn a_snapshot_deleted_by_retention_is_deleted_on_the_slave_after_the_new_ones() 
     let steps = plan_host(SyncMode::Continuous, H, None, Some(&slave));
     assert_eq!(steps.len(), 2);
 }
+
+#[test]
+fn switching_to_continuous_after_interval_starts_a_journal_at_the_newest_point() {
+    let m = cdp_master(t(12), 11);
+    // Made in interval mode: an image of t(9), no journal.
+    let slave = host(vec![snap(
+        t(9),
+        &[("a", vec![qcow("a", t(9), None, false)])],
+        Some(t(1)),
+    )]);
+    let steps = plan_host(SyncMode::Continuous, H, Some(&m), Some(&slave));
+    let g = gens(&steps);
+    assert_eq!(g.len(), 1, "{steps:?}");
+    assert_eq!(disk(g[0], "a").point, t(12));
+    assert!(disk(g[0], "a").journal);
+    assert_eq!(
+        disk(g[0], "a").how,
+        ImageSource::Build {
+            base: Some(BaseRef {
+                time: t(9),
+                file: record::qcow_file(H, "a", t(9))
+            })
+        }
+    );
+}

@@ -233,7 +233,7 @@ impl Run {
         let master = blocking(move || store::load(&root))
             .await
             .map_err(RunError::Catalog)?;
-        self.ensure_store().await.map_err(RunError::Slave)?;
+        self.ensure_store().await?;
         let mut hosts: BTreeSet<String> = master.hosts.keys().cloned().collect();
         hosts.extend(self.slave_hosts().await.map_err(RunError::Slave)?);
         for host in hosts {
@@ -258,17 +258,46 @@ impl Run {
         })
     }
 
-    async fn ensure_store(&self) -> Result<(), ProtoError> {
+    /// Makes the slave root a store (its `store.json`); refuses a slave
+    /// that holds something else, so a store never mixes into other data.
+    async fn ensure_store(&self) -> Result<(), RunError> {
         let p = RelPath::new(record::STORE_FILE.as_bytes().to_vec()).expect("valid");
         let want = record::to_json(&StoreRecord::default());
-        match self.e.slave.read_file(p.clone(), 0, MAX_RECORD).await?.wait().await {
-            Ok(have) if serde_json::from_slice::<StoreRecord>(&have).ok() == Some(StoreRecord::default()) => Ok(()),
-            Ok(_) => Err(ProtoError::Remote(crate::protocol::WireError::new(
-                ErrorKind::Invalid,
-                "the slave root holds another kind of store.json: give a new or empty slave directory",
-            ))),
-            Err(e) if is_not_found(&e) => self.put(p, want).await,
-            Err(e) => Err(e),
+        let refuse = |why: String| {
+            RunError::Catalog(CatalogError::Usage(format!(
+                "slave {}: {why}: give a new or empty slave directory",
+                self.e.slave.client().agent_root()
+            )))
+        };
+        let have = self
+            .e
+            .slave
+            .read_file(p.clone(), 0, MAX_RECORD)
+            .await
+            .map_err(RunError::Slave)?
+            .wait()
+            .await;
+        match have {
+            Ok(have)
+                if serde_json::from_slice::<StoreRecord>(&have).ok()
+                    == Some(StoreRecord::default()) =>
+            {
+                Ok(())
+            }
+            Ok(_) => Err(refuse(
+                "its store.json is not a georep store of this version".into(),
+            )),
+            Err(e) if is_not_found(&e) => {
+                let entries = self.list("").await.map_err(RunError::Slave)?;
+                if let Some(e) = entries.first() {
+                    return Err(refuse(format!(
+                        "not empty ({} is there) and not a snapshot store",
+                        String::from_utf8_lossy(&e.name)
+                    )));
+                }
+                self.put(p, want).await.map_err(RunError::Slave)
+            }
+            Err(e) => Err(RunError::Slave(e)),
         }
     }
 
