@@ -2,7 +2,8 @@
 
 use crate::error::UserError;
 use crate::session::{
-    check_name, sessions_dir, Config, MarkerPolicy, Session, SlaveSpec, SyncMode, CONFIG_KEYS,
+    check_name, sessions_dir, Config, Layout, MarkerPolicy, Session, SlaveSpec, SyncMode,
+    CONFIG_KEYS,
 };
 use crate::user_err;
 use crate::xtime;
@@ -22,6 +23,8 @@ pub struct CreateOptions {
     pub no_verify: bool,
     /// SSH slave: the georep program there.
     pub remote_georep: Option<String>,
+    /// None: a snapshot store if the master has a `store.json`, else a tree.
+    pub layout: Option<Layout>,
 }
 
 /// Why `create` failed: bad input, or the SSH slave (with its retry class).
@@ -37,6 +40,18 @@ pub enum CreateError {
 pub struct Created {
     pub session: Session,
     pub check: Option<crate::ssh::setup::SlaveCheck>,
+}
+
+/// Resolves the layout of `master` (see [`CreateOptions::layout`]).
+fn resolve_layout(master: &Path, want: Option<Layout>) -> Result<Layout, UserError> {
+    let is_store = master.join(crate::catalog::record::STORE_FILE).exists();
+    match want {
+        None if is_store => Ok(Layout::Store),
+        None | Some(Layout::Tree) => Ok(Layout::Tree),
+        Some(Layout::Store) => crate::catalog::store::check_store(master)
+            .map(|_| Layout::Store)
+            .map_err(|e| user_err!("{e}")),
+    }
 }
 
 fn check_master(master: &Path) -> Result<PathBuf, UserError> {
@@ -117,6 +132,7 @@ pub fn create(
         return Err(user_err!("session {name:?} already exists ({}): choose another name or `georep delete {name}` first", dir.display()).into());
     }
     let master = check_master(master)?;
+    let layout = resolve_layout(&master, opts.layout)?;
     let (slave, ssh) = match SlaveSpec::parse(slave)? {
         SlaveSpec::Local(p) => {
             if opts.push_pem {
@@ -188,6 +204,7 @@ pub fn create(
         ssh_port: opts.ssh_port,
         identity: opts.identity.clone(),
         remote_georep: opts.remote_georep.clone(),
+        layout,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -377,6 +394,13 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
         }
         "identity" => c.identity = value.map(PathBuf::from),
         "remote_georep" => c.remote_georep = value.map(str::to_string),
+        "layout" => {
+            c.layout = match value {
+                None | Some("tree") => Layout::Tree,
+                Some("store") => resolve_layout(&c.master, Some(Layout::Store))?,
+                Some(_) => return Err(bad("tree or store")),
+            }
+        }
         _ => return Err(unknown_key(key)),
     }
     session

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod catalog;
 pub mod continuous;
 pub mod crawl;
 pub mod daemon;

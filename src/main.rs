@@ -48,6 +48,9 @@ enum Cmd {
         /// The georep program on the SSH slave (default: georep, on the PATH).
         #[arg(long)]
         remote_georep: Option<String>,
+        /// tree: mirror any tree; store: a snapshot store replicated point by point (catalog mode); auto: store if MASTER/store.json exists.
+        #[arg(long, value_enum, default_value = "auto")]
+        layout: LayoutArg,
     },
     /// Run one crawl in the foreground; exit 0 once the slave equals the master.
     Sync {
@@ -121,6 +124,49 @@ enum Cmd {
     /// Internal: the worker the monitor runs.
     #[command(hide = true)]
     Worker { session: String },
+    /// Restorable points of a snapshot store (master or replica).
+    Point {
+        #[command(subcommand)]
+        op: PointOp,
+    },
+    /// Make a sample snapshot store (hosts, qcow2 chains, CDP journals, records), or add activity to one.
+    SampleStore {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Disks per host (odd-numbered hosts get one more).
+        #[arg(long, default_value_t = 2)]
+        disks: usize,
+        /// Size of each disk, e.g. 16M or 1G.
+        #[arg(long, default_value = "16M", value_parser = parse_size)]
+        disk_size: u64,
+        /// Host snapshots per host.
+        #[arg(long, default_value_t = 3)]
+        snapshots: usize,
+        /// CDP points per journal (and per append with --advance).
+        #[arg(long, default_value_t = 20)]
+        points: usize,
+        /// Share of a disk rewritten between two qcow snapshots (0.0-1.0).
+        #[arg(long, default_value_t = 0.02)]
+        change: f64,
+        /// Share of a new disk written before its first snapshot (0.0-1.0).
+        #[arg(long, default_value_t = 0.33)]
+        fill: f64,
+        /// Largest CDP write, e.g. 64K.
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        max_write: u64,
+        /// Which hosts keep CDP journals.
+        #[arg(long, value_enum, default_value = "mixed")]
+        kinds: KindsArg,
+        /// Add activity to an existing store: CDP appends, a host snapshot, a reclamation split, a retention delete.
+        #[arg(long)]
+        advance: bool,
+        /// With --advance: only this activity.
+        #[arg(long, value_enum, requires = "advance")]
+        only: Option<ActivityArg>,
+    },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {
         #[arg(long)]
@@ -129,6 +175,66 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         keepalive: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum PointOp {
+    /// List the restorable points (and each host's newest complete point).
+    List {
+        store: PathBuf,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Materialise POINT (HOST/DISK@TIME, TIME as listed or `latest`) as a qcow2 image.
+    Restore {
+        store: PathBuf,
+        point: String,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Check every record against its data; exit 1 if any does not verify.
+    Verify {
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the point locks held on a master store (and stale ones).
+    Locks {
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LayoutArg {
+    Auto,
+    Tree,
+    Store,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KindsArg {
+    Mixed,
+    Qcow,
+    Cdp,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ActivityArg {
+    Snapshot,
+    Cdp,
+    Reclaim,
+    Retention,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    georep::catalog::sample::parse_size(s)
+        .ok_or_else(|| format!("bad size {s:?}: use bytes or a number with K, M or G"))
 }
 
 #[derive(Subcommand)]
@@ -172,6 +278,13 @@ fn exit_code(err: &anyhow::Error) -> i32 {
                 Retry::Permanent => exit::PERMANENT,
             };
         }
+        if let Some(c) = cause.downcast_ref::<georep::catalog::CatalogError>() {
+            return match c {
+                _ if c.is_usage() => exit::USAGE,
+                _ if c.retry() == Retry::Temporary => exit::TEMPORARY,
+                _ => exit::PERMANENT,
+            };
+        }
         if let Some(w) = cause.downcast_ref::<georep::worker::WorkerError>() {
             return match w {
                 georep::worker::WorkerError::Config(_) => exit::USAGE,
@@ -201,8 +314,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             push_pem,
             no_verify,
             remote_georep,
+            layout,
         } => {
             let opts = georep::admin::CreateOptions {
+                layout: match layout {
+                    LayoutArg::Auto => None,
+                    LayoutArg::Tree => Some(georep::session::Layout::Tree),
+                    LayoutArg::Store => Some(georep::session::Layout::Store),
+                },
                 mode: match mode {
                     ModeArg::Continuous => SyncMode::Continuous,
                     ModeArg::Interval => SyncMode::Interval,
@@ -234,11 +353,16 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             println!(
-                "created session {} : {} -> {} ({})",
+                "created session {} : {} -> {} ({}){}",
                 s.name,
                 s.config.master.display(),
                 s.config.slave,
-                s.dir.display()
+                s.dir.display(),
+                if s.config.layout == georep::session::Layout::Store {
+                    ", a snapshot store: catalog mode"
+                } else {
+                    ""
+                }
             );
             Ok(exit::OK)
         }
@@ -276,6 +400,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let summary = summary?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
+            } else if let Some(c) = &summary.catalog {
+                georep::catalog::cli::print_sync(&summary, c);
             } else {
                 println!(
                     "{} crawl: {} entries visited, {} files synced, {} bytes sent ({} literal, {} delta), {} deleted, {} failures, {} ms",
@@ -373,6 +499,74 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             georep::daemon::status::set_checkpoint(&session, &when)
         }
         Cmd::Worker { session } => georep::daemon::run_worker(&session),
+        Cmd::Point { op } => {
+            use georep::catalog::cli;
+            match op {
+                PointOp::List {
+                    store,
+                    host,
+                    disk,
+                    json,
+                } => cli::point_list(
+                    &store,
+                    &georep::catalog::points::Filter { host, disk },
+                    json,
+                )?,
+                PointOp::Restore {
+                    store,
+                    point,
+                    output,
+                } => cli::point_restore(&store, &point, &output)?,
+                PointOp::Verify { store, json } => {
+                    if !cli::point_verify(&store, json)? {
+                        return Ok(exit::PARTIAL);
+                    }
+                }
+                PointOp::Locks { store, json } => cli::point_locks(&store, json)?,
+            }
+            Ok(exit::OK)
+        }
+        Cmd::SampleStore {
+            dir,
+            hosts,
+            seed,
+            disks,
+            disk_size,
+            snapshots,
+            points,
+            change,
+            fill,
+            max_write,
+            kinds,
+            advance,
+            only,
+        } => {
+            use georep::catalog::sample::{Activity, Kinds, SampleOptions};
+            let o = SampleOptions {
+                hosts,
+                seed,
+                disks,
+                disk_size,
+                snapshots,
+                points,
+                change: change.clamp(0.0, 1.0),
+                fill: fill.clamp(0.0, 1.0),
+                max_write_blocks: (max_write / georep::catalog::sample::BLOCK).max(1),
+                kinds: match kinds {
+                    KindsArg::Mixed => Kinds::Mixed,
+                    KindsArg::Qcow => Kinds::Qcow,
+                    KindsArg::Cdp => Kinds::Cdp,
+                },
+            };
+            let only = only.map(|a| match a {
+                ActivityArg::Snapshot => Activity::Snapshot,
+                ActivityArg::Cdp => Activity::Cdp,
+                ActivityArg::Reclaim => Activity::Reclaim,
+                ActivityArg::Retention => Activity::Retention,
+            });
+            georep::catalog::cli::sample_store(&dir, &o, advance, only)?;
+            Ok(exit::OK)
+        }
         Cmd::Agent { root, keepalive } => {
             let opts = georep::agent::AgentOptions {
                 root,

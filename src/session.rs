@@ -39,6 +39,16 @@ pub enum SyncMode {
     Interval,
 }
 
+/// What the master is: any tree (mirrored entry by entry), or a snapshot
+/// store replicated point by point in catalog mode (see `catalog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    #[default]
+    Tree,
+    Store,
+}
+
 /// What the worker may assume about xtimes between two crawls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -122,6 +132,9 @@ pub struct Config {
     /// The georep program on an SSH slave (default `georep`, on the PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_georep: Option<String>,
+    /// `store`: replicate the master as a snapshot store (catalog mode).
+    #[serde(default)]
+    pub layout: Layout,
 }
 
 fn default_interval() -> u64 {
@@ -152,6 +165,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("ssh_port", "SSH port of the slave"),
     ("identity", "SSH private key file"),
     ("remote_georep", "georep program on an SSH slave"),
+    (
+        "layout",
+        "tree | store (the master is a snapshot store: catalog mode)",
+    ),
 ];
 
 /// Replication state kept between runs.

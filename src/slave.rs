@@ -295,4 +295,68 @@ impl Slave {
     pub async fn barrier(&self) -> Result<(), ProtoError> {
         self.req(Request::Barrier, done).await?.wait().await
     }
+
+    /// Renames `from` to `to` (which must not exist) durably.
+    pub async fn rename(&self, from: RelPath, to: RelPath) -> Result<Pending<()>, ProtoError> {
+        self.req(Request::Rename { from, to }, done).await
+    }
+
+    /// Reads at most `max` bytes of a file from `offset`.
+    pub async fn read_file(
+        &self,
+        path: RelPath,
+        offset: u64,
+        max: u64,
+    ) -> Result<Pending<Vec<u8>>, ProtoError> {
+        self.req(Request::ReadFile { path, offset, max }, |r| {
+            match r.as_slice() {
+                [Reply::Data(d)] => Ok(d.to_vec()),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    /// The disk ranges a journal's points after `after` write.
+    pub async fn journal_extents(
+        &self,
+        path: RelPath,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<(u64, u64)>, ProtoError> {
+        self.req(
+            Request::JournalExtents { path, after, limit },
+            |r| match r.as_slice() {
+                [Reply::Extents(e)] => Ok(e.clone()),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await?
+        .wait()
+        .await
+    }
+
+    /// Appends verified data in place at `at` (see `Request::AppendTail`).
+    pub async fn append_tail(
+        &self,
+        path: RelPath,
+        at: u64,
+        data: Vec<u8>,
+        sync: bool,
+        check: Option<(u64, Hash32)>,
+    ) -> Result<Pending<u64>, ProtoError> {
+        let digest = *blake3::hash(&data).as_bytes();
+        self.req(
+            Request::AppendTail {
+                path,
+                at,
+                data: ByteBuf::from(data),
+                digest,
+                sync,
+                check,
+            },
+            committed,
+        )
+        .await
+    }
 }

@@ -111,6 +111,17 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("blocking task panicked")
 }
 
+/// Where the slave finds the basis a file is diffed against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Basis {
+    /// No basis: everything goes as literal data.
+    None,
+    /// The slave's current file at the destination (if it is a regular file).
+    Dest,
+    /// Another slave file, e.g. the parent point's image.
+    Other(RelPath),
+}
+
 /// Ships the master file `rel` to the slave. `basis`: whether the slave
 /// has a regular file there to diff against.
 pub async fn ship(
@@ -119,27 +130,49 @@ pub async fn ship(
     size_hint: u64,
     basis: bool,
 ) -> Result<Shipped, FileError> {
-    let span = tracing::info_span!("transfer", path = %rel, size = size_hint, basis);
+    let basis = if basis { Basis::Dest } else { Basis::None };
+    Ok(ship_from(e, &e.master.path(rel), rel, size_hint, basis)
+        .await?
+        .0)
+}
+
+/// Ships local file `src` (a master file or a file made from one) to
+/// `dest` on the slave, diffed against `basis`; returns what happened and
+/// the digest of the content the slave verified.
+pub async fn ship_from(
+    e: &Engine,
+    src: &std::path::Path,
+    dest: &RelPath,
+    size_hint: u64,
+    basis: Basis,
+) -> Result<(Shipped, Hash32), FileError> {
+    let span = tracing::info_span!("transfer", path = %dest, size = size_hint, basis = ?basis);
     async move {
-        if size_hint <= SMALL || (!basis && size_hint <= MAX_DATA as u64) {
-            small(e, rel, size_hint).await
+        let has_basis = basis != Basis::None;
+        if size_hint <= SMALL || (!has_basis && size_hint <= MAX_DATA as u64) {
+            small(e, src, dest, size_hint).await
         } else {
             // Boxed: its state is large, and most files are small.
-            Box::pin(large(e, rel, basis)).await
+            Box::pin(large(e, src, dest, basis)).await
         }
     }
     .instrument(span)
     .await
 }
 
-async fn small(e: &Engine, rel: &RelPath, size_hint: u64) -> Result<Shipped, FileError> {
+async fn small(
+    e: &Engine,
+    src: &std::path::Path,
+    rel: &RelPath,
+    size_hint: u64,
+) -> Result<(Shipped, Hash32), FileError> {
     let permits = (size_hint.max(1) as usize).min(crate::crawl::READ_BUDGET) as u32;
     let _budget = e
         .read_budget
         .acquire_many(permits)
         .await
         .expect("budget never closed");
-    let path = e.master.path(rel);
+    let path = src.to_path_buf();
     let (data, meta) = blocking(move || -> Result<(Vec<u8>, Meta), FileError> {
         let f = File::open(&path).map_err(merr("open", &path))?;
         let before = f.metadata().map_err(merr("stat", &path))?;
@@ -162,7 +195,7 @@ async fn small(e: &Engine, rel: &RelPath, size_hint: u64) -> Result<Shipped, Fil
     drop(_budget);
     pending.wait().await?;
     e.stats.bytes_literal.fetch_add(literal, Ordering::Relaxed);
-    Ok(Shipped::Sent)
+    Ok((Shipped::Sent, digest))
 }
 
 /// A window of the master file as read: zeros where the file has holes.
@@ -228,12 +261,17 @@ fn all_hole(extents: &[(u64, u64)], off: u64, len: u64) -> bool {
         .any(|&(eo, el)| eo < off + len && eo + el > off)
 }
 
-async fn large(e: &Engine, rel: &RelPath, basis: bool) -> Result<Shipped, FileError> {
+async fn large(
+    e: &Engine,
+    src: &std::path::Path,
+    rel: &RelPath,
+    basis: Basis,
+) -> Result<(Shipped, Hash32), FileError> {
     let _slot = e.large_files.acquire().await.expect("never closed");
     if e.shutting_down() {
         return Err(FileError::Interrupted);
     }
-    let path = e.master.path(rel);
+    let path = src.to_path_buf();
     let (file, before, extents) = {
         let path = path.clone();
         blocking(move || -> Result<_, MasterError> {
@@ -248,13 +286,21 @@ async fn large(e: &Engine, rel: &RelPath, basis: bool) -> Result<Shipped, FileEr
     let file = std::sync::Arc::new(file);
     let extents = std::sync::Arc::new(extents);
     let fid = e.next_fid();
-    let opened = e.slave.open_file(fid, rel.clone(), None, size).await?;
-    let basis_size = if basis {
+    let other = match &basis {
+        Basis::Other(p) => Some(p.clone()),
+        _ => None,
+    };
+    let opened = e.slave.open_file(fid, rel.clone(), other, size).await?;
+    let basis_size = if basis != Basis::None {
         opened.wait().await?.unwrap_or(0)
     } else {
         0
     };
-    let result = send_windows(e, rel, fid, &path, &file, &extents, size, basis_size).await;
+    let shortcut = basis == Basis::Dest;
+    let result = send_windows(
+        e, rel, fid, &path, &file, &extents, size, basis_size, shortcut,
+    )
+    .await;
     let (digest, unchanged) = match result {
         Ok(r) => r,
         Err(err) => {
@@ -272,7 +318,7 @@ async fn large(e: &Engine, rel: &RelPath, basis: bool) -> Result<Shipped, FileEr
     if fingerprint(&before) != fingerprint(&after) || unchanged {
         e.slave.abort(fid).await?.wait().await?;
         if unchanged && fingerprint(&before) == fingerprint(&after) {
-            return Ok(Shipped::Unchanged);
+            return Ok((Shipped::Unchanged, digest));
         }
         return Err(FileError::Changed(path));
     }
@@ -281,11 +327,12 @@ async fn large(e: &Engine, rel: &RelPath, basis: bool) -> Result<Shipped, FileEr
         blocking(move || meta_of(&path, &after)).await?
     };
     e.slave.commit(fid, digest, meta).await?.wait().await?;
-    Ok(Shipped::Sent)
+    Ok((Shipped::Sent, digest))
 }
 
 /// Sends every window of the file; returns the master's digest and
-/// whether the slave's basis turned out identical (nothing to publish).
+/// whether the slave's basis turned out identical (nothing to publish,
+/// checked only with `shortcut`: when the basis is the destination itself).
 #[allow(clippy::too_many_arguments)]
 async fn send_windows(
     e: &Engine,
@@ -296,6 +343,7 @@ async fn send_windows(
     extents: &std::sync::Arc<Vec<(u64, u64)>>,
     size: u64,
     basis_size: u64,
+    shortcut: bool,
 ) -> Result<(Hash32, bool), FileError> {
     let nwin = size.div_ceil(WINDOW) as usize;
     let overlap = size.min(basis_size);
@@ -351,8 +399,12 @@ async fn send_windows(
         for i in 0..nover {
             equal[i] = local[i] == remote[i];
         }
-        if size == basis_size && equal.iter().all(|&x| x) {
-            return Ok(([0; 32], true));
+        if shortcut && size == basis_size && equal.iter().all(|&x| x) {
+            let mut d = Digester::new();
+            for (i, h) in local.iter().enumerate() {
+                d.feed_window_hash(h, window_range(size, i).1);
+            }
+            return Ok((d.finish(), true));
         }
     }
 

@@ -90,6 +90,9 @@ pub struct Summary {
     pub failures: u64,
     pub errors: Vec<Failure>,
     pub duration_ms: u64,
+    /// Catalog mode (layout = store): generations, points, locks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<crate::catalog::replicate::CatalogSummary>,
 }
 
 /// Options of one sync.
@@ -283,6 +286,18 @@ impl<'a> Worker<'a> {
                 w.bytes_in.load(Ordering::Relaxed),
             )
         };
+        if session.config.layout == crate::session::Layout::Store {
+            // Catalog mode: points and generations instead of the tree crawl.
+            let res =
+                crate::catalog::replicate::sync_store(session, &slave, &master_id, shutdown).await;
+            if slave.client().closed().is_some() {
+                self.conn = None;
+            }
+            return res.map(|summary| Summary {
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..summary
+            });
+        }
         let slave_err = |source| WorkerError::Slave {
             slave: session.config.slave.clone(),
             source,
@@ -412,6 +427,7 @@ impl<'a> Worker<'a> {
             failures: outcome.failure_count,
             errors: outcome.failures,
             duration_ms: 0,
+            catalog: None,
         };
         Ok(Summary {
             duration_ms: started.elapsed().as_millis() as u64,

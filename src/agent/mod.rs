@@ -2,6 +2,7 @@
 //! any byte stream (stdin/stdout under SSH or as a local child, a socket in
 //! tests) and confines every operation to its root.
 
+mod catalog;
 mod files;
 mod root;
 
@@ -431,6 +432,30 @@ impl Agent<'_> {
                 nix::unistd::syncfs(self.root.fd())
                     .map(|_| Reply::Done)
                     .map_err(|e| WireError::new(ErrorKind::Io, format!("syncfs: {e}")))
+            }
+            Request::Rename { from, to } => {
+                self.flush_if(|p| p.as_bytes().starts_with(from.as_bytes()));
+                catalog::rename_noreplace(&self.root, &from, &to).map(|_| Reply::Done)
+            }
+            Request::ReadFile { path, offset, max } => {
+                self.flush_if(|p| p == &path);
+                catalog::read_file(&self.root, &path, offset, max).map(|d| Reply::Data(d.into()))
+            }
+            Request::JournalExtents { path, after, limit } => {
+                self.flush_if(|p| p == &path);
+                catalog::journal_extents(&self.root, &path, after, limit).map(Reply::Extents)
+            }
+            Request::AppendTail {
+                path,
+                at,
+                data,
+                digest,
+                sync,
+                check,
+            } => {
+                self.flush_if(|p| p == &path);
+                catalog::append_tail(&self.root, &path, at, &data, &digest, sync, check)
+                    .map(|written| Reply::Committed { written })
             }
         };
         self.reply(id, result);

@@ -17,7 +17,9 @@ pub use msg::*;
 use std::io::{self, Read, Write};
 
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 4: StatFs (SSH set-up checks) and the catalog requests (Rename, ReadFile,
+/// JournalExtents, AppendTail).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
 pub const BANNER: &[u8; 8] = b"GEOREP1\n";

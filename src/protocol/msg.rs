@@ -134,6 +134,39 @@ pub enum Request {
     Barrier,
     /// Space of the file system holding the root (checked by `create`).
     StatFs,
+    /// Renames `from` to `to` (which must not exist) in one step and makes
+    /// both directories durable: how a staged generation is published.
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
+    /// Reads at most `max` bytes of a regular file from `offset` (a whole
+    /// catalog record, or an image's header).
+    ReadFile {
+        path: RelPath,
+        offset: u64,
+        max: u64,
+    },
+    /// The disk ranges written by the points of a CDP journal after time
+    /// `after`, within its first `limit` bytes, merged and sorted.
+    JournalExtents {
+        path: RelPath,
+        after: u64,
+        limit: u64,
+    },
+    /// Appends `data` in place at offset `at` of an existing file, first
+    /// cutting off anything beyond `at` (an unpublished tail); refused if
+    /// the file is shorter than `at`. `digest` is BLAKE3 of `data`. With
+    /// `sync`, the file is made durable; with `check = (from, hash)`, the
+    /// agent then reads back `[from, at + len)` and compares its BLAKE3.
+    AppendTail {
+        path: RelPath,
+        at: u64,
+        data: ByteBuf,
+        digest: Hash32,
+        sync: bool,
+        check: Option<(u64, Hash32)>,
+    },
 }
 
 impl Request {
@@ -173,6 +206,8 @@ pub enum Reply {
         avail: u64,
         total: u64,
     },
+    Data(ByteBuf),
+    Extents(Vec<(u64, u64)>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

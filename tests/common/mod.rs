@@ -2,6 +2,7 @@
 //! directories with real xattrs, and a comparison of whole trees.
 #![allow(dead_code)]
 
+pub mod catalog;
 pub mod daemon;
 pub mod mutate;
 pub mod proxy;
