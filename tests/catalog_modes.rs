@@ -230,3 +230,22 @@ fn cdp_continuous_starts_with_an_image_then_appends_every_following_point_as_cdp
         "same RPO point on both sides"
     );
 }
+
+#[test]
+fn a_store_replicates_over_ssh_with_the_same_points_and_content() {
+    let w = World::new();
+    cat::sample(&w, &["--hosts", "2"]);
+    let sshd = common::sshd::Sshd::start();
+    let mut args = common::sshd::create_args(&sshd, "c", &w.master, &w.slave);
+    args.extend(["--mode".into(), "continuous".into()]);
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    w.run_ok(&args);
+    sync(&w);
+    cat::advance(&w, &[]);
+    let s = sync(&w);
+    assert!(common::n(&s, "bytes_sent") > 0, "{s}");
+    let tmp = tempfile::tempdir_in(&w.dir).unwrap();
+    assert!(cat::same_points(&w.master, &w.slave, 4, tmp.path()) > 0);
+    let quiet = sync(&w);
+    assert_eq!(common::n(&quiet, "bytes_sent"), 0, "{quiet}");
+}
