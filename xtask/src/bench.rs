@@ -224,7 +224,7 @@ pub fn empty_dir(p: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cp -a` (for restoring a slave to its before-state between repetitions).
+/// `cp -a` then `sync` (restores a slave to its before-state between repetitions).
 pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     if to.exists() {
         std::fs::remove_dir_all(to)?;
@@ -236,5 +236,14 @@ pub fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
             .arg(from)
             .arg(to),
     )?;
+    // Flush the copy now, so no tool measured next pays for writing it back.
+    procs::setup(&mut Command::new("sync"))?;
+    Ok(())
+}
+
+/// Copies one file and flushes it (see [`copy_tree`]).
+pub fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
+    procs::setup(Command::new("cp").arg("--sparse=always").arg(from).arg(to))?;
+    procs::setup(&mut Command::new("sync"))?;
     Ok(())
 }

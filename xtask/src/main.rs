@@ -2,6 +2,7 @@
 //! runs georep and rsync side by side on generated workloads (see README).
 
 mod bench;
+mod catalog;
 mod data;
 mod procs;
 mod proxy;
@@ -152,10 +153,12 @@ fn main() -> anyhow::Result<()> {
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();
     type Runner = fn(&Ctx) -> anyhow::Result<Outcome>;
-    let all: [(&str, Runner); 7] = [
+    let all: [(&str, Runner); 9] = [
         ("W1", workloads::w1),
         ("W2", workloads::w2),
-        ("W3", workloads::w3),
+        ("W3", catalog::w3),
+        ("W3t", workloads::w3_tree),
+        ("W4", catalog::w4),
         ("W5", |c| workloads::w5(c, Link::Ssh)),
         ("W6", |c| workloads::w5(c, Link::Wan)),
         ("W7", workloads::w7),
