@@ -13,15 +13,11 @@ pub const WINDOW: u64 = 4 << 20;
 
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 
-/// BLAKE3 of a buffer, multi-threaded for large ones.
+/// BLAKE3 of a buffer. Single-threaded on purpose: with AVX2/AVX-512 it
+/// runs at several GB/s, and a thread pool's spinning on a small machine
+/// (worker and agent side by side) cost far more than it saved.
 pub fn hash(data: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    if data.len() >= 256 << 10 {
-        h.update_rayon(data);
-    } else {
-        h.update(data);
-    }
-    *h.finalize().as_bytes()
+    *blake3::hash(data).as_bytes()
 }
 
 /// The hash aligned blocks are compared by: BLAKE3 truncated to 128 bits.
@@ -89,11 +85,7 @@ impl Digester {
                 let h = hash(&data[..n]);
                 self.outer.update(&h);
             } else {
-                if n >= 256 << 10 {
-                    self.cur.update_rayon(&data[..n]);
-                } else {
-                    self.cur.update(&data[..n]);
-                }
+                self.cur.update(&data[..n]);
                 self.cur_len += n as u64;
                 if self.cur_len == WINDOW {
                     self.close_window();
