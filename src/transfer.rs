@@ -375,6 +375,7 @@ async fn large(
         blocking(move || meta_of(&path, &after)).await?
     };
     e.slave.commit(fid, digest, meta).await?.wait().await?;
+    tracing::debug!(in_place = patched, "committed");
     if patched {
         e.stats.files_in_place.fetch_add(1, Ordering::Relaxed);
     }
@@ -496,6 +497,11 @@ async fn send_windows(
         for i in 0..nover {
             equal[i] = roots[i] == remote[i];
         }
+        tracing::debug!(
+            windows = nover,
+            equal = equal.iter().filter(|&&x| x).count(),
+            "window hashes compared"
+        );
         if shortcut && size == basis_size && equal.iter().all(|&x| x) {
             let mut d = Digester::new();
             for (i, h) in roots.iter().enumerate() {
@@ -687,6 +693,7 @@ async fn send_windows(
             _ => digest.feed_window_hash(&roots[i], len),
         }
     }
+    tracing::debug!(windows = nwin, "all windows sent");
     Ok((digest.finish(), false))
 }
 
