@@ -25,6 +25,8 @@ pub struct CreateOptions {
     pub remote_georep: Option<String>,
     /// None: a snapshot store if the master has a `store.json`, else a tree.
     pub layout: Option<Layout>,
+    /// Files at least this big are patched in place on the slave.
+    pub inplace_min_size: Option<u64>,
 }
 
 /// Why `create` failed: bad input, or the SSH slave (with its retry class).
@@ -205,6 +207,7 @@ pub fn create(
         identity: opts.identity.clone(),
         remote_georep: opts.remote_georep.clone(),
         layout,
+        inplace_min_size: opts.inplace_min_size,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -399,6 +402,16 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                 None | Some("tree") => Layout::Tree,
                 Some("store") => resolve_layout(&c.master, Some(Layout::Store))?,
                 Some(_) => return Err(bad("tree or store")),
+            }
+        }
+        "inplace_min_size" => {
+            c.inplace_min_size = match value {
+                None | Some("off") | Some("none") => None,
+                Some(v) => Some(
+                    crate::catalog::sample::parse_size(v)
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| bad("a size in bytes, e.g. 1073741824 or 1G (or off)"))?,
+                ),
             }
         }
         _ => return Err(unknown_key(key)),

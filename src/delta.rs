@@ -43,8 +43,39 @@ pub fn copy_then_literal(off: u64, data: &[u8], ov: u64) -> Vec<Op> {
     ops
 }
 
-/// Copies for the blocks whose hashes match the basis, literals for the
-/// others, literals for the part of the window beyond the basis (`ov`).
+/// Copies for the blocks of `[off, off + ov)` whose comparison hashes
+/// match the basis's, literals for the others (whole blocks, not yet split
+/// at all-zero blocks: see [`literal_ops`]). Adjacent ops are merged.
+pub fn block_plan(
+    off: u64,
+    ov: u64,
+    block: u32,
+    local: &[[u8; 16]],
+    remote: &[[u8; 16]],
+) -> Vec<Op> {
+    let b = block as u64;
+    let mut ops: Vec<Op> = Vec::new();
+    for (k, lh) in local.iter().enumerate() {
+        let start = off + k as u64 * b;
+        let len = b.min(off + ov - start);
+        let copy = remote.get(k) == Some(lh);
+        match (ops.last_mut(), copy) {
+            (Some(Op::Copy { offset, len: l }), true)
+            | (Some(Op::Literal { offset, len: l }), false)
+                if *offset + *l == start =>
+            {
+                *l += len
+            }
+            (_, true) => ops.push(Op::Copy { offset: start, len }),
+            (_, false) => ops.push(Op::Literal { offset: start, len }),
+        }
+    }
+    ops
+}
+
+/// [`block_plan`] with the window's bytes at hand: literals split at
+/// all-zero blocks, and the part of the window beyond the basis (`ov`) as
+/// literals too.
 pub fn block_ops(
     off: u64,
     data: &[u8],
@@ -53,37 +84,31 @@ pub fn block_ops(
     local: &[[u8; 16]],
     remote: &[[u8; 16]],
 ) -> Vec<Op> {
-    let b = block as usize;
     let mut ops: Vec<Op> = Vec::new();
-    for (k, lh) in local.iter().enumerate() {
-        let start = k * b;
-        let end = (start + b).min(ov as usize);
-        if remote.get(k) == Some(lh) {
-            match ops.last_mut() {
-                Some(Op::Copy { offset, len }) if *offset + *len == off + start as u64 => {
-                    *len += (end - start) as u64
-                }
-                _ => ops.push(Op::Copy {
-                    offset: off + start as u64,
-                    len: (end - start) as u64,
-                }),
-            }
-        } else {
-            for op in literal_ops(off + start as u64, &data[start..end]) {
-                match (ops.last_mut(), &op) {
-                    (
-                        Some(Op::Literal { offset, len }),
-                        Op::Literal {
-                            offset: o2,
-                            len: l2,
-                        },
-                    ) if *offset + *len == *o2 => *len += l2,
-                    _ => ops.push(op),
+    let push = |ops: &mut Vec<Op>, op: Op| match (ops.last_mut(), &op) {
+        (
+            Some(Op::Literal { offset, len }),
+            Op::Literal {
+                offset: o2,
+                len: l2,
+            },
+        ) if *offset + *len == *o2 => *len += l2,
+        _ => ops.push(op),
+    };
+    for op in block_plan(off, ov, block, local, remote) {
+        match op {
+            Op::Literal { offset, len } => {
+                let s = (offset - off) as usize;
+                for l in literal_ops(offset, &data[s..s + len as usize]) {
+                    push(&mut ops, l);
                 }
             }
+            other => ops.push(other),
         }
     }
-    ops.extend(literal_ops(off + ov, &data[ov as usize..]));
+    for l in literal_ops(off + ov, &data[ov as usize..]) {
+        push(&mut ops, l);
+    }
     ops
 }
 
@@ -150,10 +175,12 @@ impl RollingPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::block_hash;
 
+    /// Comparison hashes of a window's blocks, as both sides compute them.
     fn hashes(d: &[u8]) -> Vec<[u8; 16]> {
-        d.chunks(4096).map(block_hash).collect()
+        let mut cvs = Vec::new();
+        crate::blocktree::block_cvs(0, d, &mut cvs);
+        cvs.iter().map(crate::blocktree::key).collect()
     }
 
     #[test]

@@ -20,14 +20,6 @@ pub fn hash(data: &[u8]) -> [u8; 32] {
     *blake3::hash(data).as_bytes()
 }
 
-/// The hash aligned blocks are compared by: BLAKE3 truncated to 128 bits.
-pub fn block_hash(block: &[u8]) -> [u8; 16] {
-    let h = blake3::hash(block);
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&h.as_bytes()[..16]);
-    out
-}
-
 /// BLAKE3 of `len` zero bytes (cached for a full window).
 pub fn zero_hash(len: u64) -> [u8; 32] {
     static FULL: OnceLock<[u8; 32]> = OnceLock::new();

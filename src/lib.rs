@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod blocktree;
 pub mod catalog;
 pub mod continuous;
 pub mod crawl;

@@ -51,6 +51,9 @@ enum Cmd {
         /// tree: mirror any tree; store: a snapshot store replicated point by point (catalog mode); auto: store if MASTER/store.json exists.
         #[arg(long, value_enum, default_value = "auto")]
         layout: LayoutArg,
+        /// Patch files of at least SIZE bytes (e.g. 1G) in place on the slave instead of rewriting them (see README: in-place mode).
+        #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
+        inplace_min_size: Option<u64>,
     },
     /// Run one crawl in the foreground; exit 0 once the slave equals the master.
     Sync {
@@ -232,6 +235,13 @@ enum ActivityArg {
     Retention,
 }
 
+fn parse_nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("must be at least 1 byte".into()),
+        n => Ok(n),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     georep::catalog::sample::parse_size(s)
         .ok_or_else(|| format!("bad size {s:?}: use bytes or a number with K, M or G"))
@@ -315,8 +325,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             no_verify,
             remote_georep,
             layout,
+            inplace_min_size,
         } => {
             let opts = georep::admin::CreateOptions {
+                inplace_min_size,
                 layout: match layout {
                     LayoutArg::Auto => None,
                     LayoutArg::Tree => Some(georep::session::Layout::Tree),

@@ -135,6 +135,11 @@ pub struct Config {
     /// `store`: replicate the master as a snapshot store (catalog mode).
     #[serde(default)]
     pub layout: Layout,
+    /// Files of at least this many bytes that exist on the slave are patched
+    /// in place (only changed ranges written, under an undo log) instead of
+    /// being assembled in a temporary file and renamed. None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inplace_min_size: Option<u64>,
 }
 
 fn default_interval() -> u64 {
@@ -168,6 +173,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     (
         "layout",
         "tree | store (the master is a snapshot store: catalog mode)",
+    ),
+    (
+        "inplace_min_size",
+        "files at least this big (e.g. 1G) are patched in place on the slave",
     ),
 ];
 

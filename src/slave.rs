@@ -359,4 +359,24 @@ impl Slave {
         )
         .await
     }
+
+    /// Opens `path` to be patched in place where the agent can (see
+    /// `Request::OpenInPlace`); answers the basis size and whether it is in place.
+    pub async fn open_in_place(
+        &self,
+        fid: u64,
+        path: RelPath,
+        size: u64,
+    ) -> Result<Pending<(Option<u64>, bool)>, ProtoError> {
+        self.req(Request::OpenInPlace { fid, path, size }, |r| {
+            match r.as_slice() {
+                [Reply::OpenedInPlace {
+                    basis_size,
+                    in_place,
+                }] => Ok((*basis_size, *in_place)),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
 }

@@ -4,11 +4,14 @@
 //! by window ([`WINDOW`] bytes, read with pread, so memory stays bounded):
 //!
 //! 1. With a basis on the slave, both sides hash every overlapping window
-//!    (in parallel); equal windows are copied on the slave, not sent. An
-//!    unchanged file stops here and costs nothing but the hashes.
-//! 2. A differing window is compared by aligned 4 KiB blocks (both sides
-//!    hash): equal blocks are copied, different ones sent as literals. That
-//!    is the disk-image case: scattered in-place writes.
+//!    (at the same time), by 4 KiB blocks (`blocktree`): one pass gives the
+//!    window's hash and its blocks' comparison hashes, which both sides
+//!    keep (within a memory budget). Equal windows are copied on the slave,
+//!    not sent. An unchanged file stops here and costs nothing but the hashes.
+//! 2. A differing window is compared by aligned 4 KiB blocks (the agent
+//!    sends its kept block hashes): equal blocks are copied, different ones
+//!    read again and sent as literals. That is the disk-image case:
+//!    scattered in-place writes.
 //! 3. When most blocks differ, the data may have shifted: an rsync rolling
 //!    delta (fast_rsync) against the slave's neighbourhood is tried, and
 //!    dropped for the rest of the file when it does not pay.
@@ -17,13 +20,17 @@
 //!
 //! The master's digest of the file is checked by the agent before it
 //! publishes; a file that changed while being read is aborted and retried.
+//! Files of at least the session's `inplace_min_size` that exist on the
+//! slave are patched there in place (see `agent::inplace`); the exchange
+//! is the same.
 
+use crate::blocktree;
 use crate::crawl::Engine;
 use crate::delta;
 use crate::digest::{self, Digester, WINDOW};
 use crate::master::MasterError;
 use crate::meta::{read_xattrs, Meta};
-use crate::protocol::{Hash32, ProtoError, MAX_DATA};
+use crate::protocol::{Hash16, Hash32, ProtoError, MAX_DATA};
 use crate::relpath::RelPath;
 use crate::sparse;
 use std::collections::VecDeque;
@@ -41,6 +48,9 @@ pub const BLOCK: u32 = 4096;
 const ROLL_BLOCK: u32 = 2048;
 /// Windows whose block hashes are requested ahead of use.
 const PREFETCH: usize = 8;
+/// Block hashes of its own windows the worker keeps per file between the
+/// passes (16 MiB: 4 GiB of file); windows beyond are read and hashed again.
+const KEYS_BUDGET: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -130,6 +140,15 @@ pub async fn ship(
     size_hint: u64,
     basis: bool,
 ) -> Result<Shipped, FileError> {
+    // Only here (the tree crawl): catalog mode publishes images whole.
+    if basis && size_hint > SMALL && e.in_place(size_hint) {
+        let span = tracing::info_span!("transfer", path = %rel, size = size_hint, in_place = true);
+        let src = e.master.path(rel);
+        return Ok(Box::pin(large(e, &src, rel, Basis::Dest, true))
+            .instrument(span)
+            .await?
+            .0);
+    }
     let basis = if basis { Basis::Dest } else { Basis::None };
     Ok(ship_from(e, &e.master.path(rel), rel, size_hint, basis)
         .await?
@@ -153,7 +172,7 @@ pub async fn ship_from(
             small(e, src, dest, size_hint).await
         } else {
             // Boxed: its state is large, and most files are small.
-            Box::pin(large(e, src, dest, basis)).await
+            Box::pin(large(e, src, dest, basis, false)).await
         }
     }
     .instrument(span)
@@ -244,21 +263,38 @@ fn read_window(
 
 /// Reads `[off, off+len)`, reading only the data extents (holes are zeros).
 fn read_range(file: &File, extents: &[(u64, u64)], off: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = Vec::new();
+    read_range_into(file, extents, off, len, &mut buf)?;
+    Ok(buf)
+}
+
+fn read_range_into(
+    file: &File,
+    extents: &[(u64, u64)],
+    off: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    buf.clear();
+    buf.resize(len as usize, 0);
     let end = off + len;
-    for &(eo, el) in extents {
+    // The extents are sorted: start at the first that may overlap.
+    let first = extents.partition_point(|&(eo, el)| eo + el <= off);
+    for &(eo, el) in &extents[first..] {
+        if eo >= end {
+            break;
+        }
         let (s, t) = (eo.max(off), (eo + el).min(end));
         if s < t {
             file.read_exact_at(&mut buf[(s - off) as usize..(t - off) as usize], s)?;
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 fn all_hole(extents: &[(u64, u64)], off: u64, len: u64) -> bool {
-    !extents
-        .iter()
-        .any(|&(eo, el)| eo < off + len && eo + el > off)
+    let first = extents.partition_point(|&(eo, el)| eo + el <= off);
+    extents.get(first).is_none_or(|&(eo, _)| eo >= off + len)
 }
 
 async fn large(
@@ -266,6 +302,7 @@ async fn large(
     src: &std::path::Path,
     rel: &RelPath,
     basis: Basis,
+    in_place: bool,
 ) -> Result<(Shipped, Hash32), FileError> {
     let _slot = e.large_files.acquire().await.expect("never closed");
     if e.shutting_down() {
@@ -286,15 +323,26 @@ async fn large(
     let file = std::sync::Arc::new(file);
     let extents = std::sync::Arc::new(extents);
     let fid = e.next_fid();
-    let other = match &basis {
-        Basis::Other(p) => Some(p.clone()),
-        _ => None,
-    };
-    let opened = e.slave.open_file(fid, rel.clone(), other, size).await?;
-    let basis_size = if basis != Basis::None {
-        opened.wait().await?.unwrap_or(0)
+    let (basis_size, patched) = if in_place {
+        let (b, p) = e
+            .slave
+            .open_in_place(fid, rel.clone(), size)
+            .await?
+            .wait()
+            .await?;
+        (b.unwrap_or(0), p)
     } else {
-        0
+        let other = match &basis {
+            Basis::Other(p) => Some(p.clone()),
+            _ => None,
+        };
+        let opened = e.slave.open_file(fid, rel.clone(), other, size).await?;
+        let b = if basis != Basis::None {
+            opened.wait().await?.unwrap_or(0)
+        } else {
+            0
+        };
+        (b, false)
     };
     let shortcut = basis == Basis::Dest;
     let result = send_windows(
@@ -327,7 +375,68 @@ async fn large(
         blocking(move || meta_of(&path, &after)).await?
     };
     e.slave.commit(fid, digest, meta).await?.wait().await?;
+    tracing::debug!(in_place = patched, "committed");
+    if patched {
+        e.stats.files_in_place.fetch_add(1, Ordering::Relaxed);
+    }
     Ok((Shipped::Sent, digest))
+}
+
+/// The block hashes of one of the worker's own windows, from pass 1.
+enum Keys {
+    Kept(Vec<Hash16>),
+    /// All hole: zeros' hashes.
+    Hole,
+    /// Over the budget: hashed again from the window's bytes.
+    Dropped,
+}
+
+/// Pass 1 on the worker's side: the hash and the block hashes of every
+/// window of the overlap, in one read and one hashing pass.
+fn hash_own_windows(
+    file: &File,
+    extents: &[(u64, u64)],
+    overlap: u64,
+) -> std::io::Result<(Vec<Hash32>, Vec<Keys>)> {
+    let nover = overlap.div_ceil(WINDOW) as usize;
+    let (mut roots, mut keys) = (Vec::with_capacity(nover), Vec::with_capacity(nover));
+    let mut kept = 0usize;
+    let mut buf = Vec::new();
+    for i in 0..nover {
+        let (off, len) = window_range(overlap, i);
+        if all_hole(extents, off, len) {
+            roots.push(digest::zero_hash(len));
+            keys.push(Keys::Hole);
+            continue;
+        }
+        read_range_into(file, extents, off, len, &mut buf)?;
+        let (root, cvs) = blocktree::window_tree(&buf);
+        roots.push(root);
+        if kept + cvs.len() * 16 <= KEYS_BUDGET {
+            kept += cvs.len() * 16;
+            keys.push(Keys::Kept(cvs.iter().map(blocktree::key).collect()));
+        } else {
+            keys.push(Keys::Dropped);
+        }
+    }
+    Ok((roots, keys))
+}
+
+/// Block hashes of the first `ov` bytes of a window from its bytes.
+fn keys_of(data: &[u8]) -> Vec<Hash16> {
+    let mut cvs = Vec::with_capacity(data.len().div_ceil(BLOCK as usize));
+    blocktree::block_cvs(0, data, &mut cvs);
+    cvs.iter().map(blocktree::key).collect()
+}
+
+/// Hashes of all-zero blocks over `ov` bytes of a window.
+fn zero_keys(ov: u64) -> Vec<Hash16> {
+    (0..ov.div_ceil(BLOCK as u64) as usize)
+        .map(|k| {
+            let n = (BLOCK as u64).min(ov - k as u64 * BLOCK as u64);
+            blocktree::key(&blocktree::zero_cv(k, n))
+        })
+        .collect()
 }
 
 /// Sends every window of the file; returns the master's digest and
@@ -349,9 +458,10 @@ async fn send_windows(
     let overlap = size.min(basis_size);
     let nover = overlap.div_ceil(WINDOW) as usize;
 
-    // Pass 1: window hashes of the overlap, both sides at once.
+    // Pass 1: window hashes (and block hashes) of the overlap, both sides at once.
     let mut equal = vec![false; nover];
-    let mut local: Vec<Hash32> = Vec::new();
+    let mut roots: Vec<Hash32> = Vec::new();
+    let mut keys: Vec<Keys> = Vec::new();
     if nover > 0 {
         const BATCH: usize = 64;
         let mut tickets = Vec::new();
@@ -368,27 +478,15 @@ async fn send_windows(
                     .await?,
             );
         }
-        let (file, extents, p) = (file.clone(), extents.clone(), path.to_path_buf());
-        let local_task =
-            tokio::task::spawn_blocking(move || -> Result<Vec<Hash32>, MasterError> {
-                (0..nover)
-                    .map(|i| {
-                        let (off, len) = window_range(overlap, i);
-                        if all_hole(&extents, off, len) {
-                            Ok(digest::zero_hash(len))
-                        } else {
-                            read_range(&file, &extents, off, len)
-                                .map(|d| digest::hash(&d))
-                                .map_err(merr("read", &p))
-                        }
-                    })
-                    .collect()
-            });
+        let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
+        let local_task = tokio::task::spawn_blocking(move || {
+            hash_own_windows(&f, &x, overlap).map_err(merr("read", &p))
+        });
         let mut remote = Vec::with_capacity(nover);
         for t in tickets {
             remote.extend(t.wait().await?);
         }
-        local = local_task.await.expect("hashing panicked")?;
+        (roots, keys) = local_task.await.expect("hashing panicked")?;
         if remote.len() != nover {
             return Err(ProtoError::Violation(format!(
                 "{rel}: {} window hashes for {nover} windows",
@@ -397,11 +495,16 @@ async fn send_windows(
             .into());
         }
         for i in 0..nover {
-            equal[i] = local[i] == remote[i];
+            equal[i] = roots[i] == remote[i];
         }
+        tracing::debug!(
+            windows = nover,
+            equal = equal.iter().filter(|&&x| x).count(),
+            "window hashes compared"
+        );
         if shortcut && size == basis_size && equal.iter().all(|&x| x) {
             let mut d = Digester::new();
-            for (i, h) in local.iter().enumerate() {
+            for (i, h) in roots.iter().enumerate() {
                 d.feed_window_hash(h, window_range(size, i).1);
             }
             return Ok((d.finish(), true));
@@ -409,16 +512,23 @@ async fn send_windows(
     }
 
     // Pass 2: every window in order.
-    let full_copy =
-        |i: usize| i < nover && equal[i] && window_range(size, i).1 == window_range(overlap, i).1;
-    let wanted: Vec<usize> = (0..nwin)
-        .filter(|&i| {
-            !full_copy(i) && {
-                let (off, len) = window_range(size, i);
-                !all_hole(extents, off, len)
-            }
-        })
-        .collect();
+    let ov_of = |i: usize| {
+        if i < nover {
+            window_range(overlap, i).1
+        } else {
+            0
+        }
+    };
+    let full_copy = |i: usize| i < nover && equal[i] && window_range(size, i).1 == ov_of(i);
+    // Windows read whole, ahead, by the reader: new data, the window the
+    // basis ends in, and differing windows whose block hashes were dropped.
+    let read_whole = |i: usize| {
+        let (off, len) = window_range(size, i);
+        !full_copy(i)
+            && !all_hole(extents, off, len)
+            && (ov_of(i) < len || matches!(keys[i], Keys::Dropped))
+    };
+    let wanted: Vec<usize> = (0..nwin).filter(|&i| read_whole(i)).collect();
     let mismatched: Vec<usize> = (0..nover).filter(|&i| !equal[i]).collect();
     let mut reader = spawn_reader(
         file.clone(),
@@ -436,14 +546,18 @@ async fn send_windows(
             return Err(FileError::Interrupted);
         }
         let (off, len) = window_range(size, i);
+        let ov = ov_of(i);
         if full_copy(i) {
             e.slave.copy(fid, off, len).await?;
-            digest.feed_window_hash(&local[i], len);
+            digest.feed_window_hash(&roots[i], len);
             continue;
         }
-        if all_hole(extents, off, len) && i >= nover {
-            digest.feed_window_hash(&digest::zero_hash(len), len);
-            continue;
+        if all_hole(extents, off, len) && ov < len {
+            // New or partly new and all hole here: zeros, nothing to send.
+            if ov == 0 {
+                digest.feed_window_hash(&digest::zero_hash(len), len);
+                continue;
+            }
         }
         // Keep block-hash requests for upcoming mismatched windows in flight.
         while prefetch.len() < PREFETCH && next_mismatch < mismatched.len() {
@@ -452,66 +566,143 @@ async fn send_windows(
             prefetch.push_back((w, e.slave.block_hashes(fid, woff, wlen, BLOCK).await?));
             next_mismatch += 1;
         }
-        let data = if all_hole(extents, off, len) {
-            vec![0u8; len as usize]
-        } else {
+        let mut data = if read_whole(i) {
             let w = reader
                 .recv()
                 .await
                 .ok_or_else(|| FileError::Changed(path.to_path_buf()))??;
             debug_assert_eq!(w.index, i);
-            w.data
-        };
-        let ov = if i < nover {
-            window_range(overlap, i).1
+            Some(w.data)
+        } else if ov < len {
+            Some(vec![0u8; len as usize]) // all hole
         } else {
-            0
+            None
         };
-        let ops = if ov == 0 {
-            delta::literal_ops(off, &data)
-        } else if equal[i] {
-            delta::copy_then_literal(off, &data, ov)
-        } else {
-            let (w, pending) = prefetch.pop_front().expect("prefetched in order");
-            debug_assert_eq!(w, i);
-            let remote = pending.wait().await?;
-            let local_blocks: Vec<[u8; 16]> = data[..ov as usize]
-                .chunks(BLOCK as usize)
-                .map(digest::block_hash)
-                .collect();
-            let block_ops = delta::block_ops(off, &data, ov, BLOCK, &local_blocks, &remote);
-            if rolling.worth_trying(&local_blocks, &remote) {
-                let (bo, bl) = delta::rolling_basis(off, len, basis_size);
-                let sig = e
-                    .slave
-                    .signature(fid, bo, bl, ROLL_BLOCK)
-                    .await?
-                    .wait()
-                    .await?;
-                let data_for_diff = data.clone();
-                let patch = blocking(move || delta::rolling_delta(&sig, &data_for_diff)).await;
-                match patch {
-                    Some(d) if rolling.accept(d.len() as u64, delta::literal_bytes(&block_ops)) => {
-                        vec![delta::Op::Patch {
-                            offset: off,
-                            out_len: len,
-                            basis_off: bo,
-                            basis_len: bl,
-                            delta: d,
-                        }]
-                    }
-                    _ => block_ops,
-                }
-            } else {
-                block_ops
+        if ov == 0 {
+            let data = data.expect("read");
+            send_literal(e, fid, off, &data).await?;
+            digest.feed(&data);
+            continue;
+        }
+        if equal[i] {
+            let data = data.expect("read");
+            for op in delta::copy_then_literal(off, &data, ov) {
+                send_op(e, fid, &data, off, op).await?;
+            }
+            digest.feed(&data);
+            continue;
+        }
+        let (w, pending) = prefetch.pop_front().expect("prefetched in order");
+        debug_assert_eq!(w, i);
+        let remote = pending.wait().await?;
+        let local = match &keys[i] {
+            Keys::Kept(k) => std::borrow::Cow::Borrowed(k.as_slice()),
+            Keys::Hole => std::borrow::Cow::Owned(zero_keys(ov)),
+            Keys::Dropped => {
+                std::borrow::Cow::Owned(keys_of(&data.as_ref().expect("read whole")[..ov as usize]))
             }
         };
-        for op in ops {
-            send_op(e, fid, &data, off, op).await?;
+        if remote.len() != local.len() {
+            return Err(ProtoError::Violation(format!(
+                "{rel}: {} block hashes for {} blocks",
+                remote.len(),
+                local.len()
+            ))
+            .into());
         }
-        digest.feed(&data);
+        if rolling.worth_trying(&local, &remote) {
+            // Most blocks differ: the data may have shifted.
+            let d = match data.take() {
+                Some(d) => d,
+                None => {
+                    let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
+                    blocking(move || read_range(&f, &x, off, len).map_err(merr("read", &p))).await?
+                }
+            };
+            let block_ops = delta::block_ops(off, &d, ov, BLOCK, &local, &remote);
+            let (bo, bl) = delta::rolling_basis(off, len, basis_size);
+            let sig = e
+                .slave
+                .signature(fid, bo, bl, ROLL_BLOCK)
+                .await?
+                .wait()
+                .await?;
+            let (patch, d) = blocking(move || (delta::rolling_delta(&sig, &d), d)).await;
+            let ops = match patch {
+                Some(p) if rolling.accept(p.len() as u64, delta::literal_bytes(&block_ops)) => {
+                    vec![delta::Op::Patch {
+                        offset: off,
+                        out_len: len,
+                        basis_off: bo,
+                        basis_len: bl,
+                        delta: p,
+                    }]
+                }
+                _ => block_ops,
+            };
+            for op in ops {
+                send_op(e, fid, &d, off, op).await?;
+            }
+            data = Some(d);
+        } else {
+            let plan = delta::block_plan(off, ov, BLOCK, &local, &remote);
+            // The literal blocks' bytes: from the window if read, else read now.
+            let literals: Vec<(u64, u64)> = plan
+                .iter()
+                .filter_map(|op| match op {
+                    delta::Op::Literal { offset, len } => Some((*offset, *len)),
+                    _ => None,
+                })
+                .collect();
+            let mut bytes: VecDeque<Vec<u8>> = match &data {
+                Some(_) => VecDeque::new(),
+                None => {
+                    let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
+                    let lits = literals.clone();
+                    blocking(move || {
+                        lits.iter()
+                            .map(|&(o, n)| read_range(&f, &x, o, n))
+                            .collect::<std::io::Result<VecDeque<_>>>()
+                            .map_err(merr("read", &p))
+                    })
+                    .await?
+                }
+            };
+            for op in plan {
+                match op {
+                    delta::Op::Literal { offset, len } => match &data {
+                        Some(d) => {
+                            let s = (offset - off) as usize;
+                            send_literal(e, fid, offset, &d[s..s + len as usize]).await?
+                        }
+                        None => {
+                            let b = bytes.pop_front().expect("read");
+                            send_literal(e, fid, offset, &b).await?
+                        }
+                    },
+                    op => send_op(e, fid, &[], off, op).await?,
+                }
+            }
+            if ov < len {
+                let d = data.as_ref().expect("read whole");
+                send_literal(e, fid, off + ov, &d[ov as usize..]).await?;
+            }
+        }
+        match &data {
+            Some(d) if ov < len => digest.feed(d),
+            _ => digest.feed_window_hash(&roots[i], len),
+        }
     }
+    tracing::debug!(windows = nwin, "all windows sent");
     Ok((digest.finish(), false))
+}
+
+/// Sends `bytes` for `offset` as literals, all-zero blocks left out.
+async fn send_literal(e: &Engine, fid: u64, offset: u64, bytes: &[u8]) -> Result<(), ProtoError> {
+    for op in delta::literal_ops(offset, bytes) {
+        send_op(e, fid, bytes, offset, op).await?;
+    }
+    Ok(())
 }
 
 async fn send_op(

@@ -73,6 +73,8 @@ pub struct Summary {
     pub entries_visited: u64,
     pub files_synced: u64,
     pub files_unchanged: u64,
+    /// Files patched in place on the slave (`inplace_min_size`).
+    pub files_in_place: u64,
     /// File payload written to the transport: literal data plus delta instructions.
     pub bytes_sent: u64,
     pub bytes_literal: u64,
@@ -342,6 +344,7 @@ impl<'a> Worker<'a> {
         let master = Master::new(root.clone(), &master_id, &session.config.session_id);
         let links = Links::load(session.dir.join("links.json"));
         let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
+        engine.set_inplace_min_size(session.config.inplace_min_size);
         *self.live.lock().unwrap() = Some(engine.clone());
         let outcome = engine.run().await;
         *self.live.lock().unwrap() = None;
@@ -411,6 +414,7 @@ impl<'a> Worker<'a> {
             entries_visited: s.entries_visited.load(Ordering::Relaxed),
             files_synced: s.files_synced.load(Ordering::Relaxed),
             files_unchanged: s.files_unchanged.load(Ordering::Relaxed),
+            files_in_place: s.files_in_place.load(Ordering::Relaxed),
             bytes_sent: s.bytes_literal.load(Ordering::Relaxed)
                 + s.bytes_delta.load(Ordering::Relaxed),
             bytes_literal: s.bytes_literal.load(Ordering::Relaxed),

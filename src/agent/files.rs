@@ -3,11 +3,21 @@
 //! increasing offset order; the digest of what was written is checked
 //! against the master's; then the file is made durable and renamed over
 //! its final name, in batches so that many small files share one sync.
+//! Large files of sessions that ask for it are patched in place instead
+//! (see `inplace`): only changed ranges are written, under an undo log.
+//!
+//! Copies from the basis move in the kernel (`copy_file_range`, a reflink
+//! where the file system can) and enter the digest by the block CVs the
+//! agent computed hashing the basis (`basis`), so unchanged data is read
+//! and hashed once per sync.
 
+use super::basis::BasisCache;
+use super::inplace::{self, InPlace};
 use super::root::{
     apply_meta, errno_err, io_err, open_nofollow, rename_over, tmp_name, Root, WResult,
 };
-use crate::digest::{self, Digester, WINDOW};
+use crate::blocktree::{FileDigest, BLOCK};
+use crate::digest::{self, WINDOW};
 use crate::meta::Meta;
 use crate::protocol::{ErrorKind, Hash16, Hash32, WireError};
 use crate::relpath::RelPath;
@@ -33,20 +43,46 @@ const BATCH_BYTES: u64 = 256 << 20;
 /// From this many files on, one syncfs is cheaper than an fsync each.
 const SYNCFS_MIN: usize = 16;
 
+/// Where a file is assembled.
+enum Target {
+    /// A temporary file renamed over the final name once verified.
+    Temp { tmp: Vec<u8>, file: File },
+    /// The final file itself, patched under an undo log.
+    InPlace(Box<InPlace>),
+}
+
 struct OpenFile {
     path: RelPath,
     dir: OwnedFd,
     name: Vec<u8>,
-    tmp: Vec<u8>,
-    file: File,
+    target: Target,
     basis: Option<File>,
+    /// Basis bytes that can be read (in place: the old size; a shrinking
+    /// file is cut at commit).
     basis_size: u64,
     size: u64,
-    digest: Digester,
-    /// Hashes of whole windows of the basis this agent computed: offset -> (hash, len).
-    windows: HashMap<u64, (Hash32, u64)>,
+    digest: FileDigest,
+    /// Window hashes and block CVs of the basis, computed once.
+    cache: BasisCache,
     error: Option<WireError>,
     written: u64,
+}
+
+impl OpenFile {
+    fn tmp(&self) -> Option<&[u8]> {
+        match &self.target {
+            Target::Temp { tmp, .. } => Some(tmp),
+            Target::InPlace(_) => None,
+        }
+    }
+
+    /// Applies pending in-place changes before the basis is read where they may land.
+    fn settle(&mut self) -> WResult<()> {
+        match &mut self.target {
+            Target::InPlace(ip) => ip.flush(),
+            Target::Temp { .. } => Ok(()),
+        }
+    }
 }
 
 /// A verified file waiting for durability and its rename.
@@ -66,6 +102,18 @@ pub struct Files {
     pending: Vec<Pending>,
     pending_bytes: u64,
     buf: Vec<u8>,
+    /// In-place updates whose roll-back failed: retried before every request.
+    stuck: Vec<inplace::Stuck>,
+    /// A roll-back failed since the last recovery.
+    unrecovered: bool,
+}
+
+/// How a commit is answered.
+pub enum Committed {
+    /// When its batch is published.
+    Later,
+    /// Now: an in-place file is durable, with this many bytes written.
+    Now(u64),
 }
 
 fn invalid(msg: impl Into<String>) -> WireError {
@@ -97,18 +145,45 @@ fn write_sparse(file: &File, offset: u64, data: &[u8], path: &RelPath) -> WResul
 }
 
 impl Files {
-    pub fn in_use(&self, tmp: &[u8]) -> bool {
-        self.open.values().any(|f| f.tmp == tmp) || self.pending.iter().any(|p| p.tmp == tmp)
+    /// The file assembly of an agent that starts serving `root`: first
+    /// rolls back in-place updates a crash interrupted.
+    pub fn start(root: &Root) -> Files {
+        let mut f = Files::default();
+        f.recover(root);
+        f
     }
 
-    pub fn open(
-        &mut self,
-        root: &Root,
-        fid: u64,
-        path: &RelPath,
-        basis: Option<&RelPath>,
-        size: u64,
-    ) -> WResult<Option<u64>> {
+    /// Whether an in-place roll-back is still to be done.
+    pub fn needs_recovery(&self) -> bool {
+        self.unrecovered || !self.stuck.is_empty()
+    }
+
+    /// Rolls back the undo logs of in-place updates no live agent holds.
+    pub fn recover(&mut self, root: &Root) {
+        self.stuck = inplace::recover(root);
+        self.unrecovered = false;
+    }
+
+    /// Refuses a path whose interrupted in-place update could not be rolled back.
+    fn check_stuck(&self, path: &RelPath) -> WResult<()> {
+        match self.stuck.iter().find(|s| s.path == path.as_bytes()) {
+            Some(s) => Err(WireError::new(
+                s.error.kind,
+                format!(
+                    "{path}: an interrupted in-place update could not be rolled back yet: {}",
+                    s.error.message
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub fn in_use(&self, tmp: &[u8]) -> bool {
+        self.open.values().any(|f| f.tmp() == Some(tmp))
+            || self.pending.iter().any(|p| p.tmp == tmp)
+    }
+
+    fn check_open(&self, fid: u64, path: &RelPath, size: u64) -> WResult<()> {
         if self.open.contains_key(&fid) {
             return Err(invalid(format!("file id {fid} already open")));
         }
@@ -120,6 +195,65 @@ impl Files {
                 "{path}: size {size} above the {MAX_SIZE}-byte limit"
             )));
         }
+        self.check_stuck(path)
+    }
+
+    /// Opens `path` for patching in place when it qualifies (see
+    /// `inplace`), else as [`open`](Self::open) with itself as basis.
+    /// Returns the basis size and whether it is patched in place.
+    pub fn open_in_place(
+        &mut self,
+        root: &Root,
+        fid: u64,
+        path: &RelPath,
+        size: u64,
+    ) -> WResult<(Option<u64>, bool)> {
+        self.check_open(fid, path, size)?;
+        let (dir, name) = root.parent(path)?;
+        let name = name.to_vec();
+        let open = &self.open;
+        let busy = |dev: u64, ino: u64| {
+            open.values()
+                .any(|f| matches!(&f.target, Target::InPlace(ip) if ip.inode() == (dev, ino)))
+        };
+        let ip = match InPlace::open(root, &dir, &name, path, size, &busy) {
+            Ok(Some(ip)) => ip,
+            Ok(None) => return self.open(root, fid, path, None, size).map(|b| (b, false)),
+            Err(e) => {
+                self.unrecovered = true;
+                return Err(e);
+            }
+        };
+        let basis = ip.file().try_clone().map_err(|e| io_err(e, "dup", path))?;
+        let old = ip.old_size();
+        self.open.insert(
+            fid,
+            OpenFile {
+                path: path.clone(),
+                dir,
+                name,
+                target: Target::InPlace(Box::new(ip)),
+                basis: Some(basis),
+                basis_size: old,
+                size,
+                digest: FileDigest::new(size),
+                cache: BasisCache::default(),
+                error: None,
+                written: 0,
+            },
+        );
+        Ok((Some(old), true))
+    }
+
+    pub fn open(
+        &mut self,
+        root: &Root,
+        fid: u64,
+        path: &RelPath,
+        basis: Option<&RelPath>,
+        size: u64,
+    ) -> WResult<Option<u64>> {
+        self.check_open(fid, path, size)?;
         let (dir, name) = root.parent(path)?;
         let name = name.to_vec();
         let basis = match basis {
@@ -152,13 +286,12 @@ impl Files {
                 path: path.clone(),
                 dir,
                 name,
-                tmp,
-                file,
+                target: Target::Temp { tmp, file },
                 basis,
                 basis_size,
                 size,
-                digest: Digester::new(),
-                windows: HashMap::new(),
+                digest: FileDigest::new(size),
+                cache: BasisCache::default(),
                 error: None,
                 written: 0,
             },
@@ -221,7 +354,12 @@ impl Files {
             let mut out = Vec::new();
             for (o, n) in Self::ranges(offset, len, window, f.basis_size)? {
                 let basis = f.basis.as_ref().ok_or_else(|| invalid("no basis file"))?;
-                let h = if sparse::data_ranges(basis, o, o + n)
+                let h = if window as u64 == WINDOW && o % WINDOW == 0 {
+                    // Digest windows: hashed by blocks, whose CVs are kept.
+                    f.cache
+                        .hash_window(basis, o / WINDOW, n, &mut buf)
+                        .map_err(|e| io_err(e, "read basis of", &f.path))?
+                } else if sparse::data_ranges(basis, o, o + n)
                     .map_err(|e| io_err(e, "seek", &f.path))?
                     .is_empty()
                 {
@@ -230,9 +368,6 @@ impl Files {
                     Self::read_basis(&mut buf, f, o, n)?;
                     digest::hash(&buf)
                 };
-                if window as u64 == WINDOW && o % WINDOW == 0 {
-                    f.windows.insert(o, (h, n));
-                }
                 out.push(h);
             }
             Ok(out)
@@ -254,13 +389,15 @@ impl Files {
             if len > MAX_RANGE {
                 return Err(invalid("block hash range too large"));
             }
-            let ranges = Self::ranges(offset, len, block, f.basis_size)?;
-            let Some(&(first, _)) = ranges.first() else {
-                return Ok(Vec::new());
-            };
-            let total: u64 = ranges.iter().map(|r| r.1).sum();
-            Self::read_basis(&mut buf, f, first, total)?;
-            Ok(buf.chunks(block as usize).map(digest::block_hash).collect())
+            if block as u64 != BLOCK || offset % BLOCK != 0 {
+                return Err(invalid(format!(
+                    "bad block hash request: blocks of {block} bytes at {offset} (want {BLOCK}-byte aligned blocks)"
+                )));
+            }
+            let basis = f.basis.as_ref().ok_or_else(|| invalid("no basis file"))?;
+            f.cache
+                .block_keys(basis, offset, len, f.basis_size, &mut buf)
+                .map_err(|e| io_err(e, "read basis of", &f.path))
         })();
         self.buf = buf;
         res
@@ -273,6 +410,8 @@ impl Files {
             if !(256..=65536).contains(&block) {
                 return Err(invalid("bad signature block size"));
             }
+            // In place, the basis is the file: what is patched so far is part of it.
+            f.settle()?;
             let len = len.min(f.basis_size.saturating_sub(offset));
             Self::read_basis(&mut buf, f, offset, len)?;
             let sig = fast_rsync::Signature::calculate(
@@ -289,15 +428,20 @@ impl Files {
     }
 
     /// Checks that a data op lands at or after the cursor and inside the
-    /// file, and feeds the gap before it to the digest as zeros (a hole).
+    /// file; the gap before it reads as zeros (a hole in a new file; zeroed
+    /// in place).
     fn advance(f: &mut OpenFile, offset: u64, len: u64) -> WResult<()> {
-        if offset < f.digest.position() || offset.checked_add(len).is_none_or(|e| e > f.size) {
+        let pos = f.digest.position();
+        if offset < pos || offset.checked_add(len).is_none_or(|e| e > f.size) {
             return Err(invalid(format!(
                 "{}: data at {offset}+{len} out of order or beyond the size {}",
                 f.path, f.size
             )));
         }
-        f.digest.feed_zeros(offset - f.digest.position());
+        f.digest.feed_zeros(offset - pos);
+        if let Target::InPlace(ip) = &mut f.target {
+            ip.zero(pos, offset - pos);
+        }
         Ok(())
     }
 
@@ -310,16 +454,27 @@ impl Files {
                     f.error = Some(e);
                 }
             }
+            f.cache.evict_below(f.digest.position() / WINDOW);
         }
         self.buf = buf;
     }
 
-    pub fn write(&mut self, fid: u64, offset: u64, data: &[u8]) {
+    /// Writes new data: sparse into a temporary, queued under the undo log in place.
+    fn put(f: &mut OpenFile, offset: u64, data: Vec<u8>) -> WResult<()> {
+        match &mut f.target {
+            Target::Temp { file, .. } => {
+                f.written += write_sparse(file, offset, &data, &f.path)?;
+            }
+            Target::InPlace(ip) => ip.write(offset, data)?,
+        }
+        Ok(())
+    }
+
+    pub fn write(&mut self, fid: u64, offset: u64, data: Vec<u8>) {
         self.data_op(fid, |f, _| {
             Self::advance(f, offset, data.len() as u64)?;
-            f.written += write_sparse(&f.file, offset, data, &f.path)?;
-            f.digest.feed(data);
-            Ok(())
+            f.digest.feed(&data);
+            Self::put(f, offset, data)
         })
     }
 
@@ -329,31 +484,50 @@ impl Files {
             if offset.checked_add(len).is_none_or(|e| e > f.basis_size) {
                 return Err(invalid(format!("{}: copy beyond the basis", f.path)));
             }
-            let cached = f.windows.get(&offset).copied().filter(|&(_, n)| n == len);
-            let whole_window = offset % WINDOW == 0 && (len == WINDOW || offset + len == f.size);
-            if let (Some((h, _)), true) = (cached, whole_window) {
-                // The agent hashed this very basis window itself: copy it in
-                // the kernel (a reflink where the file system can) and reuse the hash.
-                let basis = f.basis.as_ref().unwrap();
+            let basis = f.basis.as_ref().ok_or_else(|| invalid("no basis file"))?;
+            if let Target::Temp { file, .. } = &f.target {
+                // In the kernel (a reflink where the file system can); holes stay holes.
                 for (o, n) in sparse::data_ranges(basis, offset, offset + len)
                     .map_err(|e| io_err(e, "seek", &f.path))?
                 {
-                    copy_range(basis, &f.file, o, n).map_err(|e| io_err(e, "copy", &f.path))?;
+                    copy_range(basis, file, o, n).map_err(|e| io_err(e, "copy", &f.path))?;
                 }
-                f.digest.feed_window_hash(&h, len);
                 f.written += len;
-                return Ok(());
             }
-            let mut o = offset;
-            while o < offset + len {
-                let n = (offset + len - o).min(1 << 20);
-                Self::read_basis(buf, f, o, n)?;
-                f.written += write_sparse(&f.file, o, buf, &f.path)?;
-                f.digest.feed(buf);
-                o += n;
-            }
-            Ok(())
+            // In place the data is already there.
+            Self::digest_copied(f, offset + len, buf)
         })
+    }
+
+    /// Feeds the basis up to `end` to the digest: whole windows and blocks
+    /// by the hashes computed from the basis, the rest read again.
+    fn digest_copied(f: &mut OpenFile, end: u64, buf: &mut Vec<u8>) -> WResult<()> {
+        while f.digest.position() < end {
+            let pos = f.digest.position();
+            let index = pos / WINDOW;
+            if f.digest.at_window_start() {
+                let wl = f.digest.window_len();
+                if pos + wl <= end {
+                    if let Some(h) = f.cache.window_root(index, wl) {
+                        f.digest.feed_window_hash(&h, wl);
+                        continue;
+                    }
+                }
+            }
+            if let Some((k, bl)) = f.digest.next_block() {
+                if pos + bl <= end {
+                    if let Some(cv) = f.cache.cv(index, k, bl) {
+                        f.digest.feed_cv(&cv);
+                        continue;
+                    }
+                }
+            }
+            // Read: to the next block boundary, or the range's end.
+            let n = (end - pos).min(BLOCK - pos % BLOCK).min(MAX_RANGE);
+            Self::read_basis(buf, f, pos, n)?;
+            f.digest.feed(buf);
+        }
+        Ok(())
     }
 
     pub fn patch(
@@ -370,6 +544,7 @@ impl Files {
             if out_len > MAX_RANGE {
                 return Err(invalid("patch output too large"));
             }
+            f.settle()?;
             Self::read_basis(buf, f, basis_off, basis_len)?;
             let mut out = Vec::with_capacity(out_len as usize);
             fast_rsync::apply_limited(buf, delta, &mut out, out_len as usize)
@@ -381,19 +556,29 @@ impl Files {
                     out.len()
                 )));
             }
-            f.written += write_sparse(&f.file, offset, &out, &f.path)?;
             f.digest.feed(&out);
-            Ok(())
+            Self::put(f, offset, out)
         })
     }
 
+    /// Drops a file being assembled: a temporary is removed, an in-place
+    /// file rolled back.
     pub fn abort(&mut self, fid: u64) {
         if let Some(f) = self.open.remove(&fid) {
-            let _ = nix::unistd::unlinkat(
-                f.dir.as_fd(),
-                OsStr::from_bytes(&f.tmp),
-                nix::unistd::UnlinkatFlags::NoRemoveDir,
-            );
+            match f.target {
+                Target::Temp { tmp, .. } => {
+                    let _ = nix::unistd::unlinkat(
+                        f.dir.as_fd(),
+                        OsStr::from_bytes(&tmp),
+                        nix::unistd::UnlinkatFlags::NoRemoveDir,
+                    );
+                }
+                Target::InPlace(ip) => {
+                    if ip.rollback().is_err() {
+                        self.unrecovered = true;
+                    }
+                }
+            }
         }
     }
 
@@ -404,8 +589,9 @@ impl Files {
         }
     }
 
-    /// Verifies and finishes file `fid`; it is published by the next [`flush`](Self::flush).
-    pub fn commit(&mut self, id: u64, fid: u64, want: &Hash32, meta: &Meta) -> WResult<()> {
+    /// Verifies and finishes file `fid`: a temporary is published by the
+    /// next [`flush`](Self::flush); an in-place file is done at once.
+    pub fn commit(&mut self, id: u64, fid: u64, want: &Hash32, meta: &Meta) -> WResult<Committed> {
         let f = self
             .open
             .remove(&fid)
@@ -414,14 +600,19 @@ impl Files {
             path,
             dir,
             name,
-            tmp,
-            file,
+            target,
             size,
             mut digest,
             written,
             error,
             ..
         } = f;
+        let (tmp, file) = match target {
+            Target::Temp { tmp, file } => (tmp, file),
+            Target::InPlace(ip) => {
+                return self.commit_in_place(*ip, &path, size, digest, error, want, meta);
+            }
+        };
         let pending = Pending {
             id,
             path,
@@ -438,6 +629,57 @@ impl Files {
         let pos = digest.position();
         digest.feed_zeros(size - pos);
         self.finish(pending, &digest.finish(), want, meta)
+            .map(|_| Committed::Later)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_in_place(
+        &mut self,
+        mut ip: InPlace,
+        path: &RelPath,
+        size: u64,
+        mut digest: FileDigest,
+        error: Option<WireError>,
+        want: &Hash32,
+        meta: &Meta,
+    ) -> WResult<Committed> {
+        let pos = digest.position();
+        let res = error.map_or(Ok(()), Err).and_then(|_| {
+            digest.feed_zeros(size - pos);
+            ip.zero(pos, size - pos);
+            ip.flush()
+        });
+        let res = res.and_then(|_| {
+            if &digest.finish() == want {
+                Ok(())
+            } else {
+                Err(WireError::new(
+                    ErrorKind::Mismatch,
+                    format!("{path}: content written does not match the master's digest (file changed during transfer?); rolled back to its previous content"),
+                ))
+            }
+        });
+        if let Err(e) = res {
+            return match ip.rollback() {
+                Ok(()) => Err(e),
+                Err(r) => {
+                    self.unrecovered = true;
+                    Err(WireError::new(
+                        e.kind,
+                        format!("{}; {}", e.message, r.message),
+                    ))
+                }
+            };
+        }
+        match ip.commit(meta) {
+            Ok(written) => Ok(Committed::Now(written)),
+            Err((e, rolled)) => {
+                if rolled.is_some() {
+                    self.unrecovered = true;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Writes a whole small file from one frame.

@@ -2,9 +2,12 @@
 //! any byte stream (stdin/stdout under SSH or as a local child, a socket in
 //! tests) and confines every operation to its root.
 
+mod basis;
 mod catalog;
 mod files;
+mod inplace;
 mod root;
+mod undo;
 
 pub use root::{Root, STATE_DIR, TMP_PREFIX};
 
@@ -183,11 +186,9 @@ fn run(
             root: opts.root.display().to_string(),
         }),
     );
-    let mut agent = Agent {
-        root,
-        files: Files::default(),
-        out,
-    };
+    // Interrupted in-place updates are rolled back before anything is served.
+    let files = Files::start(&root);
+    let mut agent = Agent { root, files, out };
     let result = loop {
         let msg = match rx.try_recv() {
             Ok(m) => Some(m),
@@ -300,6 +301,9 @@ impl Agent<'_> {
 
     fn handle(&mut self, env: Envelope) {
         let id = env.id;
+        if self.files.needs_recovery() {
+            self.files.recover(&self.root);
+        }
         let result = match env.body {
             Request::Hello { .. } => Err(WireError::new(ErrorKind::Invalid, "duplicate Hello")),
             Request::Ping => Ok(Reply::Pong),
@@ -347,6 +351,15 @@ impl Agent<'_> {
                     .open(&self.root, fid, &path, basis.as_ref(), size)
                     .map(|basis_size| Reply::Opened { basis_size })
             }
+            Request::OpenInPlace { fid, path, size } => {
+                self.flush_if(|p| p == &path);
+                self.files.open_in_place(&self.root, fid, &path, size).map(
+                    |(basis_size, in_place)| Reply::OpenedInPlace {
+                        basis_size,
+                        in_place,
+                    },
+                )
+            }
             Request::WindowHashes {
                 fid,
                 offset,
@@ -375,7 +388,7 @@ impl Agent<'_> {
                 .signature(fid, offset, len, block)
                 .map(|s| Reply::Signature(s.into())),
             Request::Write { fid, offset, data } => {
-                self.files.write(fid, offset, &data);
+                self.files.write(fid, offset, data.into_vec());
                 return;
             }
             Request::Copy { fid, offset, len } => {
@@ -396,7 +409,8 @@ impl Agent<'_> {
             }
             Request::Commit { fid, digest, meta } => {
                 match self.files.commit(id, fid, &digest, &meta) {
-                    Ok(()) => return, // answered when published
+                    Ok(files::Committed::Later) => return, // answered when published
+                    Ok(files::Committed::Now(written)) => Ok(Reply::Committed { written }),
                     Err(e) => Err(e),
                 }
             }

@@ -37,6 +37,8 @@ pub struct Stats {
     pub entries_visited: AtomicU64,
     pub files_synced: AtomicU64,
     pub files_unchanged: AtomicU64,
+    /// Files patched in place on the slave (`inplace_min_size`).
+    pub files_in_place: AtomicU64,
     pub bytes_literal: AtomicU64,
     pub bytes_delta: AtomicU64,
     pub deletes: AtomicU64,
@@ -70,6 +72,8 @@ pub struct Engine {
     failure_count: AtomicU64,
     fatal: Mutex<Option<ProtoError>>,
     shutdown: CancellationToken,
+    /// Files at least this big are patched in place on the slave (u64::MAX: never).
+    inplace_min_size: AtomicU64,
 }
 
 /// The slave side of a directory about to be visited.
@@ -127,7 +131,19 @@ impl Engine {
             failure_count: AtomicU64::new(0),
             fatal: Mutex::new(None),
             shutdown,
+            inplace_min_size: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Patch files of at least `min` bytes in place on the slave (None: never).
+    pub fn set_inplace_min_size(&self, min: Option<u64>) {
+        self.inplace_min_size
+            .store(min.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Whether a file of `size` bytes is to be patched in place.
+    pub fn in_place(&self, size: u64) -> bool {
+        size >= self.inplace_min_size.load(Ordering::Relaxed)
     }
 
     pub fn next_fid(&self) -> u64 {

@@ -77,7 +77,9 @@ pub enum Request {
         len: u64,
         window: u32,
     },
-    /// Truncated BLAKE3 of consecutive `block`-sized ranges of the basis.
+    /// Comparison hashes of the basis's 4 KiB blocks in `[offset, offset+len)`:
+    /// each block's BLAKE3 chaining value inside its digest window, truncated
+    /// to 128 bits (`blocktree::key`). `block` must be 4096, `offset` aligned.
     BlockHashes {
         fid: u64,
         offset: u64,
@@ -167,6 +169,16 @@ pub enum Request {
         sync: bool,
         check: Option<(u64, Hash32)>,
     },
+    /// As `OpenFile` with the existing `path` as basis, but patching that
+    /// file in place (only changed ranges written, old contents saved to an
+    /// undo log first) when it is a regular file with one link, writable,
+    /// and not shrinking by much; otherwise a temporary file as `OpenFile`.
+    /// Answered by `OpenedInPlace`.
+    OpenInPlace {
+        fid: u64,
+        path: RelPath,
+        size: u64,
+    },
 }
 
 impl Request {
@@ -208,6 +220,12 @@ pub enum Reply {
     },
     Data(ByteBuf),
     Extents(Vec<(u64, u64)>),
+    /// The answer to `OpenInPlace`: the basis size, and whether the file is
+    /// patched in place (false: assembled in a temporary file).
+    OpenedInPlace {
+        basis_size: Option<u64>,
+        in_place: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

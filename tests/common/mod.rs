@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod daemon;
 pub mod mutate;
 pub mod proxy;
+pub mod raw_agent;
 pub mod sshd;
 pub mod tree;
 

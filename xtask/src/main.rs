@@ -152,17 +152,18 @@ fn main() -> anyhow::Result<()> {
     };
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();
-    type Runner = fn(&Ctx) -> anyhow::Result<Outcome>;
+    type Runner = fn(&Ctx) -> anyhow::Result<Vec<Outcome>>;
     let all: [(&str, Runner); 9] = [
-        ("W1", workloads::w1),
+        ("W1", |c| Ok(vec![workloads::w1(c)?])),
+        // W2 reports two pairings: W2 (atomic publish) and W2i (in place).
         ("W2", workloads::w2),
-        ("W3", catalog::w3),
-        ("W3t", workloads::w3_tree),
-        ("W4", catalog::w4),
-        ("W5", |c| workloads::w5(c, Link::Ssh)),
-        ("W6", |c| workloads::w5(c, Link::Wan)),
-        ("W7", workloads::w7),
-        ("W8", workloads::w8),
+        ("W3", |c| Ok(vec![catalog::w3(c)?])),
+        ("W3t", |c| Ok(vec![workloads::w3_tree(c)?])),
+        ("W4", |c| Ok(vec![catalog::w4(c)?])),
+        ("W5", |c| Ok(vec![workloads::w5(c, Link::Ssh)?])),
+        ("W6", |c| Ok(vec![workloads::w5(c, Link::Wan)?])),
+        ("W7", |c| Ok(vec![workloads::w7(c)?])),
+        ("W8", |c| Ok(vec![workloads::w8(c)?])),
     ];
     for (id, run) in all {
         if !want(id) {
@@ -172,7 +173,7 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(dir.join(id.to_lowercase()));
         let o = run(&ctx).with_context(|| format!("workload {id}"))?;
         let _ = std::fs::remove_dir_all(dir.join(id.to_lowercase()));
-        outcomes.push(o);
+        outcomes.extend(o);
     }
     let m = workloads::memory_check(&outcomes);
     print_table(&outcomes, &m);

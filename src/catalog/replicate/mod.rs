@@ -594,6 +594,7 @@ pub async fn sync_store(
         entries_visited: out.records_read,
         files_synced: s.files_synced.load(Ordering::Relaxed),
         files_unchanged: s.files_unchanged.load(Ordering::Relaxed),
+        files_in_place: 0, // published images are never patched in place
         bytes_sent: s.bytes_literal.load(Ordering::Relaxed) + s.bytes_delta.load(Ordering::Relaxed),
         bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
         bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
