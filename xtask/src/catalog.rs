@@ -108,7 +108,8 @@ pub fn w3(ctx: &Ctx) -> anyhow::Result<Outcome> {
     );
     let mut rt = tool("rsync", &opts.join(" "));
     let target = rs.join(journal.file_name().unwrap());
-    for _ in 0..ctx.reps {
+    for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         copy_tree(&before, &replica)?;
         gt.runs.push(ctx.georep_sync(&home, "w3", Link::Local)?);
         let v = georep_json(
@@ -211,7 +212,8 @@ pub fn w4(ctx: &Ctx) -> anyhow::Result<Outcome> {
     );
     std::fs::create_dir_all(&rs)?;
     let target = rs.join(new.file_name().unwrap());
-    for _ in 0..ctx.reps {
+    for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         copy_tree(&before, &replica)?;
         gt.runs.push(ctx.georep_sync(&home, "w4", Link::Local)?);
         let got = only_file(&replica.join("hosts/host01/disks/disk0"), "qcow2")?

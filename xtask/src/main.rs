@@ -75,6 +75,10 @@ fn mib(kib: u64) -> String {
 
 fn print_table(outcomes: &[Outcome], m: &workloads::Check) {
     println!(
+        "\n(peak RSS: /proc sampled every 5 ms in the first repetition; \
+         median time: of the other repetitions, which run unsampled)"
+    );
+    println!(
         "\n{:<4} {:<9} {:>10} {:>12}  {:<44} options",
         "id", "tool", "median s", "wire MB", "peak RSS MiB"
     );
@@ -149,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         sshd,
         lan,
         wan,
+        sample: Default::default(),
     };
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();

@@ -88,8 +88,8 @@ fn sample(peaks: &Mutex<Peaks>, marker: &str, dir: &str) {
 }
 
 /// Runs `cmd` (given the run marker in its environment) to completion,
-/// failing on a non-zero exit; samples /proc every 5 ms meanwhile.
-pub fn run(mut cmd: Command, marker: &str, dir: &Path) -> anyhow::Result<Measured> {
+/// failing on a non-zero exit; samples /proc every 5 ms meanwhile if `sample`.
+pub fn run(mut cmd: Command, marker: &str, dir: &Path, sample: bool) -> anyhow::Result<Measured> {
     let (k, v) = marker.split_once('=').expect("marker is K=V");
     cmd.env(k, v);
     let peaks = Arc::new(Mutex::new(Peaks::new()));
@@ -102,8 +102,8 @@ pub fn run(mut cmd: Command, marker: &str, dir: &Path) -> anyhow::Result<Measure
             dir.display().to_string(),
         );
         std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                sample(&peaks, &marker, &dir);
+            while sample && !done.load(Ordering::Relaxed) {
+                self::sample(&peaks, &marker, &dir);
                 std::thread::sleep(Duration::from_millis(5));
             }
         })

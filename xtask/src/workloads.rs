@@ -95,11 +95,20 @@ pub fn w1(ctx: &Ctx) -> anyhow::Result<Outcome> {
     ctx.georep_sync(&home, "w1", Link::Local)?;
     empty_dir(&rs)?;
     ctx.rsync(&["-a"], &master, &rs, Link::Local)?;
-    let mut g = tool("georep", "sync, marker = mark (writers call georep mark)");
+    let mut g = tool(
+        "georep",
+        "sync, marker = mark (writers call georep mark); 5 runs per repetition",
+    );
     let mut r = tool("rsync", "-a");
-    for _ in 0..ctx.reps {
-        g.runs.push(ctx.georep_sync(&home, "w1", Link::Local)?);
+    for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         r.runs.push(ctx.rsync(&["-a"], &master, &rs, Link::Local)?);
+        // A no-change sync lasts milliseconds, so one run is at the mercy
+        // of the scheduler (the first after rsync's walk of 100k entries
+        // is often several times slower); each repetition runs it 5 times.
+        for _ in 0..5 {
+            g.runs.push(ctx.georep_sync(&home, "w1", Link::Local)?);
+        }
     }
     verify_same(&master, &gs)?;
     let mut o = Outcome {
@@ -164,6 +173,7 @@ pub fn w2(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
         )
     };
     for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         for (name, slave, runs) in [("w2", &gs, &mut g), ("w2i", &gsi, &mut gi)] {
             copy_tree(&before, slave)?;
             if rep == 0 {
@@ -248,6 +258,7 @@ pub fn w3_tree(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let mut g = tool("georep", "sync (file marked)");
     let mut r = tool("rsync", &opts.join(" "));
     for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         copy_tree(&before, &gs)?;
         if rep == 0 {
             ctx.georep_sync(&home, "w3t", Link::Local)?;
@@ -298,6 +309,7 @@ pub fn w5(ctx: &Ctx, link: Link) -> anyhow::Result<Outcome> {
     let mut g = tool("georep", "sync (initial, full crawl)");
     let mut r = tool("rsync", &opts.join(" "));
     for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         empty_dir(&gs)?;
         let name = format!("{}-{rep}", id.to_lowercase());
         ctx.georep_session(&home, &name, &master, &gs, link, &[])?;
@@ -352,6 +364,7 @@ pub fn w7(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let mut r = tool("rsync", &opts.join(" "));
     let mut slave_alloc = 0;
     for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         empty_dir(&gs)?;
         let name = format!("w7-{rep}");
         ctx.georep_session(&home, &name, &master, &gs, Link::Ssh, &[])?;
@@ -411,6 +424,7 @@ pub fn w8(ctx: &Ctx) -> anyhow::Result<Outcome> {
     );
     let cfg = ctx.ssh_config(Link::Ssh)?;
     for rep in 0..ctx.reps {
+        ctx.sampling(rep == 0);
         empty_dir(&gs)?;
         let name = format!("w8-{rep}");
         ctx.georep_session(&home, &name, &master, &gs, Link::Ssh, &[])?;
