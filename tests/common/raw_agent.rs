@@ -101,20 +101,63 @@ impl RawAgent {
         w.flush().unwrap();
     }
 
+    /// Sends bytes as they are (frames or garbage).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stdin.as_mut().unwrap().write_all(bytes);
+        let _ = self.stdin.as_mut().unwrap().flush();
+    }
+
+    /// The encoded frame of `body` with request id `id`.
+    pub fn frame(&mut self, body: Request, id: u64) -> Vec<u8> {
+        encode_frame(&Envelope { id, body }).unwrap()
+    }
+
     /// Sends a request and returns its (last) reply.
     pub fn call(&mut self, body: Request) -> Response {
         let id = self.next_id;
         self.next_id += 1;
-        let f = encode_frame(&Envelope { id, body }).unwrap();
-        let w = self.stdin.as_mut().unwrap();
-        w.write_all(&f).unwrap();
-        w.flush().unwrap();
+        let f = self.frame(body, id);
+        self.send_raw(&f);
+        self.reply_to(id).expect("a reply")
+    }
+
+    /// The last reply to request `id` (or its error), None once the agent closed.
+    pub fn reply_to(&mut self, id: u64) -> Option<Response> {
         loop {
-            let r = self.read_response().expect("a reply");
+            let r = self.read_response()?;
             if r.id == id && (r.last || r.result.is_err()) {
-                return r;
+                return Some(r);
             }
         }
+    }
+
+    /// A request that must be answered with an error.
+    pub fn refused(&mut self, body: Request, what: &str) {
+        let r = self.call(body);
+        assert!(r.result.is_err(), "{what}: accepted: {r:?}");
+    }
+
+    /// Sends raw bytes that must make the agent answer an error and close
+    /// (without a panic or a signal).
+    pub fn expect_close(mut self, bytes: &[u8], what: &str) {
+        self.send_raw(bytes);
+        drop(self.stdin.take());
+        let mut saw_error = false;
+        while let Some(r) = self.read_response() {
+            saw_error |= r.result.is_err();
+        }
+        let out = self.child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked"),
+            "{what}: the agent panicked: {err}"
+        );
+        assert!(
+            out.status.code().is_some(),
+            "{what}: killed by a signal: {:?}",
+            out.status
+        );
+        assert!(saw_error || what == "truncated", "{what}: no error reply");
     }
 
     /// Closes the input and waits for a clean exit.
