@@ -12,7 +12,7 @@ use georep::meta::Meta;
 use georep::protocol::{encode_frame, Envelope, Reply, Request};
 use georep::relpath::RelPath;
 use serde_bytes::ByteBuf;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn p(s: &str) -> RelPath {
     RelPath::new(s.as_bytes().to_vec()).unwrap()
