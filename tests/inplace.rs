@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::mutate::data as bytes;
 use common::raw_agent::RawAgent;
 use common::{mutate, n, stderr, tree, World};
 use georep::meta::Meta;
@@ -25,18 +26,6 @@ fn undo_logs(slave: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(slave.join(".georep/undo"))
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
-}
-
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// How a writer changes a disk image.

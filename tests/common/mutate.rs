@@ -152,7 +152,8 @@ fn name(n: u8) -> Vec<u8> {
     v
 }
 
-fn data(seed: u64, len: usize) -> Vec<u8> {
+/// `len` pseudo-random bytes from `seed` (xorshift): reproducible test data.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
