@@ -8,9 +8,9 @@
 mod common;
 
 use common::raw_agent::RawAgent as Agent;
-use georep::meta::Meta;
+use georep::fs::meta::Meta;
+use georep::fs::relpath::RelPath;
 use georep::protocol::{encode_frame, Envelope, Reply, Request};
-use georep::relpath::RelPath;
 use serde_bytes::ByteBuf;
 use std::path::PathBuf;
 
@@ -31,7 +31,7 @@ fn put(path: RelPath, data: &[u8]) -> Request {
     Request::PutFile {
         path,
         data: ByteBuf::from(data.to_vec()),
-        digest: georep::digest::digest_of(data),
+        digest: georep::hash::digest::digest_of(data),
         meta: meta(0o644),
     }
 }
@@ -188,7 +188,7 @@ fn a_hostile_master_changes_nothing_outside_the_root_and_never_crashes_the_agent
     a.send_raw(&w);
     let _ = a.call(Request::Commit {
         fid: 7,
-        digest: georep::digest::digest_of(b"hello"),
+        digest: georep::hash::digest::digest_of(b"hello"),
         meta: meta(0o644),
     });
     a.refused(put(p("d/g"), b"pwned"), "write into swapped directory");

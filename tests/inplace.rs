@@ -9,9 +9,9 @@ mod common;
 use common::mutate::data as bytes;
 use common::raw_agent::RawAgent;
 use common::{mutate, n, stderr, tree, World};
-use georep::meta::Meta;
+use georep::fs::meta::Meta;
+use georep::fs::relpath::RelPath;
 use georep::protocol::{ErrorKind, Reply, Request};
-use georep::relpath::RelPath;
 use proptest::prelude::*;
 use serde_bytes::ByteBuf;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -527,7 +527,7 @@ fn a_failed_digest_an_abort_or_a_crash_rolls_the_file_back() {
     write(&mut a, 5, old.len() as u64, new[old.len()..].to_vec());
     let r = a.call(Request::Commit {
         fid: 5,
-        digest: georep::digest::digest_of(&new),
+        digest: georep::hash::digest::digest_of(&new),
         meta: meta.clone(),
     });
     assert!(

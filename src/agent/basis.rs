@@ -1,12 +1,12 @@
 //! What the agent learns hashing a basis file: per window its BLAKE3 hash
 //! and, within a memory budget, the CVs of its 4 KiB blocks (see
-//! [`crate::blocktree`]). One read and one hashing pass over the basis then
+//! [`crate::hash::blocktree`]). One read and one hashing pass over the basis then
 //! answer the window hashes (pass 1), the block hashes of windows that
 //! differ (pass 2) and the digest of the blocks copied from it, which are
 //! neither read nor hashed again.
 
-use crate::blocktree::{self, Cv, BLOCK};
-use crate::digest::{self, WINDOW};
+use crate::hash::blocktree::{self, Cv, BLOCK};
+use crate::hash::digest::{self, WINDOW};
 use crate::protocol::{Hash16, Hash32};
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,7 +39,7 @@ fn read(basis: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> io::Result<()> {
 }
 
 fn is_hole(basis: &File, off: u64, len: u64) -> io::Result<bool> {
-    Ok(crate::sparse::data_ranges(basis, off, off + len)?.is_empty())
+    Ok(crate::fs::sparse::data_ranges(basis, off, off + len)?.is_empty())
 }
 
 impl BasisCache {

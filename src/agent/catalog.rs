@@ -3,8 +3,8 @@
 //! tail in place. All confined to the root like every other operation.
 
 use super::root::{errno_err, io_err, open_nofollow, Root, WResult};
+use crate::fs::relpath::RelPath;
 use crate::protocol::{ErrorKind, Hash32, WireError, MAX_FRAME};
-use crate::relpath::RelPath;
 use nix::fcntl::{openat, renameat2, OFlag, RenameFlags};
 use nix::sys::stat::Mode;
 use std::ffi::OsStr;

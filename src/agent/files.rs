@@ -16,12 +16,12 @@ use super::inplace::{self, InPlace};
 use super::root::{
     apply_meta, errno_err, io_err, open_nofollow, rename_over, tmp_name, Root, WResult,
 };
-use crate::blocktree::{FileDigest, BLOCK};
-use crate::digest::{self, WINDOW};
-use crate::meta::Meta;
+use crate::fs::meta::Meta;
+use crate::fs::relpath::RelPath;
+use crate::fs::sparse;
+use crate::hash::blocktree::{FileDigest, BLOCK};
+use crate::hash::digest::{self, WINDOW};
 use crate::protocol::{ErrorKind, Hash16, Hash32, WireError};
-use crate::relpath::RelPath;
-use crate::sparse;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 use std::collections::HashMap;

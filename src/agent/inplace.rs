@@ -24,9 +24,9 @@
 
 use super::root::{apply_meta, errno_err, io_err, Root, WResult, STATE_DIR};
 use super::undo;
-use crate::meta::{Meta, Timestamp};
+use crate::fs::meta::{Meta, Timestamp};
+use crate::fs::relpath::RelPath;
 use crate::protocol::{ErrorKind, WireError};
-use crate::relpath::RelPath;
 use nix::fcntl::{openat, Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 use serde_bytes::ByteBuf;
@@ -109,7 +109,7 @@ fn meta_of(file: &File, path: &RelPath) -> WResult<Meta> {
         .map_err(|e| io_err(e, "list xattrs", path))?
     {
         let n = name.as_bytes();
-        if !crate::meta::replicated_xattr(n) {
+        if !crate::fs::meta::replicated_xattr(n) {
             continue;
         }
         if let Some(v) = file
@@ -240,7 +240,7 @@ impl InPlace {
             self.header.dev,
             self.header.ino,
             std::process::id(),
-            crate::xtime::now_ns()
+            crate::fs::xtime::now_ns()
         )
         .into_bytes();
         let fd = openat(

@@ -293,7 +293,7 @@ impl Agent<'_> {
     }
 
     /// Publishes pending files first when `pred` says the next request depends on them.
-    fn flush_if(&mut self, pred: impl Fn(&crate::relpath::RelPath) -> bool) {
+    fn flush_if(&mut self, pred: impl Fn(&crate::fs::relpath::RelPath) -> bool) {
         if self.files.pending_matches(pred) {
             self.flush();
         }
@@ -476,7 +476,7 @@ impl Agent<'_> {
     }
 
     /// Sends a listing in frames of bounded size.
-    fn send_entries(&self, id: u64, entries: Result<Vec<crate::meta::Entry>, WireError>) {
+    fn send_entries(&self, id: u64, entries: Result<Vec<crate::fs::meta::Entry>, WireError>) {
         let entries = match entries {
             Ok(e) => e,
             Err(e) => return self.reply(id, Err(e)),

@@ -5,9 +5,9 @@
 //! final name is operated on with `*at` calls that never follow a symlink.
 //! So whatever the master sends, nothing outside the root is touched.
 
-use crate::meta::{replicated_xattr, Entry, Kind, Meta};
+use crate::fs::meta::{replicated_xattr, Entry, Kind, Meta};
+use crate::fs::relpath::RelPath;
 use crate::protocol::{ErrorKind, SlaveIdentity, WireError};
-use crate::relpath::RelPath;
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fchmod, fstatat, futimens, mkdirat, utimensat, Mode, UtimensatFlags};
@@ -364,7 +364,7 @@ pub fn tmp_name() -> Vec<u8> {
 fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     if getrandom(&mut b).is_err() {
-        let t = crate::xtime::now_ns();
+        let t = crate::fs::xtime::now_ns();
         return t ^ (std::process::id() as u64) << 32;
     }
     u64::from_le_bytes(b)
@@ -429,7 +429,7 @@ fn stat_entry(dir: BorrowedFd<'_>, name_os: &OsStr, name: &[u8]) -> WResult<Entr
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
             gid: st.st_gid,
-            mtime: crate::meta::Timestamp {
+            mtime: crate::fs::meta::Timestamp {
                 sec: st.st_mtime,
                 nsec: st.st_mtime_nsec as u32,
             },
@@ -453,7 +453,7 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
 }
 
 fn read_xattrs_lossy(p: &Path) -> Vec<(ByteBuf, ByteBuf)> {
-    crate::meta::read_xattrs(p).unwrap_or_default()
+    crate::fs::meta::read_xattrs(p).unwrap_or_default()
 }
 
 fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<()> {

@@ -12,7 +12,7 @@
 //! was never made durable, so its range was never written. Replay is
 //! idempotent: it only writes old bytes back.
 
-use crate::meta::Meta;
+use crate::fs::meta::Meta;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io;
@@ -184,7 +184,7 @@ pub fn restore(log: &File, start: u64, header: &Header, target: &File) -> io::Re
 /// where the file system can), the rest written.
 pub fn write_back(target: &File, offset: u64, data: &[u8]) -> io::Result<()> {
     let mut pos = 0usize;
-    for (at, range) in crate::sparse::nonzero_runs(offset, data, 4096) {
+    for (at, range) in crate::fs::sparse::nonzero_runs(offset, data, 4096) {
         let gap = (at - offset) as usize;
         if gap > pos {
             zero_range(target, offset + pos as u64, (gap - pos) as u64)?;
@@ -370,7 +370,7 @@ mod tests {
         let (h, start) = read_header(&log).unwrap().unwrap();
         restore(&log, start, &h, &target).unwrap();
         assert_eq!(content(&target), old);
-        let holes = crate::sparse::data_ranges(&target, 0, old.len() as u64).unwrap();
+        let holes = crate::fs::sparse::data_ranges(&target, 0, old.len() as u64).unwrap();
         assert!(
             holes
                 .iter()

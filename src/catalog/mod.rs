@@ -1,4 +1,7 @@
-//! Snapshot-store replication (catalog mode, DESIGN §6).
+//! The snapshot store's model (catalog mode): records, journals, images,
+//! points, locks, and the pure planning of what to replicate. It uses only
+//! `session`, `fs` and `hash`; the replication that carries a plan out
+//! against a slave is `engine::catalog_mode`, the commands `cli::catalog`.
 //!
 //! A store holds hosts, their host snapshots (one generation each), disk
 //! snapshots, storages and snapshot files (qcow2 images and CDP journals),
@@ -11,19 +14,16 @@
 //! - [`cdp`], [`qcow`]: the journal format; qcow2 images through qemu-img
 //! - [`points`]: listing, restoring and verifying points; RPO per host
 //! - [`plan`]: pure planning of what to ship (the sync-mode matrix)
-//! - [`replicate`]: carrying a plan out against the slave
 //! - [`locks`]: the lock protocol shared with the appliance
 //! - [`sample`]: a generator of realistic sample stores (an appliance model)
 //! - [`status`]: locks and RPO of a session, for `status --detail`
 
 pub mod cdp;
-pub mod cli;
 pub mod locks;
 pub mod plan;
 pub mod points;
 pub mod qcow;
 pub mod record;
-pub mod replicate;
 pub mod sample;
 pub mod status;
 pub mod store;

@@ -402,8 +402,8 @@ pub fn file_digest(p: &Path) -> Result<(u64, [u8; 32]), CatalogError> {
         .metadata()
         .map_err(|e| CatalogError::io("stat", p, e))?
         .len();
-    let mut d = crate::digest::Digester::new();
-    let mut buf = vec![0u8; crate::digest::WINDOW as usize];
+    let mut d = crate::hash::digest::Digester::new();
+    let mut buf = vec![0u8; crate::hash::digest::WINDOW as usize];
     let mut off = 0;
     while off < size {
         let n = (size - off).min(buf.len() as u64) as usize;

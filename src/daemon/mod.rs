@@ -1,8 +1,13 @@
-//! The daemon's command side: `start` (the monitor, daemonised or in the
-//! foreground), `stop`, `pause`, `resume`, and the hidden `worker`
-//! subcommand the monitor spawns. Status and checkpoints are in [`status`].
+//! The daemon: `start` (the monitor, daemonised or in the foreground),
+//! `stop`, `pause`, `resume`, and the hidden `worker` subcommand the
+//! monitor spawns; the worker's loop ([`continuous`]: when to crawl, with
+//! what continuity), the inotify [`watcher`], and [`status`] and
+//! checkpoints. Uses `engine`, the `georep-monitor` crate and the layers
+//! below; never `cli`.
 
+pub mod continuous;
 pub mod status;
+pub mod watcher;
 
 use crate::error::{exit, UserError};
 use crate::session::Session;
@@ -194,7 +199,7 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
             return Err(e.into());
         }
     };
-    let rt = crate::worker::runtime().context("starting the async runtime")?;
+    let rt = crate::engine::worker::runtime().context("starting the async runtime")?;
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         let on_signal = shutdown.clone();
@@ -217,7 +222,7 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
             on_eof.cancel();
         });
         use tracing::Instrument;
-        crate::continuous::run(&s, shutdown)
+        crate::daemon::continuous::run(&s, shutdown)
             .instrument(tracing::info_span!("worker", session = %s.name))
             .await
     });

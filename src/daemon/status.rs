@@ -3,9 +3,9 @@
 //! wedged, and they report a dead or reused pid as not running.
 
 use crate::error::{exit, UserError};
+use crate::fs::xtime;
 use crate::session::{Session, SyncMode};
 use crate::user_err;
-use crate::xtime;
 use georep_monitor::checkpoint::{self, Checkpoint};
 use georep_monitor::nagios::{self, Thresholds};
 use georep_monitor::status::{effective, Status};

@@ -1,12 +1,11 @@
 //! Protocol messages.
 
-use crate::meta::{Entry, Meta};
-use crate::relpath::RelPath;
+use crate::fs::meta::{Entry, Meta};
+use crate::fs::relpath::RelPath;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-pub type Hash32 = [u8; 32];
-pub type Hash16 = [u8; 16];
+pub use crate::hash::{Hash16, Hash32};
 
 /// Which session a slave tree belongs to, and which full crawl it has seen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

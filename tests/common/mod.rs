@@ -119,7 +119,7 @@ pub fn n(v: &Value, key: &str) -> u64 {
 }
 
 pub fn mark(p: &Path) {
-    georep::xtime::mark(p).unwrap_or_else(|e| panic!("mark {}: {e}", p.display()));
+    georep::fs::xtime::mark(p).unwrap_or_else(|e| panic!("mark {}: {e}", p.display()));
 }
 
 pub fn stderr(o: &Output) -> String {

@@ -4,9 +4,9 @@
 //! awaited only when the answer is needed. That is what keeps many
 //! operations in flight over a high-latency link.
 
-use crate::meta::{Entry, Meta};
+use crate::fs::meta::{Entry, Meta};
+use crate::fs::relpath::RelPath;
 use crate::protocol::{Client, Hash16, Hash32, ProtoError, Reply, Request, SlaveIdentity, Ticket};
-use crate::relpath::RelPath;
 use serde_bytes::ByteBuf;
 
 /// A request on its way, with the conversion of its reply.

@@ -1,6 +1,6 @@
 //! BLAKE3 trees of aligned 4 KiB blocks.
 //!
-//! Each digest window (see [`crate::digest`]) is hashed as its own BLAKE3
+//! Each digest window (see [`crate::hash::digest`]) is hashed as its own BLAKE3
 //! input, and BLAKE3 is a tree: a window of 4 MiB is the root of 1024
 //! subtrees of 4 KiB whose chaining values (CVs) depend only on the block's
 //! bytes and its offset inside the window. So one pass over a window yields
@@ -14,8 +14,8 @@
 //! can (so long runs go at full SIMD speed) and merges subtrees as BLAKE3's
 //! own hasher does. Tests check it against `blake3::hash`.
 
-use crate::digest::{self, WINDOW};
-use crate::protocol::{Hash16, Hash32};
+use super::{Hash16, Hash32};
+use crate::hash::digest::{self, WINDOW};
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 use std::sync::OnceLock;
 
@@ -278,7 +278,7 @@ impl WindowDigest {
     }
 }
 
-/// The file digest of [`crate::digest`] for a file of known size, fed in
+/// The file digest of [`crate::hash::digest`] for a file of known size, fed in
 /// order by bytes, zeros, block CVs and whole-window hashes.
 pub struct FileDigest {
     size: u64,

@@ -3,88 +3,26 @@
 //! listing match the master's, ship what changed, descend, and only then
 //! record the xtime read before listing as the directory's new stime.
 
+mod linked;
 pub mod plan;
 
-use crate::links::Links;
-use crate::master::{reserved, MEntry, Master, MasterError};
-use crate::meta::{Entry, Kind, Meta};
+use crate::engine::context::{CrawlKind, Engine, Failure};
+use crate::engine::master::{reserved, MEntry, MasterError};
+use crate::engine::transfer::{self, FileError, Shipped};
+use crate::fs::meta::{Entry, Kind, Meta};
+use crate::fs::relpath::RelPath;
 use crate::protocol::ProtoError;
-use crate::relpath::RelPath;
-use crate::slave::Slave;
-use crate::transfer::{self, FileError, Shipped};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use plan::{Action, CrawlKind};
-use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use plan::Action;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tracing::Instrument;
 
-/// Bytes of small files read but not yet queued for the transport.
-pub const READ_BUDGET: usize = 8 << 20;
-/// Large files transferred at once (each holds a few windows in memory).
-const LARGE_FILES: usize = 2;
 /// Actions of one directory in flight at once.
 const DIR_CONCURRENCY: usize = 512;
-/// Plain files being shipped at once across the whole crawl. Directories
-/// are visited concurrently, each with up to `DIR_CONCURRENCY` actions, so
-/// without this bound an initial sync of 200 directories of 100 files had
-/// 20k action futures of 2.3 KiB alive (93 MiB of worker memory; 50 MiB
-/// with this bound). Files wait here for their commit reply, so the bound
-/// stays above the agent's commit batch (512 files): 256 made every batch
-/// end early (input idle) and cost one more syncfs per 256 files.
-const FILE_SLOTS: usize = 1024;
 /// Stimes queued before they are made durable and written mid-crawl.
 const STIME_BATCH: usize = 1000;
-
-/// Counters of one crawl; exact, so tests assert on them.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub entries_visited: AtomicU64,
-    pub files_synced: AtomicU64,
-    pub files_unchanged: AtomicU64,
-    /// Files patched in place on the slave (`inplace_min_size`).
-    pub files_in_place: AtomicU64,
-    pub bytes_literal: AtomicU64,
-    pub bytes_delta: AtomicU64,
-    pub deletes: AtomicU64,
-    pub dirs_created: AtomicU64,
-    pub symlinks: AtomicU64,
-    pub hardlinks: AtomicU64,
-    pub meta_updates: AtomicU64,
-    pub skipped: AtomicU64,
-    pub stimes_written: AtomicU64,
-}
-
-/// One entry that failed; retried by the next crawl.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub path: String,
-    pub error: String,
-}
-
-/// Shared state of one crawl.
-pub struct Engine {
-    pub master: Master,
-    pub slave: Slave,
-    pub kind: CrawlKind,
-    pub stats: Stats,
-    pub read_budget: Semaphore,
-    pub large_files: Semaphore,
-    /// See [`FILE_SLOTS`].
-    file_slots: Arc<Semaphore>,
-    fids: AtomicU64,
-    links: Links,
-    stimes: Mutex<Vec<(RelPath, u64)>>,
-    failures: Mutex<Vec<Failure>>,
-    failure_count: AtomicU64,
-    fatal: Mutex<Option<ProtoError>>,
-    shutdown: CancellationToken,
-    /// Files at least this big are patched in place on the slave (u64::MAX: never).
-    inplace_min_size: AtomicU64,
-}
 
 /// The slave side of a directory about to be visited.
 #[derive(Debug, Clone)]
@@ -120,90 +58,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Engine {
-    pub fn new(
-        master: Master,
-        slave: Slave,
-        kind: CrawlKind,
-        links: Links,
-        shutdown: CancellationToken,
-    ) -> Arc<Engine> {
-        Arc::new(Engine {
-            master,
-            slave,
-            kind,
-            stats: Stats::default(),
-            read_budget: Semaphore::new(READ_BUDGET),
-            large_files: Semaphore::new(LARGE_FILES),
-            file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),
-            fids: AtomicU64::new(1),
-            links,
-            stimes: Mutex::new(Vec::new()),
-            failures: Mutex::new(Vec::new()),
-            failure_count: AtomicU64::new(0),
-            fatal: Mutex::new(None),
-            shutdown,
-            inplace_min_size: AtomicU64::new(u64::MAX),
-        })
-    }
-
-    /// Patch files of at least `min` bytes in place on the slave (None: never).
-    pub fn set_inplace_min_size(&self, min: Option<u64>) {
-        self.inplace_min_size
-            .store(min.unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    /// Whether a file of `size` bytes is to be patched in place.
-    pub fn in_place(&self, size: u64) -> bool {
-        size >= self.inplace_min_size.load(Ordering::Relaxed)
-    }
-
-    pub fn next_fid(&self) -> u64 {
-        self.fids.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn links(&self) -> &Links {
-        &self.links
-    }
-
-    fn fail(&self, path: &RelPath, error: impl std::fmt::Display) {
-        let error = error.to_string();
-        tracing::warn!(path = %path, %error, "entry failed; it will be retried by the next crawl");
-        self.failure_count.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.failures.lock().unwrap();
-        if f.len() < 100 {
-            f.push(Failure {
-                path: path.to_string(),
-                error,
-            });
-        }
-    }
-
-    fn set_fatal(&self, e: ProtoError) {
-        let mut f = self.fatal.lock().unwrap();
-        if f.is_none() {
-            tracing::error!(error = %e, "connection to the slave failed");
-            *f = Some(e);
-        }
-    }
-
-    /// Whether the worker was asked to stop (large transfers check it between windows).
-    pub(crate) fn shutting_down(&self) -> bool {
-        self.shutdown.is_cancelled()
-    }
-
-    fn stopped(&self) -> bool {
-        self.shutdown.is_cancelled() || self.fatal.lock().unwrap().is_some()
-    }
-
-    /// Records a slave error: fatal ones stop the crawl, others fail the entry.
-    fn slave_err(&self, path: &RelPath, e: ProtoError) {
-        if e.is_fatal() {
-            self.set_fatal(e);
-        } else {
-            self.fail(path, e);
-        }
-    }
-
     fn file_err(&self, path: &RelPath, e: FileError) {
         match e {
             FileError::Slave(p) => self.slave_err(path, p),
@@ -230,18 +84,17 @@ impl Engine {
         }
         .instrument(span)
         .await;
-        if let Some(e) = self.fatal.lock().unwrap().clone() {
+        if let Some(e) = self.fatal() {
             return Err(CrawlError::Slave(e));
         }
         self.flush_stimes().await?;
-        if self.shutdown.is_cancelled() {
+        if self.shutdown_requested() {
             return Err(CrawlError::Shutdown);
         }
-        let failures = self.failures.lock().unwrap().clone();
         Ok(CrawlOutcome {
             complete,
-            failures,
-            failure_count: self.failure_count.load(Ordering::Relaxed),
+            failures: self.failures(),
+            failure_count: self.failure_count(),
         })
     }
 
@@ -337,7 +190,7 @@ impl Engine {
             for m in &mlist {
                 if m.entry.kind == Kind::File && m.entry.nlink > 1 {
                     if let Ok(p) = dir.join(&m.entry.name) {
-                        self.links.saw(&m.entry, &p);
+                        self.links().saw(&m.entry, &p);
                     }
                 }
             }
@@ -554,7 +407,7 @@ impl Engine {
         basis: bool,
     ) -> bool {
         if m.entry.nlink > 1 {
-            return crate::links::ship_linked(self, path, m, basis).await;
+            return linked::ship_linked(self, path, m, basis).await;
         }
         self.ship_plain(path, m, s, basis).await
     }
@@ -597,13 +450,5 @@ impl Engine {
                 false
             }
         }
-    }
-
-    pub(crate) fn record_slave_err(&self, path: &RelPath, e: ProtoError) {
-        self.slave_err(path, e)
-    }
-
-    pub fn failure_count(&self) -> u64 {
-        self.failure_count.load(Ordering::Relaxed)
     }
 }

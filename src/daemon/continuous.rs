@@ -5,13 +5,14 @@
 //! [`Worker::crawl`]; this module only decides when, and with what
 //! continuity, to make it.
 
-use crate::crawl::plan::CrawlKind;
-use crate::crawl::Engine;
+use crate::daemon::watcher::Watcher;
+use crate::engine::context::CrawlKind;
+use crate::engine::context::Engine;
+use crate::engine::outcome::{SyncOptions, WorkerError};
+use crate::engine::worker::Worker;
 use crate::error::Retry;
+use crate::fs::xtime;
 use crate::session::{MarkerPolicy, Session, SyncMode};
-use crate::watcher::Watcher;
-use crate::worker::{SyncOptions, Worker, WorkerError};
-use crate::xtime;
 use georep_monitor::backoff::Backoff;
 use georep_monitor::checkpoint::{self, Checkpoint};
 use georep_monitor::report::{WorkerReport, HEARTBEAT};
@@ -50,7 +51,7 @@ type Live = Arc<Mutex<Option<Arc<Engine>>>>;
 struct Reporter {
     state: Arc<Mutex<Reported>>,
     live: Live,
-    watcher: Option<Arc<crate::watcher::Shared>>,
+    watcher: Option<Arc<crate::daemon::watcher::Shared>>,
     shutdown: CancellationToken,
 }
 

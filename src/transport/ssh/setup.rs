@@ -4,8 +4,8 @@
 //! before the session is written.
 
 use super::{HostKeys, SshError, SshTarget};
+use crate::fs::relpath::RelPath;
 use crate::protocol::{Reply, Request};
-use crate::relpath::RelPath;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -2,9 +2,9 @@
 //! list|restore|verify|locks` and `georep sample-store`. Output goes to
 //! stdout; errors are returned for the CLI to print.
 
-use super::points::{self, Filter};
-use super::sample::{self, Activity, SampleOptions};
-use super::{locks, store, time, CatalogError};
+use crate::catalog::points::{self, Filter};
+use crate::catalog::sample::{self, Activity, SampleOptions};
+use crate::catalog::{locks, store, time, CatalogError};
 use std::path::Path;
 
 /// `georep point list STORE [--host H] [--disk D] [--json]`.
@@ -161,7 +161,7 @@ pub fn sample_store(
 }
 
 /// The text summary of a catalog-mode `georep sync`.
-pub fn print_sync(s: &crate::worker::Summary, c: &super::replicate::CatalogSummary) {
+pub fn print_sync(s: &crate::engine::outcome::Summary, c: &crate::engine::outcome::CatalogSummary) {
     println!(
         "catalog sync: {} host snapshots published, {} deleted; images {} copied, {} built, {} already there; {} cdp points appended ({} bytes); {} bytes sent; {} failures; {} ms",
         c.generations_published,

@@ -11,8 +11,8 @@
 pub mod fingerprint;
 pub mod pending;
 
-use crate::master::reserved;
-use crate::relpath::RelPath;
+use crate::engine::master::reserved;
+use crate::fs::relpath::RelPath;
 use fingerprint::{mark_many, Fingerprints};
 use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify, WatchDescriptor};
 use pending::{ChangeKind, Pending};
@@ -369,7 +369,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xtime;
+    use crate::fs::xtime;
     use std::os::unix::fs::PermissionsExt;
 
     fn wait_changes(w: &Watcher, past: u64) -> u64 {

@@ -1,12 +1,12 @@
 //! Session administration: create, delete, config.
 
 use crate::error::UserError;
+use crate::fs::xtime;
 use crate::session::{
     check_name, sessions_dir, Config, Layout, MarkerPolicy, Session, SlaveSpec, SyncMode,
     CONFIG_KEYS,
 };
 use crate::user_err;
-use crate::xtime;
 use std::path::{Path, PathBuf};
 
 /// Options of `georep create` beyond the three positional arguments.
@@ -35,13 +35,13 @@ pub enum CreateError {
     #[error("{0}")]
     User(#[from] UserError),
     #[error("{0}")]
-    Ssh(#[from] crate::ssh::SshError),
+    Ssh(#[from] crate::transport::ssh::SshError),
 }
 
 /// A new session, and what was checked on an SSH slave.
 pub struct Created {
     pub session: Session,
-    pub check: Option<crate::ssh::setup::SlaveCheck>,
+    pub check: Option<crate::transport::ssh::setup::SlaveCheck>,
 }
 
 /// Resolves the layout of `master` (see [`CreateOptions::layout`]).
@@ -143,11 +143,11 @@ pub fn create(
             (check_local_slave(&p, &master)?.display().to_string(), None)
         }
         SlaveSpec::Ssh { user, host, path } => {
-            crate::ssh::check_host(&host)?;
+            crate::transport::ssh::check_host(&host)?;
             if let Some(u) = &user {
-                crate::ssh::check_user(u)?;
+                crate::transport::ssh::check_user(u)?;
             }
-            let root = crate::ssh::check_remote_path(&path)?;
+            let root = crate::transport::ssh::check_remote_path(&path)?;
             let identity = match &opts.identity {
                 Some(id) => Some(std::fs::canonicalize(id).map_err(|e| {
                     user_err!(
@@ -161,7 +161,7 @@ pub fn create(
                 Some(u) => format!("{u}@{host}:{root}"),
                 None => format!("{host}:{root}"),
             };
-            let target = crate::ssh::SshTarget {
+            let target = crate::transport::ssh::SshTarget {
                 user,
                 host,
                 port: opts.ssh_port,
@@ -171,7 +171,7 @@ pub fn create(
                 remote_georep: opts
                     .remote_georep
                     .clone()
-                    .unwrap_or_else(|| crate::ssh::DEFAULT_REMOTE_GEOREP.to_string()),
+                    .unwrap_or_else(|| crate::transport::ssh::DEFAULT_REMOTE_GEOREP.to_string()),
                 session_key: false,
             };
             (spec, Some(target))
@@ -219,14 +219,15 @@ pub fn create(
     let result = (|| {
         let mut check = None;
         if let Some(target) = ssh {
-            let setup = crate::ssh::setup::SetupOptions {
+            let setup = crate::transport::ssh::setup::SetupOptions {
                 push_pem: opts.push_pem,
                 verify: !opts.no_verify,
                 tag: key_tag(name),
                 agent_keepalive_secs: (config.keepalive_secs * 2).max(120),
                 keepalive: std::time::Duration::from_secs(config.keepalive_secs),
             };
-            let (identity, c) = crate::ssh::setup::prepare(&staging, &dir, target, &setup)?;
+            let (identity, c) =
+                crate::transport::ssh::setup::prepare(&staging, &dir, target, &setup)?;
             config.identity = identity;
             check = c;
         }

@@ -1,111 +1,23 @@
 //! The worker: one crawl of a session, from connecting to the slave to
 //! recording what is now durable there.
 
-use crate::crawl::plan::CrawlKind;
-use crate::crawl::{CrawlError, Engine, Failure};
-use crate::error::Retry;
-use crate::links::Links;
-use crate::master::Master;
+use crate::engine::context::{CrawlKind, Engine};
+use crate::engine::continuity::full_reason;
+use crate::engine::crawl::CrawlError;
+use crate::engine::links::Links;
+use crate::engine::master::Master;
+use crate::engine::outcome::{Summary, SyncOptions, WorkerError};
+use crate::engine::slave::Slave;
+use crate::fs::xtime;
 use crate::protocol::{ProtoError, SlaveIdentity};
-use crate::session::{MarkerPolicy, Session, SlaveSpec, State};
-use crate::slave::Slave;
-use crate::transport::{self, Connection, TransportError};
-use crate::xtime;
+use crate::session::{Session, SlaveSpec, State};
+use crate::transport::{self, Connection};
 use georep_monitor::PidFile;
-use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("session {session:?} is already being synced by pid {pid}: wait for it, or stop it")]
-    Busy { session: String, pid: u32 },
-    #[error("{0}")]
-    Config(#[from] crate::error::UserError),
-    #[error("master {path}: {source}: check that the master is mounted and readable")]
-    Master {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("connecting to slave {slave}: {source}")]
-    Connect {
-        slave: String,
-        source: TransportError,
-    },
-    #[error("slave {slave}: {source}")]
-    Slave { slave: String, source: ProtoError },
-    #[error("session state in {path}: {source}")]
-    State {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("interrupted")]
-    Shutdown,
-}
-
-impl WorkerError {
-    /// What the monitor (and the exit code) should make of it.
-    pub fn retry(&self) -> Retry {
-        match self {
-            WorkerError::Busy { .. } | WorkerError::Shutdown => Retry::Temporary,
-            WorkerError::Config(_) => Retry::Permanent,
-            WorkerError::Master { .. } => Retry::Temporary,
-            WorkerError::Connect { source, .. } => source.retry(),
-            WorkerError::Slave { source, .. } => source.retry(),
-            WorkerError::State { .. } => Retry::Temporary,
-        }
-    }
-}
-
-/// What one sync did; printed by `georep sync --json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    pub session: String,
-    /// "full" or "xtime".
-    pub crawl: &'static str,
-    /// Why a full crawl was needed.
-    pub full_reason: Option<String>,
-    /// Whether everything reached the slave (no failures, not interrupted).
-    pub complete: bool,
-    pub entries_visited: u64,
-    pub files_synced: u64,
-    pub files_unchanged: u64,
-    /// Files patched in place on the slave (`inplace_min_size`).
-    pub files_in_place: u64,
-    /// File payload written to the transport: literal data plus delta instructions.
-    pub bytes_sent: u64,
-    pub bytes_literal: u64,
-    pub bytes_delta: u64,
-    /// Every byte written to / read from the transport, protocol overhead included.
-    pub wire_bytes_out: u64,
-    pub wire_bytes_in: u64,
-    pub deletes: u64,
-    pub dirs_created: u64,
-    pub symlinks: u64,
-    pub hardlinks: u64,
-    pub meta_updates: u64,
-    pub stimes_written: u64,
-    pub skipped: u64,
-    pub failures: u64,
-    pub errors: Vec<Failure>,
-    pub duration_ms: u64,
-    /// Catalog mode (layout = store): generations, points, locks.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub catalog: Option<crate::catalog::replicate::CatalogSummary>,
-}
-
-/// Options of one sync.
-#[derive(Debug, Clone, Default)]
-pub struct SyncOptions {
-    /// Force a full crawl.
-    pub full: bool,
-    /// A marker (georep's watcher) ran without a gap since this process's
-    /// previous crawl, so xtimes can be trusted under the `auto` policy.
-    pub marker_continuous: bool,
-}
 
 /// Opens a connection to the session's slave.
 pub async fn connect(session: &Session) -> Result<Connection, WorkerError> {
@@ -123,50 +35,13 @@ pub async fn connect(session: &Session) -> Result<Connection, WorkerError> {
                     source,
                 })
         }
-        SlaveSpec::Ssh { .. } => crate::ssh::connect_session(session, keepalive)
+        SlaveSpec::Ssh { .. } => crate::transport::ssh::connect_session(session, keepalive)
             .await
             .map_err(|source| WorkerError::Connect {
                 slave: session.config.slave.clone(),
-                source,
+                source: source.into(),
             }),
     }
-}
-
-/// Decides whether xtimes can be trusted; `Some(reason)` when a full crawl is needed.
-fn full_reason(
-    session: &Session,
-    state: &State,
-    ident: &Option<SlaveIdentity>,
-    master_id: &uuid::Uuid,
-    opts: &SyncOptions,
-) -> Option<String> {
-    if opts.full {
-        return Some("requested".into());
-    }
-    let Some(epoch) = state.epoch else {
-        return Some("first sync".into());
-    };
-    if state.full_pending {
-        return Some("the previous full crawl did not complete".into());
-    }
-    if state.master_id.as_ref() != Some(master_id) {
-        return Some("the master root is new or was replaced".into());
-    }
-    match ident {
-        None => return Some("the slave carries no georep identity (new or wiped)".into()),
-        Some(i) if i.session != session.config.session_id => {
-            return Some(format!(
-                "the slave belongs to another session ({})",
-                i.session
-            ));
-        }
-        Some(i) if i.epoch != epoch => return Some("the slave was replaced or restored".into()),
-        _ => {}
-    }
-    if session.config.marker == MarkerPolicy::Auto && !opts.marker_continuous {
-        return Some("no marker watched the master since the last crawl (marker = auto)".into());
-    }
-    None
 }
 
 /// Runs one crawl of `session` to its end: opens a [`Worker`], crawls
@@ -291,7 +166,8 @@ impl<'a> Worker<'a> {
         if session.config.layout == crate::session::Layout::Store {
             // Catalog mode: points and generations instead of the tree crawl.
             let res =
-                crate::catalog::replicate::sync_store(session, &slave, &master_id, shutdown).await;
+                crate::engine::catalog_mode::sync_store(session, &slave, &master_id, shutdown)
+                    .await;
             if slave.client().closed().is_some() {
                 self.conn = None;
             }

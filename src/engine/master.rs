@@ -1,8 +1,8 @@
 //! Reading the master tree: listings with xtimes, stimes, file data.
 
-use crate::meta::{read_xattrs, Entry, Kind, Meta};
-use crate::relpath::RelPath;
-use crate::xtime;
+use crate::fs::meta::{read_xattrs, Entry, Kind, Meta};
+use crate::fs::relpath::RelPath;
+use crate::fs::xtime;
 use serde_bytes::ByteBuf;
 use std::io;
 use std::os::unix::ffi::OsStrExt;

@@ -14,10 +14,10 @@ pub mod setup;
 
 pub use errors::SshError;
 
+use super::link::{Connection, Link, StderrTail};
 use crate::error::UserError;
 use crate::protocol::Client;
 use crate::session::{Session, SlaveSpec};
-use crate::transport::{Connection, Link, StderrTail};
 use crate::user_err;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -437,12 +437,12 @@ fn cpu_has_aes(cpuinfo: &str) -> bool {
 pub async fn connect_session(
     session: &Session,
     keepalive: Duration,
-) -> Result<Connection, crate::transport::TransportError> {
+) -> Result<Connection, SshError> {
     let target = SshTarget::from_session(session).map_err(|e| SshError::Check {
         target: session.config.slave.clone(),
         detail: e.to_string(),
     })?;
-    Ok(target.connect(HostKeys::Pinned, keepalive).await?)
+    target.connect(HostKeys::Pinned, keepalive).await
 }
 
 #[cfg(test)]

@@ -156,7 +156,7 @@ impl Run {
         records.push((record::SNAPSHOT_FILE.to_string(), record::to_json(&srec)));
         let mut pending = Vec::new();
         for (name, data) in records {
-            let digest = crate::digest::digest_of(&data);
+            let digest = crate::hash::digest::digest_of(&data);
             pending.push(
                 self.e
                     .slave

@@ -1,8 +1,8 @@
 //! Pure delta planning: which ranges of a window are copied from the
 //! slave's basis, sent as literals, or sent as an rsync delta. No I/O.
 
-use crate::digest::WINDOW;
-use crate::sparse::nonzero_runs;
+use crate::fs::sparse::nonzero_runs;
+use crate::hash::digest::WINDOW;
 
 /// One operation on the file being assembled, in increasing offset order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,8 +179,8 @@ mod tests {
     /// Comparison hashes of a window's blocks, as both sides compute them.
     fn hashes(d: &[u8]) -> Vec<[u8; 16]> {
         let mut cvs = Vec::new();
-        crate::blocktree::block_cvs(0, d, &mut cvs);
-        cvs.iter().map(crate::blocktree::key).collect()
+        crate::hash::blocktree::block_cvs(0, d, &mut cvs);
+        cvs.iter().map(crate::hash::blocktree::key).collect()
     }
 
     #[test]

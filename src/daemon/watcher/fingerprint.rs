@@ -4,8 +4,8 @@
 //! last stamped it changed nothing replicated, and is dropped. That is what
 //! keeps stamps and stimes from triggering crawls of their own.
 
-use crate::meta::{read_xattrs, Meta};
-use crate::xtime;
+use crate::fs::meta::{read_xattrs, Meta};
+use crate::fs::xtime;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::MetadataExt;

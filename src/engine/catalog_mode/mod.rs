@@ -18,21 +18,21 @@ mod append;
 mod gc;
 mod generation;
 
-use super::plan::{self, AppendPlan, AppendSource, GenPlan, ImageSource, Step};
-use super::points::{self, HostRpo};
-use super::record::{
+use crate::catalog::plan::{self, AppendPlan, AppendSource, GenPlan, ImageSource, Step};
+use crate::catalog::points;
+use crate::catalog::record::{
     self, kind, DiskRef, DiskSnapshotRecord, HostSnapshotRecord, QcowStorage, StorageBody,
     StorageRecord, StoreRecord,
 };
-use super::store::{self, Host};
-use super::{cdp, locks, qcow, time, CatalogError};
-use crate::crawl::{Engine, Failure};
-use crate::meta::{Kind, Meta, Timestamp};
+use crate::catalog::store::{self, Host};
+use crate::catalog::{cdp, locks, qcow, time, CatalogError};
+use crate::engine::context::{CrawlKind, Engine, Failure};
+use crate::engine::outcome::{CatalogSummary, Summary, WorkerError};
+use crate::engine::transfer::{self, Basis, FileError, Shipped};
+use crate::fs::meta::{Kind, Meta, Timestamp};
+use crate::fs::relpath::RelPath;
 use crate::protocol::{ErrorKind, ProtoError};
-use crate::relpath::RelPath;
 use crate::session::SyncMode;
-use crate::transfer::{self, Basis, FileError, Shipped};
-use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -49,29 +49,6 @@ const APPEND_WINDOW: usize = 8;
 const IMAGE_RECORD: u64 = 1 << 20;
 /// Plans of one host carried out per sync at most (each after re-reading both sides).
 const ROUNDS: usize = 4;
-
-/// What a catalog sync did, beside the transfer counters.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct CatalogSummary {
-    pub hosts: u64,
-    pub generations_published: u64,
-    pub generations_deleted: u64,
-    /// Images shipped as the master has them.
-    pub images_copied: u64,
-    /// Images made from a point (a journal point, or rebased on the slave's base).
-    pub images_built: u64,
-    /// Images the slave already had (a retry after an interruption).
-    pub images_unchanged: u64,
-    pub cdp_points: u64,
-    /// Of those, points the master now holds as images (after a reclamation split).
-    pub cdp_points_from_images: u64,
-    pub cdp_bytes: u64,
-    pub files_removed: u64,
-    pub locks_taken: u64,
-    pub stale_locks_cleared: u64,
-    /// Per host, the newest complete point now on the slave and its age.
-    pub newest: Vec<HostRpo>,
-}
 
 /// Why a catalog sync stopped.
 #[derive(Debug, thiserror::Error)]
@@ -302,7 +279,7 @@ impl Run {
     }
 
     async fn put(&self, p: RelPath, data: Vec<u8>) -> Result<(), ProtoError> {
-        let digest = crate::digest::digest_of(&data);
+        let digest = crate::hash::digest::digest_of(&data);
         self.e
             .slave
             .put_file(p, data, digest, meta(0o644))
@@ -312,7 +289,7 @@ impl Run {
         Ok(())
     }
 
-    async fn list(&self, dir: &str) -> Result<Vec<crate::meta::Entry>, ProtoError> {
+    async fn list(&self, dir: &str) -> Result<Vec<crate::fs::meta::Entry>, ProtoError> {
         let p = RelPath::new(dir.as_bytes().to_vec())
             .map_err(|e| ProtoError::Violation(e.to_string()))?;
         match self.e.slave.list(p).await?.wait().await {
@@ -523,7 +500,7 @@ impl Run {
 }
 
 fn sample_block() -> u32 {
-    super::sample::BLOCK as u32
+    crate::catalog::sample::BLOCK as u32
 }
 
 fn storage_record(host: &str, snap: &str, disk: &str, body: StorageBody) -> StorageRecord {
@@ -540,18 +517,18 @@ fn storage_record(host: &str, snap: &str, disk: &str, body: StorageBody) -> Stor
 /// worker runs instead of the tree crawl when the session's layout is `store`.
 pub async fn sync_store(
     session: &crate::session::Session,
-    slave: &crate::slave::Slave,
+    slave: &crate::engine::slave::Slave,
     master_id: &uuid::Uuid,
     shutdown: CancellationToken,
-) -> Result<crate::worker::Summary, crate::worker::WorkerError> {
-    use crate::worker::{Summary, WorkerError};
+) -> Result<Summary, WorkerError> {
     let root = session.config.master.clone();
-    let master = crate::master::Master::new(root.clone(), master_id, &session.config.session_id);
-    let links = crate::links::Links::load(session.dir.join("links.json"));
+    let master =
+        crate::engine::master::Master::new(root.clone(), master_id, &session.config.session_id);
+    let links = crate::engine::links::Links::load(session.dir.join("links.json"));
     let engine = Engine::new(
         master,
         slave.clone(),
-        crate::crawl::plan::CrawlKind::Full,
+        CrawlKind::Full,
         links,
         shutdown.clone(),
     );

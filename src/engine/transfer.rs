@@ -24,15 +24,15 @@
 //! slave are patched there in place (see `agent::inplace`); the exchange
 //! is the same.
 
-use crate::blocktree;
-use crate::crawl::Engine;
-use crate::delta;
-use crate::digest::{self, Digester, WINDOW};
-use crate::master::MasterError;
-use crate::meta::{read_xattrs, Meta};
+use crate::engine::context::Engine;
+use crate::engine::delta;
+use crate::engine::master::MasterError;
+use crate::fs::meta::{read_xattrs, Meta};
+use crate::fs::relpath::RelPath;
+use crate::fs::sparse;
+use crate::hash::blocktree;
+use crate::hash::digest::{self, Digester, WINDOW};
 use crate::protocol::{Hash16, Hash32, ProtoError, MAX_DATA};
-use crate::relpath::RelPath;
-use crate::sparse;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -185,7 +185,7 @@ async fn small(
     rel: &RelPath,
     size_hint: u64,
 ) -> Result<(Shipped, Hash32), FileError> {
-    let permits = (size_hint.max(1) as usize).min(crate::crawl::READ_BUDGET) as u32;
+    let permits = (size_hint.max(1) as usize).min(crate::engine::context::READ_BUDGET) as u32;
     let _budget = e
         .read_budget
         .acquire_many(permits)
@@ -537,7 +537,8 @@ async fn send_windows(
         wanted,
         path.to_path_buf(),
     );
-    let mut prefetch: VecDeque<(usize, crate::slave::Pending<Vec<[u8; 16]>>)> = VecDeque::new();
+    let mut prefetch: VecDeque<(usize, crate::engine::slave::Pending<Vec<[u8; 16]>>)> =
+        VecDeque::new();
     let mut next_mismatch = 0;
     let mut digest = Digester::new();
     let mut rolling = delta::RollingPolicy::default();

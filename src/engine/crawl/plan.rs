@@ -2,17 +2,9 @@
 //! listings and its stime, decide what to remove, create, ship and descend
 //! into. No I/O here, so every rule is tested with plain data.
 
-use crate::master::MEntry;
-use crate::meta::{Entry, Kind};
-
-/// How much the crawl may trust xtimes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrawlKind {
-    /// Every entry compared by stat and metadata: xtimes are not trusted.
-    Full,
-    /// Only entries whose xtime is newer than the directory's stime.
-    Xtime,
-}
+use crate::engine::context::CrawlKind;
+use crate::engine::master::MEntry;
+use crate::fs::meta::{Entry, Kind};
 
 /// What to do with one master entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +152,7 @@ fn plan_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{Meta, Timestamp};
+    use crate::fs::meta::{Meta, Timestamp};
     use serde_bytes::ByteBuf;
 
     fn e(name: &str, kind: Kind, size: u64, mtime: i64) -> Entry {
