@@ -89,6 +89,32 @@ fn wait_for_lock(w: &World, child: &mut Child, files: &[String]) -> LockInfo {
     }
 }
 
+/// Stops the worker (SIGSTOP) at a moment it does not hold the store's
+/// MUTEX (it takes it briefly to write a lock file): stopped inside, it
+/// would keep the appliance out for as long as it is stopped.
+fn stop_outside_mutex(w: &World, child: &Child) {
+    let pid = Pid::from_raw(child.id() as i32);
+    for _ in 0..1000 {
+        kill(pid, Signal::SIGSTOP).unwrap();
+        // Wait until the stop took effect (state T in /proc/PID/stat).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap()
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+        {
+            assert!(Instant::now() < deadline, "SIGSTOP did not stop the worker");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if locks::mutex_within(&w.master, Duration::ZERO).is_ok() {
+            return;
+        }
+        kill(pid, Signal::SIGCONT).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the worker held the store's MUTEX at every one of 1000 stops");
+}
+
 #[test]
 fn a_point_is_locked_while_it_is_shipped_and_retention_waits_for_it() {
     let w = world();
@@ -96,7 +122,7 @@ fn a_point_is_locked_while_it_is_shipped_and_retention_waits_for_it() {
     let mut child = start_sync(&w);
     let lock = wait_for_lock(&w, &mut child, &old);
     // Freeze the worker while it holds the lock: the appliance must keep off.
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGSTOP).unwrap();
+    stop_outside_mutex(&w, &child);
     assert_eq!(lock.record.holder.pid, child.id());
     assert_eq!(lock.record.session, "c");
     assert_eq!(lock.record.host, "host01");

@@ -10,6 +10,9 @@
 //!   every check-and-act: georep holds it while writing a lock file; the
 //!   appliance holds it while it checks the locks and commits a deletion
 //!   or merge (record updates and unlinks), and not while it prepares.
+//!   Nobody waits for it forever: after [`MUTEX_WAIT`] the taker gives up
+//!   with [`CatalogError::Busy`] (a holder can be stopped, e.g. a worker
+//!   paused by `georep pause` at that moment) and retries later.
 //! - After writing its lock, georep re-reads the catalog: a change the
 //!   appliance committed just before is seen and the point re-planned.
 //! - A lock whose holder is gone (pid dead, reused, or another boot) is
@@ -27,6 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const LOCK_DIR: &str = ".georep-locks";
 pub const MUTEX: &str = "MUTEX";
+/// How long [`mutex`] waits for the MUTEX before giving up.
+pub const MUTEX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a lock file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,8 +69,13 @@ pub struct Mutex {
     _f: Flock<File>,
 }
 
-/// Takes the MUTEX (blocking until it is free).
+/// Takes the MUTEX, waiting at most [`MUTEX_WAIT`].
 pub fn mutex(store: &Path) -> Result<Mutex, CatalogError> {
+    mutex_within(store, MUTEX_WAIT)
+}
+
+/// Takes the MUTEX, waiting at most `wait` (polling: `flock` has no timeout).
+pub fn mutex_within(store: &Path, wait: std::time::Duration) -> Result<Mutex, CatalogError> {
     let d = dir(store);
     std::fs::create_dir_all(&d).map_err(|e| CatalogError::io("create", &d, e))?;
     let p = d.join(MUTEX);
@@ -75,9 +85,32 @@ pub fn mutex(store: &Path) -> Result<Mutex, CatalogError> {
         .write(true)
         .open(&p)
         .map_err(|e| CatalogError::io("open", &p, e))?;
-    let f = Flock::lock(f, FlockArg::LockExclusive)
-        .map_err(|(_, e)| CatalogError::io("lock", &p, e.into()))?;
-    Ok(Mutex { _f: f })
+    let deadline = std::time::Instant::now() + wait;
+    let mut f = f;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => return Ok(Mutex { _f: f }),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => f = back,
+            Err((_, nix::errno::Errno::EINTR)) => {
+                return Err(CatalogError::io(
+                    "lock",
+                    &p,
+                    std::io::ErrorKind::Interrupted.into(),
+                ))
+            }
+            Err((_, e)) => return Err(CatalogError::io("lock", &p, e.into())),
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Err(CatalogError::Busy {
+                path: p,
+                secs: wait.as_secs(),
+            });
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A held point lock; the lock file is removed when it is dropped.
@@ -204,6 +237,7 @@ pub fn unless_locked<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Retry;
 
     #[test]
     fn a_lock_blocks_the_appliance_until_dropped_and_a_dead_holder_binds_no_one() {
@@ -233,5 +267,21 @@ mod tests {
         assert_eq!(clear_stale(d.path(), Some("s")).unwrap(), 1);
         assert!(list(d.path()).unwrap().is_empty());
         std::mem::forget(lock);
+    }
+
+    #[test]
+    fn a_held_mutex_makes_others_give_up_with_a_busy_error_not_wait_forever() {
+        let d = tempfile::tempdir().unwrap();
+        let held = mutex(d.path()).unwrap();
+        let started = std::time::Instant::now();
+        let e = mutex_within(d.path(), std::time::Duration::from_millis(200))
+            .err()
+            .expect("the MUTEX is held");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        assert!(matches!(e, CatalogError::Busy { .. }), "{e}");
+        assert_eq!(e.retry(), Retry::Temporary);
+        assert!(e.to_string().contains("georep resume"), "{e}");
+        drop(held);
+        assert!(mutex_within(d.path(), std::time::Duration::ZERO).is_ok());
     }
 }

@@ -52,6 +52,8 @@ pub enum CatalogError {
     NotFound(String),
     #[error("{0}")]
     Usage(String),
+    #[error("{path}: the store's lock MUTEX stayed taken for {secs} s: a paused or hung process holds it (resume a paused georep session with `georep resume`, or find the holder with `fuser {path}`)")]
+    Busy { path: PathBuf, secs: u64 },
 }
 
 impl CatalogError {
@@ -73,7 +75,9 @@ impl CatalogError {
     /// Whether an operator must act (bad input) or a retry may succeed.
     pub fn retry(&self) -> Retry {
         match self {
-            CatalogError::Io { .. } | CatalogError::Tool(_) => Retry::Temporary,
+            CatalogError::Io { .. } | CatalogError::Tool(_) | CatalogError::Busy { .. } => {
+                Retry::Temporary
+            }
             _ => Retry::Permanent,
         }
     }
