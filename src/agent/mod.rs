@@ -9,7 +9,7 @@ mod inplace;
 mod root;
 mod undo;
 
-pub use root::{Root, STATE_DIR, TMP_PREFIX};
+pub use root::Root;
 
 use crate::protocol::{
     read_frame, write_frame, Envelope, ErrorKind, Reply, Request, Response, WireError, BANNER,

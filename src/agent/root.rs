@@ -20,10 +20,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Name of the agent's own directory at the slave root (identity, staging).
-pub const STATE_DIR: &[u8] = b".georep";
-/// Prefix of temporary files; hidden from listings, removed when stale.
-pub const TMP_PREFIX: &[u8] = b".georep-tmp-";
+pub use crate::protocol::{STATE_DIR, TMP_PREFIX};
 
 pub type WResult<T> = Result<T, WireError>;
 

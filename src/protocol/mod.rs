@@ -28,6 +28,12 @@ pub const BANNER: &[u8; 8] = b"GEOREP1\n";
 pub const MAX_FRAME: usize = 16 << 20;
 /// Largest data payload in one `Write` frame.
 pub const MAX_DATA: usize = 1 << 20;
+/// Name of the agent's own directory at the slave root (identity, staging):
+/// reserved, never listed, never replicated.
+pub const STATE_DIR: &[u8] = b".georep";
+/// Prefix of the agent's temporary files: reserved like [`STATE_DIR`],
+/// hidden from listings, removed when stale.
+pub const TMP_PREFIX: &[u8] = b".georep-tmp-";
 
 /// Reads one frame; `Ok(None)` on a clean EOF between frames.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {

@@ -1,6 +1,8 @@
 //! Project tasks. `cargo run --release -p xtask -- bench [--quick] [--json FILE]`
-//! runs georep and rsync side by side on generated workloads (see README).
+//! runs georep and rsync side by side on generated workloads (see README);
+//! `cargo run -p xtask -- arch` checks the crate's layering.
 
+mod arch;
 mod bench;
 mod catalog;
 mod data;
@@ -24,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check the crate's layers: no module names a higher layer, no import cycles, no overlong file.
+    Arch,
     /// Benchmark georep against rsync (and the link's limits).
     Bench {
         /// Small sizes: the whole run in about two minutes.
@@ -127,16 +131,23 @@ fn print_table(outcomes: &[Outcome], m: &workloads::Check) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Cli {
-        cmd:
-            Cmd::Bench {
-                quick,
-                json,
-                only,
-                reps,
-                dir,
-            },
-    } = Cli::parse();
+    let (quick, json, only, reps, dir) = match Cli::parse().cmd {
+        Cmd::Arch => {
+            let root = workspace_root();
+            let report = arch::check(&root.join("src")).context("reading src/")?;
+            if !arch::print(&report, &root) {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        Cmd::Bench {
+            quick,
+            json,
+            only,
+            reps,
+            dir,
+        } => (quick, json, only, reps, dir),
+    };
     let georep = build_georep()?;
     let dir = dir.unwrap_or_else(|| workspace_root().join("target/bench"));
     std::fs::create_dir_all(&dir)?;
