@@ -1,4 +1,4 @@
-//! The crawl of DESIGN §4, executed: visit a directory when its xtime is
+//! The tree crawl (see docs/architecture.md, change detection): visit a directory when its xtime is
 //! newer than its stime (or always, in a full crawl), make the slave's
 //! listing match the master's, ship what changed, descend, and only then
 //! record the xtime read before listing as the directory's new stime.
@@ -99,7 +99,7 @@ impl Engine {
     }
 
     /// Makes the slave durable, then records the stimes of the
-    /// directories completed so far (never before: DESIGN §4).
+    /// directories completed so far (never before: an stime must not cover data the slave could still lose).
     pub async fn flush_stimes(&self) -> Result<(), ProtoError> {
         let batch: Vec<(RelPath, u64)> = std::mem::take(&mut *self.stimes.lock().unwrap());
         if batch.is_empty() {
