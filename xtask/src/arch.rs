@@ -446,7 +446,7 @@ pub fn check(src: &Path) -> std::io::Result<Report> {
     report.violations.sort();
     report.violations.dedup();
     report.cycles = cycles(&graph);
-    report.sizes.sort_by(|a, b| b.1.cmp(&a.1));
+    report.sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
     Ok(report)
 }
 
