@@ -40,6 +40,7 @@ pub struct Master {
     root: PathBuf,
     xtime_attr: String,
     stime_attr: String,
+    dirmark_attr: String,
 }
 
 fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MasterError + 'a {
@@ -63,6 +64,7 @@ impl Master {
             root,
             xtime_attr: xtime::xtime_attr(master_id),
             stime_attr: xtime::stime_attr(session_id),
+            dirmark_attr: xtime::dirmark_attr(master_id),
         }
     }
 
@@ -82,6 +84,12 @@ impl Master {
     pub fn stime(&self, rel: &RelPath) -> Result<u64, MasterError> {
         let p = self.path(rel);
         xtime::read(&p, &self.stime_attr).map_err(err("read stime of", &p))
+    }
+
+    /// The stamp of the newest `georep mark` of the directory itself (0: none).
+    pub fn dirmark(&self, rel: &RelPath) -> Result<u64, MasterError> {
+        let p = self.path(rel);
+        xtime::read(&p, &self.dirmark_attr).map_err(err("read dirmark of", &p))
     }
 
     pub fn set_stime(&self, rel: &RelPath, stamp: u64) -> Result<(), MasterError> {

@@ -5,6 +5,13 @@
 //!   change at or below it (the marker invariant: parent >= child).
 //! - `user.georep.<session-uuid>.stime` on master directories: the xtime up
 //!   to which that subtree is known to be on the session's slave.
+//! - `user.georep.<master-uuid>.clock` on the master root: the newest stamp
+//!   issued, written before the stamp is written anywhere, so a marker
+//!   killed before it reached the root never has its stamp issued again.
+//! - `user.georep.<master-uuid>.dirmark` on a directory given to
+//!   [`mark`] itself: the crawl compares that directory's whole subtree
+//!   until a stime of at least this stamp is recorded (a directory renamed
+//!   into place keeps the stimes and xtimes of its old name).
 //!
 //! Stamps are nanoseconds since the epoch, 8 bytes big-endian, issued by a
 //! hybrid logical clock (max(now, newest + 1)) so they never go backwards.
@@ -23,6 +30,14 @@ pub fn xtime_attr(master: &Uuid) -> String {
 
 pub fn stime_attr(session: &Uuid) -> String {
     format!("user.georep.{session}.stime")
+}
+
+pub fn clock_attr(master: &Uuid) -> String {
+    format!("user.georep.{master}.clock")
+}
+
+pub fn dirmark_attr(master: &Uuid) -> String {
+    format!("user.georep.{master}.dirmark")
 }
 
 /// Decodes a stamp; anything malformed reads as absent (0), which only
@@ -88,11 +103,18 @@ impl MarkerLock {
     }
 }
 
-/// Issues a new stamp for the master at `root`: later than every stamp in
-/// the tree (the root's xtime is the newest) and than the wall clock.
+/// Issues a new stamp for the master at `root` (call it under the
+/// [`MarkerLock`]): later than every stamp issued before (the root's
+/// reserved clock, and its xtime, the newest in the tree) and than the
+/// wall clock. The stamp is reserved on the root before it is returned:
+/// stamps are written leaf to root, so a marker killed half-way leaves
+/// entries newer than the root's xtime, and only the reservation keeps
+/// the next stamp above them when the wall clock is behind (stepped back).
 pub fn next_stamp(root: &Path, master: &Uuid) -> io::Result<u64> {
-    let newest = read(root, &xtime_attr(master))?;
-    Ok(now_ns().max(newest.saturating_add(1)))
+    let newest = read(root, &xtime_attr(master))?.max(read(root, &clock_attr(master))?);
+    let stamp = now_ns().max(newest.saturating_add(1));
+    write(root, &clock_attr(master), stamp)?;
+    Ok(stamp)
 }
 
 /// What a call to [`mark`] stamped.
@@ -107,7 +129,9 @@ pub struct Marked {
 
 /// Marks `path` changed: stamps it (or, if it is gone or a symlink, its
 /// nearest directory) and every ancestor up to each master root above it,
-/// keeping the marker invariant. Returns one record per master.
+/// keeping the marker invariant. A directory given itself (not a master
+/// root) also gets a dirmark: its whole subtree is compared by the next
+/// crawl, as after a rename into place. Returns one record per master.
 pub fn mark(path: &Path) -> io::Result<Vec<Marked>> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
@@ -146,6 +170,10 @@ pub fn mark(path: &Path) -> io::Result<Vec<Marked>> {
         let _lock = MarkerLock::take(candidate)?;
         let attr = xtime_attr(&id);
         let stamp = next_stamp(candidate, &id)?;
+        if start == abs && i > 0 && std::fs::symlink_metadata(&start)?.is_dir() {
+            // Before its xtime: a crawl that sees the new xtime sees the dirmark.
+            write(&start, &dirmark_attr(&id), stamp)?;
+        }
         for entry in &chain[..=i] {
             write(entry, &attr, stamp)?;
         }
@@ -209,6 +237,34 @@ mod tests {
         assert_eq!(m2[0].stamp, u64::MAX / 2 + 1);
         assert_eq!(read(&root.join("a"), &attr).unwrap(), m2[0].stamp);
         assert_eq!(read(&root.join("a/b/f"), &attr).unwrap(), m1[0].stamp);
+        // Only a directory marked itself gets a dirmark; the root never does.
+        assert_eq!(read(&root.join("a"), &dirmark_attr(&id)).unwrap(), 0);
+        let m3 = mark(&root.join("a/b")).unwrap();
+        assert_eq!(
+            read(&root.join("a/b"), &dirmark_attr(&id)).unwrap(),
+            m3[0].stamp
+        );
+        mark(&root).unwrap();
+        assert_eq!(read(&root, &dirmark_attr(&id)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_stamp_is_reserved_before_it_is_written_so_an_interrupted_marker_never_gets_it_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("m");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        let id = ensure_master_id(&root).unwrap();
+        let attr = xtime_attr(&id);
+        // A clock far behind the stamps (stepped back): stamps are root + 1.
+        write(&root, &attr, u64::MAX / 2).unwrap();
+        // A marker that issued a stamp and was killed after writing the leaf only.
+        let s1 = next_stamp(&root, &id).unwrap();
+        write(&root.join("a"), &attr, s1).unwrap();
+        let s2 = next_stamp(&root, &id).unwrap();
+        assert!(s2 > s1, "stamp {s1} issued twice");
+        let m = mark(&root.join("a")).unwrap();
+        assert!(m[0].stamp > s2);
+        assert_eq!(read(&root, &attr).unwrap(), m[0].stamp);
     }
 
     #[test]

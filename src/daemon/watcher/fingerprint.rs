@@ -85,17 +85,15 @@ fn stampable(root: &Path, p: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Stamps `paths` (or their nearest existing directory) and all their
-/// ancestors up to `root` with one new stamp, under the master's marker
-/// lock, recording each entry's fingerprint taken *before* the write (so
-/// a real change racing with the write still differs afterwards).
-/// Returns the stamp, or None when nothing was left to stamp.
-pub fn mark_many(
-    root: &Path,
-    master: &Uuid,
-    paths: &[PathBuf],
-    fps: &mut Fingerprints,
-) -> io::Result<Option<u64>> {
+/// The entries a batch of changed `paths` stamps, in write order: each
+/// path (or its nearest existing directory) and its ancestors up to
+/// `root`, every entry after all of its descendants (deepest first). A
+/// crawl that reads an ancestor's new stamp then finds it on every entry
+/// below that gets it; chains merged path by path would write an ancestor
+/// before a second branch, and a crawl in between would record the
+/// ancestor's stime over a branch it saw unchanged (found by the model,
+/// docs/model.md).
+pub fn stamp_order(root: &Path, paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut entries: Vec<PathBuf> = Vec::new();
     let mut seen = HashSet::new();
     for p in paths {
@@ -113,6 +111,22 @@ pub fn mark_many(
             }
         }
     }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.components().count()));
+    entries
+}
+
+/// Stamps `paths` (or their nearest existing directory) and all their
+/// ancestors up to `root` with one new stamp, under the master's marker
+/// lock, recording each entry's fingerprint taken *before* the write (so
+/// a real change racing with the write still differs afterwards).
+/// Returns the stamp, or None when nothing was left to stamp.
+pub fn mark_many(
+    root: &Path,
+    master: &Uuid,
+    paths: &[PathBuf],
+    fps: &mut Fingerprints,
+) -> io::Result<Option<u64>> {
+    let entries = stamp_order(root, paths);
     if entries.is_empty() {
         return Ok(None);
     }
@@ -138,6 +152,39 @@ pub fn mark_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_entry_is_stamped_after_everything_below_it() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("m");
+        for p in ["a/b", "a/c", "d"] {
+            std::fs::create_dir_all(root.join(p)).unwrap();
+        }
+        for f in ["a/b/f1", "a/c/f2", "d/f3"] {
+            std::fs::write(root.join(f), b"x").unwrap();
+        }
+        let paths: Vec<PathBuf> = ["a/b/f1", "a/c/f2", "a/c/gone", "d/f3", "a"]
+            .iter()
+            .map(|p| root.join(p))
+            .collect();
+        let order = stamp_order(&root, &paths);
+        let names: Vec<_> = order
+            .iter()
+            .map(|p| p.strip_prefix(&root).unwrap().to_path_buf())
+            .collect();
+        assert_eq!(order.len(), 8, "{names:?}");
+        for (i, e) in order.iter().enumerate() {
+            for later in &order[i + 1..] {
+                assert!(
+                    !later.starts_with(e) || later == e,
+                    "{} before {} in {names:?}",
+                    e.display(),
+                    later.display()
+                );
+            }
+        }
+        assert_eq!(order.last(), Some(&root));
+    }
 
     #[test]
     fn own_stamps_are_not_changes_but_chmod_and_user_xattrs_are() {

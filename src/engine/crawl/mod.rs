@@ -79,7 +79,7 @@ impl Engine {
                 }
             };
             self.clone()
-                .visit(RelPath::root(), SlaveDir::Existing(root), None)
+                .visit(RelPath::root(), SlaveDir::Existing(root), None, self.kind)
                 .await
         }
         .instrument(span)
@@ -87,7 +87,10 @@ impl Engine {
         if let Some(e) = self.fatal() {
             return Err(CrawlError::Slave(e));
         }
-        self.flush_stimes().await?;
+        // Always a barrier at the end, even with no stime to record: what
+        // the slave acknowledged (removals, metadata, also those of an
+        // earlier crawl that was killed) is durable once a crawl completes.
+        self.flush_stimes(true).await?;
         if self.shutdown_requested() {
             return Err(CrawlError::Shutdown);
         }
@@ -100,9 +103,9 @@ impl Engine {
 
     /// Makes the slave durable, then records the stimes of the
     /// directories completed so far (never before: an stime must not cover data the slave could still lose).
-    pub async fn flush_stimes(&self) -> Result<(), ProtoError> {
+    pub async fn flush_stimes(&self, barrier_anyway: bool) -> Result<(), ProtoError> {
         let batch: Vec<(RelPath, u64)> = std::mem::take(&mut *self.stimes.lock().unwrap());
-        if batch.is_empty() {
+        if batch.is_empty() && !barrier_anyway {
             return Ok(());
         }
         self.slave.barrier().await?;
@@ -118,12 +121,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Visits one directory; returns whether its whole subtree is now on the slave.
+    /// Visits one directory; returns whether its whole subtree is now on
+    /// the slave. `kind` is the crawl's, or Full below a directory whose
+    /// dirmark is newer than its stime (renamed into place: its stimes and
+    /// xtimes describe its old name).
     fn visit(
         self: Arc<Self>,
         dir: RelPath,
         slave: SlaveDir,
         mentry: Option<MEntry>,
+        kind: CrawlKind,
     ) -> BoxFuture<'static, bool> {
         async move {
             if self.stopped() {
@@ -132,9 +139,12 @@ impl Engine {
             let stamps = {
                 let e = self.clone();
                 let d = dir.clone();
-                blocking(move || -> Result<(u64, u64), MasterError> { Ok((e.master.xtime(&d)?, e.master.stime(&d)?)) }).await
+                blocking(move || -> Result<(u64, u64, u64), MasterError> {
+                    Ok((e.master.xtime(&d)?, e.master.stime(&d)?, e.master.dirmark(&d)?))
+                })
+                .await
             };
-            let (xtl, stime) = match stamps {
+            let (xtl, stime, dirmark) = match stamps {
                 Ok(s) => s,
                 Err(e) if e.vanished() && !dir.is_root() => return true,
                 Err(e) => {
@@ -142,8 +152,13 @@ impl Engine {
                     return false;
                 }
             };
+            let by_dirmark = dirmark > stime;
+            let kind = if by_dirmark { CrawlKind::Full } else { kind };
+            // Compared in full, the subtree is on the slave as of the
+            // dirmark too, even if that mark was killed before its xtime.
+            let xtl = if by_dirmark { xtl.max(dirmark) } else { xtl };
             let existing = matches!(slave, SlaveDir::Existing(_));
-            if self.kind == CrawlKind::Xtime && existing && xtl <= stime {
+            if kind == CrawlKind::Xtime && existing && xtl <= stime {
                 return true;
             }
             // List both sides; the slave listing is in flight while the master is read.
@@ -182,7 +197,7 @@ impl Engine {
                 }
             };
             self.stats.entries_visited.fetch_add(mlist.len() as u64, Ordering::Relaxed);
-            let plan = plan::plan_dir(self.kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
+            let plan = plan::plan_dir(kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
             for &i in &plan.skipped {
                 tracing::debug!(path = %dir.join(&mlist[i].entry.name).unwrap_or_default(), "not replicated (special file or reserved name)");
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -243,7 +258,7 @@ impl Engine {
                     }
                 })
                 .map(|(p, m, s, a, slot)| {
-                    let act = self.clone().act(p, m, s, a);
+                    let act = self.clone().act(p, m, s, a, kind);
                     async move {
                         let done = act.await;
                         drop(slot);
@@ -298,7 +313,7 @@ impl Engine {
                     q.len() >= STIME_BATCH
                 };
                 if full {
-                    if let Err(e) = self.flush_stimes().await {
+                    if let Err(e) = self.flush_stimes(false).await {
                         self.set_fatal(e);
                         return false;
                     }
@@ -326,6 +341,7 @@ impl Engine {
         m: MEntry,
         s: Option<Entry>,
         action: Action,
+        kind: CrawlKind,
     ) -> BoxFuture<'static, bool> {
         async move {
             if self.stopped() {
@@ -345,7 +361,7 @@ impl Engine {
                     self.stats.dirs_created.fetch_add(1, Ordering::Relaxed);
                     let below = self
                         .clone()
-                        .visit(path.clone(), SlaveDir::Fresh, Some(m))
+                        .visit(path.clone(), SlaveDir::Fresh, Some(m), kind)
                         .await;
                     match pending.wait().await {
                         Ok(()) => below,
@@ -357,7 +373,7 @@ impl Engine {
                 }
                 Action::Visit => {
                     self.clone()
-                        .visit(path, SlaveDir::Existing(s), Some(m))
+                        .visit(path, SlaveDir::Existing(s), Some(m), kind)
                         .await
                 }
                 Action::Ship { basis } => self.ship_file(&path, &m, s.as_ref(), basis).await,
