@@ -78,6 +78,8 @@ pub struct Engine {
     failures: Mutex<Vec<Failure>>,
     failure_count: AtomicU64,
     fatal: Mutex<Option<ProtoError>>,
+    /// The slave ran out of space: the first such error (the crawl stops).
+    full: Mutex<Option<String>>,
     shutdown: CancellationToken,
     /// Files at least this big are patched in place on the slave (u64::MAX: never).
     inplace_min_size: AtomicU64,
@@ -105,6 +107,7 @@ impl Engine {
             failures: Mutex::new(Vec::new()),
             failure_count: AtomicU64::new(0),
             fatal: Mutex::new(None),
+            full: Mutex::new(None),
             shutdown,
             inplace_min_size: AtomicU64::new(u64::MAX),
         })
@@ -156,16 +159,32 @@ impl Engine {
     }
 
     pub(crate) fn stopped(&self) -> bool {
-        self.shutdown.is_cancelled() || self.fatal.lock().unwrap().is_some()
+        self.shutdown.is_cancelled()
+            || self.fatal.lock().unwrap().is_some()
+            || self.full.lock().unwrap().is_some()
     }
 
-    /// Records a slave error: fatal ones stop the crawl, others fail the entry.
+    /// Records a slave error: fatal ones stop the crawl, others fail the
+    /// entry. A full slave stops the crawl too (every further write would
+    /// fail the same way), reported once, not per file.
     pub(crate) fn slave_err(&self, path: &RelPath, e: ProtoError) {
         if e.is_fatal() {
             self.set_fatal(e);
+        } else if matches!(&e, ProtoError::Remote(w) if w.kind == crate::protocol::ErrorKind::NoSpace)
+        {
+            let mut full = self.full.lock().unwrap();
+            if full.is_none() {
+                tracing::info!(path = %path, error = %e, "the slave is full: the crawl stops");
+                *full = Some(e.to_string());
+            }
         } else {
             self.fail(path, e);
         }
+    }
+
+    /// The error that showed the slave full, if it did.
+    pub(crate) fn slave_full(&self) -> Option<String> {
+        self.full.lock().unwrap().clone()
     }
 
     pub(crate) fn record_slave_err(&self, path: &RelPath, e: ProtoError) {

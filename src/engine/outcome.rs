@@ -28,6 +28,8 @@ pub enum WorkerError {
     },
     #[error("slave {slave}: {source}")]
     Slave { slave: String, source: ProtoError },
+    #[error("slave full: {slave} has no space left ({detail}): free space on the slave; nothing partial was published and the next sync resumes where this one stopped")]
+    SlaveFull { slave: String, detail: String },
     #[error("session state in {path}: {source}")]
     State {
         path: PathBuf,
@@ -47,6 +49,7 @@ impl WorkerError {
             WorkerError::Connect { source, .. } => source.retry(),
             WorkerError::Slave { source, .. } => source.retry(),
             WorkerError::State { .. } => Retry::Temporary,
+            WorkerError::SlaveFull { .. } => Retry::Temporary,
         }
     }
 }

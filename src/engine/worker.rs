@@ -230,6 +230,12 @@ impl<'a> Worker<'a> {
         let outcome = match outcome {
             Ok(o) => o,
             Err(CrawlError::Shutdown) => return Err(WorkerError::Shutdown),
+            Err(CrawlError::SlaveFull(detail)) => {
+                return Err(WorkerError::SlaveFull {
+                    slave: session.config.slave.clone(),
+                    detail,
+                })
+            }
             Err(CrawlError::Slave(e)) => {
                 drop(slave);
                 drop(engine);

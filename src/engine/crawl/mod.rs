@@ -40,6 +40,9 @@ pub enum CrawlError {
     Slave(#[from] ProtoError),
     #[error("interrupted by shutdown")]
     Shutdown,
+    /// The slave has no space left (the first error that said so).
+    #[error("{0}")]
+    SlaveFull(String),
 }
 
 /// The result of a crawl that ran to its end (possibly with per-entry failures).
@@ -93,6 +96,9 @@ impl Engine {
         self.flush_stimes(true).await?;
         if self.shutdown_requested() {
             return Err(CrawlError::Shutdown);
+        }
+        if let Some(e) = self.slave_full() {
+            return Err(CrawlError::SlaveFull(e));
         }
         Ok(CrawlOutcome {
             complete,
