@@ -288,17 +288,19 @@ impl Engine {
                 return false;
             }
             // Directory metadata last: creating children changed its mtime.
-            let meta = match mentry {
-                Some(m) => m.entry.meta,
-                None => {
-                    let e = self.clone();
-                    let d = dir.clone();
-                    match blocking(move || e.master.stat(&d)).await {
-                        Ok(m) => m.entry.meta,
-                        Err(e) => {
-                            self.fail(&dir, e);
-                            return false;
-                        }
+            // Read now, not from the parent's listing: that was read before
+            // this directory's xtime, so a change in between (an entry made
+            // and marked) would leave a stale mtime under the new stime.
+            let _ = mentry;
+            let meta = {
+                let e = self.clone();
+                let d = dir.clone();
+                match blocking(move || e.master.stat(&d)).await {
+                    Ok(m) => m.entry.meta,
+                    Err(e) if e.vanished() && !dir.is_root() => return true,
+                    Err(e) => {
+                        self.fail(&dir, e);
+                        return false;
                     }
                 }
             };

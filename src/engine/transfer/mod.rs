@@ -85,7 +85,15 @@ fn merr<'a>(
     move |source| MasterError {
         op,
         path: path.to_path_buf(),
-        source,
+        // A read past the end: the file was truncated while being read.
+        source: if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::new(
+                source.kind(),
+                "the file shrank while being read (truncated); it will be sent again by the next crawl",
+            )
+        } else {
+            source
+        },
     }
 }
 
