@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what georep's demo, tests and benchmarks need on a fresh Debian
 # machine, where it is missing: OpenSSH (client and server), rsync,
-# qemu-utils, attr, python3-prometheus-client (for the system python3).
+# qemu-utils, attr, faketime, python3-prometheus-client (for the system python3).
 # Idempotent; prints what it installs.
 set -euo pipefail
 
@@ -11,6 +11,8 @@ command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v getfattr >/dev/null 2>&1 || need+=(attr)
+# libfaketime: the clock-step fault test runs georep with its clock an hour behind.
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
 # The reference Prometheus exposition-format parser checks `georep status --prometheus`.
 /usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || need+=(python3-prometheus-client)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
