@@ -35,6 +35,8 @@ const LARGE_FILES: usize = 2;
 /// stays above the agent's commit batch (512 files): 256 made every batch
 /// end early (input idle) and cost one more syncfs per 256 files.
 const FILE_SLOTS: usize = 1024;
+/// Distinct failing paths remembered per crawl (beyond it, only counted).
+pub const FAILED_PATHS: usize = 10_000;
 /// Counters of one crawl; exact, so tests assert on them.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -67,6 +69,8 @@ pub struct Engine {
     pub slave: Slave,
     pub kind: CrawlKind,
     pub stats: Stats,
+    /// Work found and handled, for progress and ETA.
+    pub work: crate::engine::progress::Work,
     pub read_budget: Semaphore,
     pub large_files: Semaphore,
     /// See [`FILE_SLOTS`].
@@ -76,7 +80,11 @@ pub struct Engine {
     /// Directories completed and their new stimes, not yet written (see `engine::crawl`).
     pub(crate) stimes: Mutex<Vec<(RelPath, u64)>>,
     failures: Mutex<Vec<Failure>>,
+    /// Distinct failing paths (the first [`FAILED_PATHS`]) with their error.
+    failed: Mutex<std::collections::HashMap<String, String>>,
     failure_count: AtomicU64,
+    /// While it says true, the crawl waits at its next directory, file or window.
+    pause: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     fatal: Mutex<Option<ProtoError>>,
     shutdown: CancellationToken,
     /// Files at least this big are patched in place on the slave (u64::MAX: never).
@@ -96,6 +104,7 @@ impl Engine {
             slave,
             kind,
             stats: Stats::default(),
+            work: Default::default(),
             read_budget: Semaphore::new(READ_BUDGET),
             large_files: Semaphore::new(LARGE_FILES),
             file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),
@@ -103,7 +112,9 @@ impl Engine {
             links,
             stimes: Mutex::new(Vec::new()),
             failures: Mutex::new(Vec::new()),
+            failed: Mutex::default(),
             failure_count: AtomicU64::new(0),
+            pause: std::sync::OnceLock::new(),
             fatal: Mutex::new(None),
             shutdown,
             inplace_min_size: AtomicU64::new(u64::MAX),
@@ -129,9 +140,37 @@ impl Engine {
         &self.links
     }
 
+    /// Holds the crawl while `pause` says true (`georep pause`).
+    pub fn set_pause(&self, pause: tokio::sync::watch::Receiver<bool>) {
+        let _ = self.pause.set(pause);
+    }
+
+    /// Waits while the session is paused (returns at once when stopping).
+    pub(crate) async fn gate(&self) {
+        let Some(rx) = self.pause.get() else { return };
+        let mut rx = rx.clone();
+        while *rx.borrow_and_update() {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
     pub(crate) fn fail(&self, path: &RelPath, error: impl std::fmt::Display) {
         let error = error.to_string();
         tracing::warn!(path = %path, %error, "entry failed; it will be retried by the next crawl");
+        {
+            // Counted once per entry: a path failing twice in a crawl is one failing entry.
+            let mut failed = self.failed.lock().unwrap();
+            let key = path.to_string();
+            if failed.contains_key(&key) {
+                return;
+            }
+            if failed.len() < FAILED_PATHS {
+                failed.insert(key, error.clone());
+            }
+        }
         self.failure_count.fetch_add(1, Ordering::Relaxed);
         let mut f = self.failures.lock().unwrap();
         if f.len() < 100 {
@@ -184,6 +223,22 @@ impl Engine {
     /// The first failures recorded (at most 100).
     pub(crate) fn failures(&self) -> Vec<Failure> {
         self.failures.lock().unwrap().clone()
+    }
+
+    /// Every distinct failing entry (up to [`FAILED_PATHS`]), sorted by path.
+    pub fn failed_entries(&self) -> Vec<Failure> {
+        let mut v: Vec<Failure> = self
+            .failed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, e)| Failure {
+                path: p.clone(),
+                error: e.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
     }
 
     pub(crate) fn shutdown_requested(&self) -> bool {

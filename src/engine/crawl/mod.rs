@@ -67,6 +67,7 @@ impl Engine {
 
     /// Runs the whole crawl from the root.
     pub async fn run(self: &Arc<Self>) -> Result<CrawlOutcome, CrawlError> {
+        self.work.planned.store(true, Ordering::Relaxed);
         let span =
             tracing::info_span!("crawl", kind = ?self.kind, master = %self.master.root().display());
         let complete = async {
@@ -126,6 +127,7 @@ impl Engine {
         mentry: Option<MEntry>,
     ) -> BoxFuture<'static, bool> {
         async move {
+            self.gate().await;
             if self.stopped() {
                 return false;
             }
@@ -183,6 +185,12 @@ impl Engine {
             };
             self.stats.entries_visited.fetch_add(mlist.len() as u64, Ordering::Relaxed);
             let plan = plan::plan_dir(self.kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
+            for (i, a) in &plan.actions {
+                if let Action::Ship { .. } = a {
+                    self.work.files_found.fetch_add(1, Ordering::Relaxed);
+                    self.work.bytes_found.fetch_add(mlist[*i].entry.size, Ordering::Relaxed);
+                }
+            }
             for &i in &plan.skipped {
                 tracing::debug!(path = %dir.join(&mlist[i].entry.name).unwrap_or_default(), "not replicated (special file or reserved name)");
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -328,6 +336,7 @@ impl Engine {
         action: Action,
     ) -> BoxFuture<'static, bool> {
         async move {
+            self.gate().await;
             if self.stopped() {
                 return false;
             }
