@@ -364,3 +364,69 @@ pub enum MarkerArg {
     /// Every writer calls `georep mark`: xtimes are always trusted.
     Mark,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand says what it does and every argument what it is, so
+    /// `--help`, the man pages and the completions never show a bare name.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                let values = if a.get_action().takes_values() {
+                    a.get_possible_values()
+                } else {
+                    Vec::new()
+                };
+                for v in values {
+                    if !v.is_hide_set() && v.get_help().is_none() {
+                        missing.push(format!("{path} {id}={}", v.get_name()));
+                    }
+                }
+            }
+            for s in cmd.get_subcommands() {
+                if s.is_hide_set() || s.get_name() == "help" {
+                    continue;
+                }
+                let p = format!("{path} {}", s.get_name());
+                if s.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        walk(&cmd, "georep", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
+
+    #[test]
+    fn version_names_the_protocol_and_config_help_lists_every_key() {
+        assert!(version().contains(&format!("protocol {}", crate::protocol::PROTOCOL_VERSION)));
+        let help = Cli::command()
+            .find_subcommand_mut("config")
+            .unwrap()
+            .render_help()
+            .to_string();
+        for (k, _) in crate::session::CONFIG_KEYS {
+            assert!(help.contains(k), "config --help lacks {k}: {help}");
+        }
+        assert!(
+            help.contains("keepalive_secs             default 30"),
+            "{help}"
+        );
+        assert!(help.contains("Read-only"), "{help}");
+    }
+}
