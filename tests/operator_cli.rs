@@ -173,7 +173,12 @@ fn a_closed_stdout_ends_quietly() {
     std::fs::write(w.master.join("f"), b"x").unwrap();
     w.create("q", &[]);
     let other = w.dir.path().join("slave2");
-    w.run_ok(&["create", "q2", w.master.to_str().unwrap(), other.to_str().unwrap()]);
+    w.run_ok(&[
+        "create",
+        "q2",
+        w.master.to_str().unwrap(),
+        other.to_str().unwrap(),
+    ]);
     for args in [
         &["sync", "q", "--json"][..],
         &["status"],
