@@ -35,6 +35,21 @@ const LARGE_FILES: usize = 2;
 /// stays above the agent's commit batch (512 files): 256 made every batch
 /// end early (input idle) and cost one more syncfs per 256 files.
 const FILE_SLOTS: usize = 1024;
+/// Counters of the work a crawl found and handled; exact, updated by the
+/// crawl (found) and by file shipping (handled).
+#[derive(Debug, Default)]
+pub struct Work {
+    /// Files the crawl planned to ship, and their sizes.
+    pub files_found: AtomicU64,
+    pub bytes_found: AtomicU64,
+    /// Files handled (sent, unchanged or failed), and the bytes of master
+    /// data handled (large files count window by window).
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    /// Whether `*_found` mean anything (the tree crawl plans; catalog mode does not).
+    pub planned: std::sync::atomic::AtomicBool,
+}
+
 /// Distinct failing paths remembered per crawl (beyond it, only counted).
 pub const FAILED_PATHS: usize = 10_000;
 /// Counters of one crawl; exact, so tests assert on them.
@@ -70,7 +85,7 @@ pub struct Engine {
     pub kind: CrawlKind,
     pub stats: Stats,
     /// Work found and handled, for progress and ETA.
-    pub work: crate::engine::progress::Work,
+    pub work: Work,
     pub read_budget: Semaphore,
     pub large_files: Semaphore,
     /// See [`FILE_SLOTS`].

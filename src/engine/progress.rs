@@ -10,21 +10,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Counters of the work a crawl found and handled; exact, updated by the
-/// crawl (found) and by file shipping (handled).
-#[derive(Debug, Default)]
-pub struct Work {
-    /// Files the crawl planned to ship, and their sizes.
-    pub files_found: AtomicU64,
-    pub bytes_found: AtomicU64,
-    /// Files handled (sent, unchanged or failed), and the bytes of master
-    /// data handled (large files count window by window).
-    pub files_done: AtomicU64,
-    pub bytes_done: AtomicU64,
-    /// Whether `*_found` mean anything (the tree crawl plans; catalog mode does not).
-    pub planned: std::sync::atomic::AtomicBool,
-}
-
 /// The rate over a sliding window of samples.
 #[derive(Debug)]
 pub struct Rate {
