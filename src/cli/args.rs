@@ -69,7 +69,7 @@ pub enum Cmd {
         /// tree: mirror any tree; store: a snapshot store replicated point by point (catalog mode); auto: store if MASTER/store.json exists.
         #[arg(long, value_enum, default_value = "auto")]
         layout: LayoutArg,
-        /// Patch files of at least SIZE bytes (e.g. 1G) in place on the slave instead of rewriting them (see README: in-place mode).
+        /// Patch files of at least SIZE bytes (e.g. 1G) in place on the slave instead of rewriting them (see docs/operations.md, in-place mode).
         #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
         inplace_min_size: Option<u64>,
     },

@@ -1,5 +1,5 @@
 //! Project tasks. `cargo run --release -p xtask -- bench [--quick] [--json FILE]`
-//! runs georep and rsync side by side on generated workloads (see README);
+//! runs georep and rsync side by side on generated workloads (see docs/benchmarks.md);
 //! `cargo run -p xtask -- arch` checks the crate's layering;
 //! `cargo run -p xtask -- deb` builds the Debian package (`assets`: only
 //! the man pages and completions).
