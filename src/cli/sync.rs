@@ -110,7 +110,7 @@ fn bar(forced: bool) -> ProgressBar {
 type Live = Arc<Mutex<Option<Arc<Engine>>>>;
 
 /// Updates the line four times a second from the live engine.
-async fn show(pb: ProgressBar, live: Live, started: Instant) {
+async fn show(pb: ProgressBar, live: Live, started: Instant, store: bool) {
     let mut rate = Rate::default();
     let started_ns = crate::fs::xtime::now_ns();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -167,7 +167,8 @@ pub fn run(
         let live: Live = Arc::default();
         let shower = show_progress.then(|| {
             let pb = BAR.get_or_init(|| bar(progress)).clone();
-            tokio::spawn(show(pb, live.clone(), started))
+            let store = s.config.layout == crate::session::Layout::Store;
+            tokio::spawn(show(pb, live.clone(), started, store))
         });
         tracing::info!(session = %s.name, full, "one-shot sync started");
         let r = crate::engine::worker::sync_once_live(
