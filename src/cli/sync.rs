@@ -129,6 +129,11 @@ async fn show(pb: ProgressBar, live: Live, started: Instant, store: bool) {
                     started.elapsed(),
                 )
             }
+            // Catalog mode reports its work when it is done, not as it goes.
+            None if store => format!(
+                "syncing the store (points and generations)… {}",
+                human_secs(started.elapsed().as_secs())
+            ),
             None => format!(
                 "connecting to the slave… {}",
                 human_secs(started.elapsed().as_secs())
