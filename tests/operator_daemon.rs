@@ -383,13 +383,14 @@ fn status_shows_a_crawl_in_progress_with_what_is_left_and_when_it_ends() {
     drop(data);
     w.create("g", &[]);
     let _r = w.start("g");
-    w.wait_status("g", "a crawl in progress", |s| {
-        s["crawl_progress"]["bytes_remaining"]
-            .as_u64()
-            .is_some_and(|r| r > 0)
+    w.wait_status("g", "a crawl with a rate and an ETA", |s| {
+        let p = &s["crawl_progress"];
+        p["bytes_remaining"].as_u64().is_some_and(|r| r > 0)
+            && p["eta_seconds"].is_u64()
+            && p["rate_bytes_per_sec"].as_f64().is_some_and(|r| r > 0.0)
     });
     // Hold it there: the crawl waits at its next window, its progress stays
-    // visible, and its rate (over the last 10 s) gives an ETA.
+    // visible, and the ETA (at the rate it had) says what it needs once resumed.
     w.run_ok(&["pause", "g"]);
     let st = w.wait_status("g", "a held crawl with a rate and an ETA", |s| {
         let p = &s["crawl_progress"];

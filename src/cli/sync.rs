@@ -109,10 +109,18 @@ fn bar(forced: bool) -> ProgressBar {
 
 type Live = Arc<Mutex<Option<Arc<Engine>>>>;
 
+/// The rate of `e`'s crawl, started anew for a new crawl.
+fn rate_of<'a>(slot: &'a mut Option<(usize, Rate)>, e: &Arc<Engine>) -> &'a mut Rate {
+    let id = Arc::as_ptr(e) as usize;
+    if slot.as_ref().is_none_or(|(i, _)| *i != id) {
+        *slot = Some((id, Rate::since(e.started)));
+    }
+    &mut slot.as_mut().expect("set above").1
+}
+
 /// Updates the line four times a second from the live engine.
 async fn show(pb: ProgressBar, live: Live, started: Instant, store: bool) {
-    let mut rate = Rate::default();
-    let started_ns = crate::fs::xtime::now_ns();
+    let mut rate: Option<(usize, Rate)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
@@ -125,7 +133,7 @@ async fn show(pb: ProgressBar, live: Live, started: Instant, store: bool) {
                 };
                 progress::line(
                     kind,
-                    &progress::snapshot(&e, &mut rate, started_ns),
+                    &progress::snapshot(&e, rate_of(&mut rate, &e), false),
                     started.elapsed(),
                 )
             }

@@ -51,11 +51,10 @@ struct Reported {
 
 type Live = Arc<Mutex<Option<Arc<Engine>>>>;
 
-/// The rate of the crawl in progress, and when it started.
+/// The rate of the crawl in progress.
 #[derive(Default)]
 struct Pace {
     crawl: usize,
-    started_ns: u64,
     rate: Rate,
 }
 
@@ -122,12 +121,11 @@ impl Reporter {
             if pace.crawl != id {
                 *pace = Pace {
                     crawl: id,
-                    started_ns: xtime::now_ns(),
-                    rate: Rate::default(),
+                    rate: Rate::since(e.started),
                 };
             }
-            let started = pace.started_ns;
-            r.crawl_progress = Some(progress::snapshot(&e, &mut pace.rate, started));
+            let held = *self.pause.borrow();
+            r.crawl_progress = Some(progress::snapshot(&e, &mut pace.rate, held));
             r.crawl_status = Some(
                 match e.kind {
                     CrawlKind::Full => "Full Crawl",

@@ -86,6 +86,9 @@ pub struct Engine {
     pub stats: Stats,
     /// Work found and handled, for progress and ETA.
     pub work: Work,
+    /// When the pass started (ns since the epoch, and as an instant for rates).
+    pub started_ns: u64,
+    pub started: std::time::Instant,
     pub read_budget: Semaphore,
     pub large_files: Semaphore,
     /// See [`FILE_SLOTS`].
@@ -120,6 +123,8 @@ impl Engine {
             kind,
             stats: Stats::default(),
             work: Default::default(),
+            started_ns: crate::fs::xtime::now_ns(),
+            started: std::time::Instant::now(),
             read_budget: Semaphore::new(READ_BUDGET),
             large_files: Semaphore::new(LARGE_FILES),
             file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),

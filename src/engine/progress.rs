@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub struct Rate {
     window: Duration,
     samples: VecDeque<(Instant, u64)>,
+    last: f64,
 }
 
 impl Default for Rate {
@@ -28,11 +29,30 @@ impl Rate {
         Rate {
             window,
             samples: VecDeque::new(),
+            last: 0.0,
         }
+    }
+
+    /// A rate whose counter was 0 at `start` (a crawl's beginning), so the
+    /// first sample already has a rate.
+    pub fn since(start: Instant) -> Rate {
+        let mut r = Rate::default();
+        r.samples.push_back((start, 0));
+        r
+    }
+
+    /// The rate the last sample gave.
+    pub fn last(&self) -> f64 {
+        self.last
     }
 
     /// Adds a sample of a growing counter; returns units per second over the window.
     pub fn sample(&mut self, at: Instant, value: u64) -> f64 {
+        self.last = self.compute(at, value);
+        self.last
+    }
+
+    fn compute(&mut self, at: Instant, value: u64) -> f64 {
         self.samples.push_back((at, value));
         while self.samples.len() > 2 && at.duration_since(self.samples[1].0) >= self.window {
             self.samples.pop_front();
@@ -54,14 +74,20 @@ pub fn eta(remaining: u64, rate: f64) -> Option<u64> {
     (rate >= 1.0).then(|| (remaining as f64 / rate).ceil() as u64)
 }
 
-/// A snapshot of `e` as status shows it, with the rate from `rate`.
-pub fn snapshot(e: &Engine, rate: &mut Rate, started_ns: u64) -> CrawlProgress {
+/// A snapshot of `e` as status shows it, with the rate from `rate`
+/// (sampled now; while `held`, a paused crawl, the last rate is kept, so
+/// the ETA says how long the crawl needs once resumed).
+pub fn snapshot(e: &Engine, rate: &mut Rate, held: bool) -> CrawlProgress {
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let w = &e.work;
     let planned = w.planned.load(Ordering::Relaxed);
     let bytes_done = l(&w.bytes_done);
     let files_done = l(&w.files_done);
-    let per_sec = rate.sample(Instant::now(), bytes_done);
+    let per_sec = if held {
+        rate.last()
+    } else {
+        rate.sample(Instant::now(), bytes_done)
+    };
     let (files_total, bytes_total) = if planned {
         let ft = l(&w.files_found).max(files_done);
         let bt = l(&w.bytes_found).max(bytes_done);
@@ -71,7 +97,7 @@ pub fn snapshot(e: &Engine, rate: &mut Rate, started_ns: u64) -> CrawlProgress {
     };
     let bytes_remaining = bytes_total.map(|t| t - bytes_done);
     CrawlProgress {
-        started: Some(georep_monitor::time::format_rfc3339(started_ns)),
+        started: Some(georep_monitor::time::format_rfc3339(e.started_ns)),
         entries_visited: l(&e.stats.entries_visited),
         files_done,
         files_total,
