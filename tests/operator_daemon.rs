@@ -447,3 +447,49 @@ fn status_shows_a_crawl_in_progress_with_what_is_left_and_when_it_ends() {
         "{prom}"
     );
 }
+
+#[test]
+fn a_failing_or_hanging_hook_is_logged_and_killed() {
+    let w = World::new();
+    std::fs::write(w.master.join("f"), b"x").unwrap();
+    w.create("h", &[]);
+    w.run_ok(&[
+        "config",
+        "h",
+        "set",
+        "on_event",
+        "echo hook-says-oops >&2; exit 7",
+    ]);
+    let _r = w.start("h");
+    w.wait_active("h");
+    w.run_ok(&["checkpoint", "h", "now"]);
+    wait_for("the failed hook in the log", || {
+        let log = w.log("h");
+        (log.contains("event hook failed") && log.contains("hook-says-oops")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", w.log("h")));
+    assert!(w.log("h").contains("exit status: 7"), "{}", w.log("h"));
+    // A hook that hangs is killed after on_event_timeout_secs; supervision goes on.
+    let marker = w.dir.path().join("hook-ran");
+    let hook = format!("touch '{}'; sleep 600", marker.display());
+    w.run_ok(&["config", "h", "set", "on_event", &hook]);
+    w.run_ok(&["config", "h", "set", "on_event_timeout_secs", "1"]);
+    w.wait_status("h", "the worker restarted with the new settings", |s| {
+        s["worker_status"] == "Active" && s["crawl_status"] == "Idle"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    w.run_ok(&["checkpoint", "h", "now"]);
+    wait_for("the hung hook killed", || {
+        w.log("h").contains("event hook timed out").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", w.log("h")));
+    assert!(marker.exists(), "the hook never ran");
+    assert!(
+        common::daemon::processes_with_env("GEOREP_EVENT=checkpoint_completed").is_empty(),
+        "the hung hook is still running"
+    );
+    let st = w.wait_status("h", "the checkpoint completed", |s| {
+        s["checkpoint_completed"] == true
+    });
+    assert_eq!(st["monitor_status"], "Started");
+}
