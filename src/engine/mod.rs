@@ -13,6 +13,7 @@ pub mod delta;
 pub mod links;
 pub mod master;
 pub mod outcome;
+pub mod progress;
 pub mod slave;
 pub mod transfer;
 pub mod worker;

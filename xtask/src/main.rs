@@ -1,11 +1,14 @@
 //! Project tasks. `cargo run --release -p xtask -- bench [--quick] [--json FILE]`
-//! runs georep and rsync side by side on generated workloads (see README);
-//! `cargo run -p xtask -- arch` checks the crate's layering.
+//! runs georep and rsync side by side on generated workloads (see docs/benchmarks.md);
+//! `cargo run -p xtask -- arch` checks the crate's layering;
+//! `cargo run -p xtask -- deb` builds the Debian package (`assets`: only
+//! the man pages and completions).
 
 mod arch;
 mod bench;
 mod catalog;
 mod data;
+mod dist;
 mod procs;
 mod proxy;
 mod sshd;
@@ -28,6 +31,18 @@ struct Cli {
 enum Cmd {
     /// Check the crate's layers: no module names a higher layer, no import cycles, no overlong file.
     Arch,
+    /// Generate the man pages and shell completions from the CLI definition.
+    Assets {
+        /// Output directory (man/ and completions/ are made in it).
+        #[arg(long, default_value = dist::ASSETS)]
+        out: PathBuf,
+    },
+    /// Build the Debian package into target/debian/ (installs cargo-deb if missing).
+    Deb {
+        /// Package this georep binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Benchmark georep against rsync (and the link's limits).
     Bench {
         /// Small sizes: the whole run in about two minutes.
@@ -138,6 +153,18 @@ fn main() -> anyhow::Result<()> {
             if !arch::print(&report, &root) {
                 std::process::exit(1);
             }
+            return Ok(());
+        }
+        Cmd::Assets { out } => {
+            let root = workspace_root();
+            for p in dist::assets(&root.join(out))? {
+                println!("{}", p.display());
+            }
+            return Ok(());
+        }
+        Cmd::Deb { binary } => {
+            let deb = dist::deb(&workspace_root(), binary.as_deref())?;
+            println!("{}", deb.display());
             return Ok(());
         }
         Cmd::Bench {
