@@ -1,5 +1,7 @@
 //! Whole-tree comparison: kind, bytes, mode, owner, mtime (ns), user
-//! xattrs, symlink targets, hard-link structure, and sparseness.
+//! xattrs, symlink targets, hard-link structure, and sparseness. A slave's
+//! files never carry setuid/setgid bits on disk (the agent's default
+//! policy): their mode is compared with the bits the agent recorded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -17,7 +19,11 @@ pub enum Node {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snap {
     pub node: Node,
+    /// The mode as replicated: on disk, with the setuid/setgid bits the
+    /// agent recorded (`*.georep.setid`) for a file it stripped them from.
     pub mode: u32,
+    /// The mode on disk.
+    pub disk_mode: u32,
     pub uid: u32,
     pub gid: u32,
     /// (sec, nsec); directories included.
@@ -92,15 +98,22 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Snap>) {
             v.sort();
             v
         };
+        let disk_mode = if ft.is_symlink() {
+            0
+        } else {
+            md.mode() & 0o7777
+        };
+        let recorded = ["trusted.georep.setid", "user.georep.setid"]
+            .iter()
+            .filter_map(|a| xattr::get(&p, a).ok().flatten())
+            .filter_map(|v| u32::from_str_radix(std::str::from_utf8(&v).ok()?, 8).ok())
+            .fold(0, |a, b| a | b);
         out.insert(
             rel,
             Snap {
                 node: node.clone(),
-                mode: if ft.is_symlink() {
-                    0
-                } else {
-                    md.mode() & 0o7777
-                },
+                mode: disk_mode | recorded,
+                disk_mode,
                 uid: md.uid(),
                 gid: md.gid(),
                 mtime: (md.mtime(), md.mtime_nsec()),
@@ -174,6 +187,13 @@ pub fn differences(master: &Path, slave: &Path) -> Vec<String> {
                         ss.mode,
                         ss.uid,
                         ss.gid
+                    ));
+                }
+                if matches!(ss.node, Node::File { .. }) && ss.disk_mode & 0o6000 != 0 {
+                    problems.push(format!(
+                        "{}: setuid/setgid on the slave's disk ({:o})",
+                        show(p),
+                        ss.disk_mode
                     ));
                 }
                 if ms.mtime != ss.mtime {
