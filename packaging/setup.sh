@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what georep's demo, tests and benchmarks need on a fresh Debian
 # machine, where it is missing: OpenSSH (client and server), rsync,
-# qemu-utils, attr, python3-prometheus-client (for the system python3).
+# qemu-utils, attr, python3-prometheus-client (for the system python3),
+# and for the fuzz targets cargo-afl with AFL++ (built from crates.io
+# sources; make and a C compiler from apt if missing).
 # Idempotent; prints what it installs.
 set -euo pipefail
 
@@ -13,6 +15,8 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v getfattr >/dev/null 2>&1 || need+=(attr)
 # The reference Prometheus exposition-format parser checks `georep status --prometheus`.
 /usr/bin/python3 -c 'import prometheus_client' >/dev/null 2>&1 || need+=(python3-prometheus-client)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -25,4 +29,16 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Fuzzing (`cargo run -p xtask -- fuzz` and its test in the suite): cargo-afl
+# drives AFL++ on stable Rust; `cargo afl config --build` compiles AFL++.
+if ! cargo afl --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-afl" >&2
+    cargo install cargo-afl --locked --quiet
+fi
+afl_usage=$(cargo afl fuzz -h 2>&1 || true)
+if [[ "$afl_usage" != *"afl-fuzz [ options ]"* ]]; then
+    echo "setup: building AFL++ (cargo afl config --build)" >&2
+    cargo afl config --build --force >/dev/null
 fi

@@ -282,3 +282,65 @@ pub fn temporaries(root: &Path) -> Vec<String> {
     }
     out
 }
+
+/// A file's whole replicated state: content, mode (with recorded
+/// setuid/setgid bits), owner, mtime and user xattrs — what a kill test
+/// compares against the versions the master had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileState {
+    pub hash: [u8; 32],
+    pub len: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The state of the file at `p`, None when it is absent.
+pub fn file_state(p: &Path) -> Option<FileState> {
+    let data = std::fs::read(p).ok()?;
+    let md = std::fs::metadata(p).unwrap();
+    let recorded = ["trusted.georep.setid", "user.georep.setid"]
+        .iter()
+        .filter_map(|a| xattr::get(p, a).ok().flatten())
+        .filter_map(|v| u32::from_str_radix(std::str::from_utf8(&v).ok()?, 8).ok())
+        .fold(0, |a, b| a | b);
+    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(p)
+        .unwrap()
+        .filter(|n| {
+            n.as_bytes().starts_with(b"user.") && !n.as_bytes().starts_with(b"user.georep.")
+        })
+        .map(|n| {
+            (
+                n.as_bytes().to_vec(),
+                xattr::get(p, &n).unwrap().unwrap_or_default(),
+            )
+        })
+        .collect();
+    xattrs.sort();
+    Some(FileState {
+        hash: *blake3::hash(&data).as_bytes(),
+        len: data.len() as u64,
+        mode: md.mode() & 0o7777 | recorded,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: (md.mtime(), md.mtime_nsec()),
+        xattrs,
+    })
+}
+
+/// Writes a new version of a master file: content, then a mode and an
+/// xattr that name the version, so a replica mixing versions' data and
+/// metadata is caught. Returns the version's state.
+pub fn write_version(p: &Path, data: &[u8], version: u32) -> FileState {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(p, data).unwrap();
+    std::fs::set_permissions(
+        p,
+        std::fs::Permissions::from_mode(0o600 | (version % 8) << 3),
+    )
+    .unwrap();
+    xattr::set(p, "user.version", version.to_string().as_bytes()).unwrap();
+    file_state(p).unwrap()
+}
