@@ -200,7 +200,7 @@ pub fn foreign_links(fd: BorrowedFd<'_>) -> bool {
         .and_then(|f| f.get_xattr(links_attr()).ok().flatten())
         .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
         .unwrap_or(1);
-    (st.st_nlink as u64) > made
+    st.st_nlink > made
 }
 
 /// Records that georep gave the inode `fd` all the links it has now.
