@@ -262,9 +262,9 @@ impl Ops<'_> {
                 let offset = self.num();
                 let data = self.bytes();
                 if let Some(Some(m)) = self.model.get_mut(&fid) {
-                    let end = offset as usize + data.len();
-                    if offset < m.len() as u64 && end <= m.len() {
-                        m[offset as usize..end].copy_from_slice(&data);
+                    let end = offset.saturating_add(data.len() as u64);
+                    if end <= m.len() as u64 {
+                        m[offset as usize..end as usize].copy_from_slice(&data);
                     }
                 }
                 return Some(Item::Env(Envelope {
