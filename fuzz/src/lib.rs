@@ -46,7 +46,11 @@ pub fn delta(data: &[u8]) {
     let (basis, rest) = data[3..].split_at(split.min(data.len() - 3));
     let mut out = Vec::new();
     if fast_rsync::apply_limited(basis, rest, &mut out, limit).is_ok() {
-        assert!(out.len() <= limit, "applied {} bytes past a limit of {limit}", out.len());
+        assert!(
+            out.len() <= limit,
+            "applied {} bytes past a limit of {limit}",
+            out.len()
+        );
     }
     let block = 64 << (data[2] % 4);
     let sig = fast_rsync::Signature::calculate(
@@ -98,7 +102,11 @@ pub fn journal(data: &[u8]) {
             if let Ok((n, t)) = cdp::apply(&f, limit, u64::MAX, &raw) {
                 assert!(n as usize <= spans.len());
                 assert!(t.is_none_or(|t| spans.iter().any(|s| s.time == t)));
-                assert_eq!(raw.metadata().unwrap().len(), header.disk_size, "stays on the disk");
+                assert_eq!(
+                    raw.metadata().unwrap().len(),
+                    header.disk_size,
+                    "stays on the disk"
+                );
             }
         }
     }
@@ -176,7 +184,12 @@ impl Ops<'_> {
     }
 
     fn path(&mut self) -> RelPath {
-        RelPath::new(NAMES[self.byte() as usize % NAMES.len()].as_bytes().to_vec()).unwrap()
+        RelPath::new(
+            NAMES[self.byte() as usize % NAMES.len()]
+                .as_bytes()
+                .to_vec(),
+        )
+        .unwrap()
     }
 
     fn meta(&mut self) -> Meta {
@@ -190,7 +203,10 @@ impl Ops<'_> {
                 nsec: 0,
             },
             xattrs: if b & 0x80 != 0 {
-                vec![(ByteBuf::from(b"user.k".to_vec()), ByteBuf::from(self.bytes()))]
+                vec![(
+                    ByteBuf::from(b"user.k".to_vec()),
+                    ByteBuf::from(self.bytes()),
+                )]
             } else {
                 Vec::new()
             },
@@ -410,12 +426,22 @@ pub fn agent(data: &[u8]) {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names.len(), 1, "something appeared outside the root: {names:?}");
+    assert_eq!(
+        names.len(),
+        1,
+        "something appeared outside the root: {names:?}"
+    );
     let md = std::fs::metadata(outside.join("secret")).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         (md.mode(), md.uid(), md.gid(), md.mtime(), md.len()),
-        (before.mode(), before.uid(), before.gid(), before.mtime(), before.len()),
+        (
+            before.mode(),
+            before.uid(),
+            before.gid(),
+            before.mtime(),
+            before.len()
+        ),
         "outside metadata changed"
     );
     let _ = std::fs::remove_dir_all(&arena);

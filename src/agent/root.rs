@@ -310,11 +310,17 @@ impl Root {
                 return Ok(());
             }
         }
-        // The inode must be one georep owns: never link to a local user's link.
-        let tfd = self.open_entry(tdir.as_fd(), tname, false, target)?;
-        if foreign_links(tfd.as_fd()) {
-            return Err(foreign_links_error(target, false));
-        }
+        // A regular file's inode must be one georep owns: never link to a
+        // local user's link (symlinks are linked as they are).
+        let tfd = if tst.st_mode & libc::S_IFMT == libc::S_IFREG {
+            let fd = self.open_entry(tdir.as_fd(), tname, false, target)?;
+            if foreign_links(fd.as_fd()) {
+                return Err(foreign_links_error(target, false));
+            }
+            Some(fd)
+        } else {
+            None
+        };
         let tmp = tmp_name();
         let tmp_os = OsStr::from_bytes(&tmp);
         linkat(
@@ -329,7 +335,10 @@ impl Root {
             let _ = unlinkat(dir.as_fd(), tmp_os, UnlinkatFlags::NoRemoveDir);
             errno_err(e, "rename", rel)
         })?;
-        mark_links(tfd.as_fd(), target)
+        match tfd {
+            Some(fd) => mark_links(fd.as_fd(), target),
+            None => Ok(()),
+        }
     }
 
     pub fn set_meta(&self, rel: &RelPath, meta: &Meta) -> WResult<()> {
