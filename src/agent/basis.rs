@@ -23,26 +23,43 @@ pub const BUDGET: usize = 64 << 20;
 /// What one cached window costs besides its CVs (map entry, vector header).
 const ENTRY: usize = 96;
 
-/// The cache bytes in use, shared by the caches of all open files.
-#[derive(Clone, Default)]
-pub struct Budget(Arc<AtomicUsize>);
+/// The cache bytes in use, shared by the caches of all open files, and
+/// their limit ([`BUDGET`]).
+#[derive(Clone)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget::with_limit(BUDGET)
+    }
+}
 
 impl Budget {
+    pub fn with_limit(limit: usize) -> Budget {
+        Budget {
+            used: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
     fn take(&self, n: usize) -> bool {
-        self.0
+        self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                (u + n <= BUDGET).then_some(u + n)
+                (u + n <= self.limit).then_some(u + n)
             })
             .is_ok()
     }
 
     fn give(&self, n: usize) {
-        self.0.fetch_sub(n, Ordering::Relaxed);
+        self.used.fetch_sub(n, Ordering::Relaxed);
     }
 
     #[cfg(test)]
     pub fn used(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.used.load(Ordering::Relaxed)
     }
 }
 
@@ -263,16 +280,15 @@ mod tests {
         let data: Vec<u8> = (0..WINDOW).map(|i| (i % 253) as u8 | 1).collect();
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&data, 0).unwrap();
-        let budget = Budget::default();
         let per = ENTRY + blocktree::WINDOW_BLOCKS * std::mem::size_of::<Cv>();
-        let room = BUDGET / per;
+        let room = 5;
+        let budget = Budget::with_limit(room * per + per / 2);
         let mut buf = Vec::new();
         let mut caches: Vec<BasisCache> = (0..room + 5).map(|_| BasisCache::new(&budget)).collect();
         for c in caches.iter_mut() {
             c.hash_window(&f, 0, WINDOW, &mut buf).unwrap();
         }
-        assert!(budget.used() <= BUDGET);
-        assert_eq!(budget.used(), room * per);
+        assert_eq!(budget.used(), room * per, "five windows kept, the others not");
         caches.clear();
         assert_eq!(budget.used(), 0);
     }
