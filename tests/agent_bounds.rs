@@ -224,7 +224,7 @@ fn a_directory_of_files_with_large_xattrs_lists_in_frames_of_bounded_size() {
 #[test]
 fn a_tree_deeper_than_the_agents_fds_and_stack_is_removed() {
     let (_base, root) = scratch("bound-deep");
-    // 60000 levels, built by renames so that no path is ever long.
+    // 30000 levels, built by renames so that no path is ever long.
     let deep = root.join("deep");
     let tmp = root.join("tmp");
     /// Removes what is left with rm(1) should the agent fail (std's
@@ -241,7 +241,7 @@ fn a_tree_deeper_than_the_agents_fds_and_stack_is_removed() {
     let _rm = Rm(root.clone());
     std::fs::create_dir(&deep).unwrap();
     std::fs::write(deep.join("bottom"), b"x").unwrap();
-    for i in 0..60_000 {
+    for i in 0..30_000 {
         std::fs::create_dir(&tmp).unwrap();
         if i % 1000 == 0 {
             std::fs::write(tmp.join("file"), b"y").unwrap();
