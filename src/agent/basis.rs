@@ -288,7 +288,11 @@ mod tests {
         for c in caches.iter_mut() {
             c.hash_window(&f, 0, WINDOW, &mut buf).unwrap();
         }
-        assert_eq!(budget.used(), room * per, "five windows kept, the others not");
+        assert_eq!(
+            budget.used(),
+            room * per,
+            "five windows kept, the others not"
+        );
         caches.clear();
         assert_eq!(budget.used(), 0);
     }

@@ -3,8 +3,8 @@
 //! reading xattrs within a bound, and the marks that tell inodes whose
 //! hard links georep made from inodes a local user linked from elsewhere.
 
-use super::root::{errno_err, io_err, is_root_user, timespec, WResult};
 use super::settings::Policy;
+use super::sys::{errno_err, io_err, is_root_user, timespec, WResult};
 use crate::fs::meta::{replicated_xattr, Meta};
 use crate::protocol::{ErrorKind, WireError};
 use nix::errno::Errno;

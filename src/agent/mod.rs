@@ -12,6 +12,7 @@ mod queue;
 mod remove;
 mod root;
 mod settings;
+mod sys;
 mod undo;
 
 pub use root::Root;

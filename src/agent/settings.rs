@@ -31,17 +31,17 @@ impl Policy {
     /// Reads the settings from the state directory `state` (defaults when absent).
     pub fn load(state: BorrowedFd<'_>) -> Result<Policy, WireError> {
         let shown = format!(".georep/{FILE}");
-        let fd = match super::root::open_nofollow(state.as_fd(), OsStr::new(FILE), false) {
+        let fd = match super::sys::open_nofollow(state.as_fd(), OsStr::new(FILE), false) {
             Ok(fd) => fd,
             Err(nix::errno::Errno::ENOENT) => return Ok(Policy::default()),
-            Err(e) => return Err(super::root::errno_err(e, "open", &shown)),
+            Err(e) => return Err(super::sys::errno_err(e, "open", &shown)),
         };
         let mut text = String::new();
         use std::io::Read;
         std::fs::File::from(fd)
             .take(64 << 10)
             .read_to_string(&mut text)
-            .map_err(|e| super::root::io_err(e, "read", &shown))?;
+            .map_err(|e| super::sys::io_err(e, "read", &shown))?;
         toml::from_str(&text).map_err(|e| {
             WireError::new(
                 ErrorKind::Invalid,
