@@ -5,6 +5,8 @@
 # and for the package test lintian, dpkg-dev (dpkg-shlibdeps), systemd
 # (systemd-analyze), man-db, e2fsprogs (chattr) and bsdutils (script).
 # cargo-deb is installed by `cargo run -p xtask -- deb` when missing.
+# For the fuzz targets: cargo-afl with AFL++ (built from crates.io
+# sources; make and a C compiler from apt if missing).
 # Idempotent; prints what it installs.
 set -euo pipefail
 
@@ -26,6 +28,8 @@ command -v man >/dev/null 2>&1 || need+=(man-db)
 # A real failing path (an immutable slave directory) and a pseudo-terminal for the progress line.
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v script >/dev/null 2>&1 || need+=(bsdutils)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -38,4 +42,16 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Fuzzing (`cargo run -p xtask -- fuzz` and its test in the suite): cargo-afl
+# drives AFL++ on stable Rust; `cargo afl config --build` compiles AFL++.
+if ! cargo afl --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-afl" >&2
+    cargo install cargo-afl --locked --quiet
+fi
+afl_usage=$(cargo afl fuzz -h 2>&1 || true)
+if [[ "$afl_usage" != *"afl-fuzz [ options ]"* ]]; then
+    echo "setup: building AFL++ (cargo afl config --build)" >&2
+    cargo afl config --build --force >/dev/null
 fi
