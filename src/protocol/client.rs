@@ -72,7 +72,7 @@ struct Inner {
     on_close: tokio::sync::Notify,
     /// When bytes last moved in either direction (ms since `epoch`).
     moved_ms: AtomicU64,
-    epoch: std::time::Instant,
+    epoch: tokio::time::Instant,
     next_id: AtomicU64,
     stats: Arc<ClientStats>,
     agent: String,
@@ -88,6 +88,9 @@ impl Inner {
         let reason = closed.clone().unwrap();
         drop(closed);
         self.on_close.notify_waiters();
+        // Requests waiting for room in the send budget fail now instead of
+        // waiting for a writer that may never drain (a stalled link).
+        self.budget.close();
         let pending: Vec<Slot> = self
             .pending
             .lock()
@@ -201,7 +204,7 @@ impl Client {
             closed: Mutex::new(None),
             on_close: tokio::sync::Notify::new(),
             moved_ms: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
+            epoch: tokio::time::Instant::now(),
             next_id: AtomicU64::new(1),
             stats: stats.clone(),
             agent: String::new(),
@@ -292,7 +295,7 @@ impl Client {
             .clone()
             .acquire_many_owned(want)
             .await
-            .map_err(|_| ProtoError::Lost("client closed".into()))?;
+            .map_err(|_| self.closed_error())?;
         let frame =
             encode_frame_sized(&env, payload).map_err(|e| ProtoError::Violation(e.to_string()))?;
         drop(env);
@@ -515,3 +518,6 @@ async fn keepalive_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod stall_tests;
