@@ -135,7 +135,8 @@ fn the_monitor_killed_mid_transfer_leaves_nothing_partial_and_no_false_active() 
     std::fs::write(w.master.join("big.img"), &data).unwrap();
     let mid = transfer_under_way(&w, "big.img", &want);
     signal(monitor, Signal::SIGKILL);
-    // Until the orphaned worker and its agent are gone, and after: never Active.
+    wait_for("the monitor to die", || (!alive(monitor)).then_some(())).unwrap();
+    // From then on, while the orphaned worker and its agent finish, and after: never Active.
     wait_for("the orphaned worker and its agent to exit", || {
         let st = w.status("m");
         assert_ne!(st["worker_status"], "Active", "{st:#}");
