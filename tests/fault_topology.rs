@@ -121,3 +121,55 @@ fn a_cascade_a_to_b_to_c_makes_c_equal_a() {
         assert_eq!(common::n(&r, "bytes_sent"), 0, "{s}: {r}");
     }
 }
+
+#[test]
+fn a_cascade_of_two_daemons_a_to_b_to_c_makes_c_equal_a() {
+    let w = World::new();
+    let c = w.dir.path().join("c");
+    for i in 0..15 {
+        let d = w.master.join(format!("vm{}/disk", i % 3));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join(format!("p{i}.qcow2")),
+            mutate::data(i + 70, 4000 * (i as usize + 1)),
+        )
+        .unwrap();
+    }
+    // B (w.slave) is the slave root of "ab" (its agent holds it for as long
+    // as the daemon runs) and the master root of "bc" (its watcher stamps it).
+    w.create("ab", &[]);
+    std::fs::create_dir_all(&w.slave).unwrap();
+    w.run_ok(&[
+        "create",
+        "bc",
+        w.slave.to_str().unwrap(),
+        c.to_str().unwrap(),
+    ]);
+    let _ab = w.start("ab");
+    let _bc = w.start("bc");
+    wait_same(&w.master, &w.slave, "B after the first sync");
+    wait_same(&w.master, &c, "C after the first sync");
+    mutate_rounds(&w.master, 11, 3, |round| {
+        wait_same(&w.master, &w.slave, &format!("B, round {round}"));
+        wait_same(&w.master, &c, &format!("C, round {round}"));
+    });
+    // Neither daemon was ever restarted ("bc" may have retried files that
+    // "ab" replaced while it read them: B is a live master).
+    for s in ["ab", "bc"] {
+        let st = w.wait_active(s);
+        assert_eq!(st["restarts"], 0, "{s}: {st:#}");
+    }
+    // A stamp on B while its agent runs (it used to wait for the agent's lock forever).
+    let mut mark = w
+        .cmd(&["mark", w.slave.join("vm0").to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let done = common::daemon::wait_for("georep mark on B", || mark.try_wait().unwrap());
+    if done.is_none() {
+        let _ = mark.kill();
+        panic!("georep mark on B never returned: it waits for the agent's lock");
+    }
+    assert!(done.unwrap().success());
+    std::fs::write(w.master.join("vm0/last"), b"last").unwrap();
+    wait_same(&w.master, &c, "C after a last change");
+}

@@ -168,7 +168,11 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     result
 }
 
-/// Opens the root and takes its exclusive lock (held while the returned lock lives).
+/// Opens the root and takes its exclusive lock (held while the returned
+/// lock lives). The lock is on the root's state directory, not on the
+/// root itself: in a cascade (A -> B -> C) the root is also a master's
+/// root, whose marker lock is an `flock` on that directory, and an agent
+/// holding it for a daemon's whole life blocked every stamp there.
 fn open_root(path: &Path) -> Result<(Root, Flock<std::fs::File>), WireError> {
     let root = Root::open(path).map_err(|e| {
         let fix = match e.kind() {
@@ -183,8 +187,7 @@ fn open_root(path: &Path) -> Result<(Root, Flock<std::fs::File>), WireError> {
             format!("slave root {}: {e}: {fix}", path.display()),
         )
     })?;
-    let dir = std::fs::File::open(path)
-        .map_err(|e| WireError::new(ErrorKind::Io, format!("opening {}: {e}", path.display())))?;
+    let dir = std::fs::File::from(root.state_dir()?);
     match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok((root, lock)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(WireError::new(

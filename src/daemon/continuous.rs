@@ -179,6 +179,21 @@ fn checkpoint_due(session: &Session, root_x: u64) -> bool {
     })
 }
 
+/// Reports the worker Faulty with `e` and schedules the next attempt
+/// after the retry backoff.
+fn faulty(reporter: &Reporter, retry: &mut Option<(u32, Instant)>, e: &WorkerError, what: &str) {
+    let n = retry.map(|r| r.0).unwrap_or(0) + 1;
+    let delay = RETRY.delay(n);
+    tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "{what}");
+    *retry = Some((n, Instant::now() + delay));
+    reporter.update(|r| {
+        r.report.status = Some(WorkerStatus::Faulty);
+        r.report.crawl_status = None;
+        r.report.busy = false;
+        r.report.error = Some(e.to_string());
+    });
+}
+
 /// Runs until `shutdown`; returns an error only for what the monitor must
 /// handle (a restart). While `pause` says true no crawl starts and the one
 /// in progress waits; the watcher goes on counting changes.
@@ -328,10 +343,25 @@ async fn run_loop(
                     _ => std::future::pending().await,
                 }
             };
+            let lost = worker.connection_lost();
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = notified => {}
                 _ = tick.tick() => {}
+                _ = lost => {}
+            }
+            // The agent died or the link broke while idle: say so now,
+            // and reconnect after the backoff (the watcher keeps running).
+            if let Some(e) = worker.take_lost().await {
+                if shutdown.is_cancelled() {
+                    continue;
+                }
+                faulty(
+                    reporter,
+                    &mut retry,
+                    &e,
+                    "connection to the slave lost while idle",
+                );
             }
         }
         // Interval passes, idle crawls and due checkpoints stamp the root,
@@ -464,17 +494,8 @@ async fn run_loop(
             }
             Err(e) if e.retry() == Retry::Temporary && !matches!(e, WorkerError::Busy { .. }) => {
                 // The watcher keeps running, so continuity survives a lost slave.
-                let n = retry.map(|r| r.0).unwrap_or(0) + 1;
-                let delay = RETRY.delay(n);
-                tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "crawl failed");
-                retry = Some((n, Instant::now() + delay));
-                reporter.update(|r| {
-                    r.crawls += 1;
-                    r.report.status = Some(WorkerStatus::Faulty);
-                    r.report.crawl_status = None;
-                    r.report.busy = false;
-                    r.report.error = Some(e.to_string());
-                });
+                reporter.update(|r| r.crawls += 1);
+                faulty(reporter, &mut retry, &e, "crawl failed");
             }
             Err(e) => {
                 worker.close().await;

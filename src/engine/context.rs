@@ -236,6 +236,12 @@ impl Engine {
                 tracing::info!(path = %path, error = %e, "the slave is full: the crawl stops");
                 *full = Some(e.to_string());
             }
+        } else if matches!(&e, ProtoError::Remote(w) if w.kind == crate::protocol::ErrorKind::Permission)
+        {
+            self.fail(
+                path,
+                format!("on the slave, {e}: give the slave user (the one the agent runs as) write access to it and to its directory there (the next sync retries it)"),
+            );
         } else {
             self.fail(path, e);
         }

@@ -17,14 +17,25 @@ pub struct MEntry {
     pub xtime: u64,
 }
 
-/// Errors reading the master, with the operation and path.
+/// Errors reading the master, with the operation and path (and, when
+/// access was refused, what the operator can do about it).
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
+#[error("{op} {path}: {source}{}", fix(source))]
 pub struct MasterError {
     pub op: &'static str,
     pub path: PathBuf,
     #[source]
     pub source: io::Error,
+}
+
+/// What to do about an error reading the master, as a suffix of its message.
+fn fix(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            ": give the worker's user read access to it on the master (the next sync retries it)"
+        }
+        _ => "",
+    }
 }
 
 impl MasterError {
@@ -34,6 +45,14 @@ impl MasterError {
             Some(libc::ENOENT) | Some(libc::ENOTDIR)
         )
     }
+}
+
+/// A directory's listing: the entries read, sorted by name, and those
+/// that could not be read, with why.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub entries: Vec<MEntry>,
+    pub unreadable: Vec<(Vec<u8>, MasterError)>,
 }
 
 pub struct Master {
@@ -137,20 +156,22 @@ impl Master {
     }
 
     /// Lists a directory sorted by name. Entries that vanish while listed
-    /// are left out (their parent's change is seen by the next crawl).
-    pub fn list(&self, rel: &RelPath) -> Result<Vec<MEntry>, MasterError> {
+    /// are left out (their parent's change is seen by the next crawl);
+    /// entries that cannot be read (no read access to their xattrs, say)
+    /// are returned apart, so that one of them does not fail its siblings.
+    pub fn list(&self, rel: &RelPath) -> Result<Listing, MasterError> {
         let dir = self.path(rel);
-        let mut out = Vec::new();
+        let mut out = Listing::default();
         for de in std::fs::read_dir(&dir).map_err(err("list", &dir))? {
             let de = de.map_err(err("list", &dir))?;
             let name = de.file_name().as_bytes().to_vec();
-            match self.entry(&de.path(), name) {
-                Ok(e) => out.push(e),
+            match self.entry(&de.path(), name.clone()) {
+                Ok(e) => out.entries.push(e),
                 Err(e) if e.vanished() => {}
-                Err(e) => return Err(e),
+                Err(e) => out.unreadable.push((name, e)),
             }
         }
-        out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
+        out.entries.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
         Ok(out)
     }
 }

@@ -139,6 +139,59 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Resolves when the kept connection is lost (never while there is
+    /// none), so that an idle worker notices a dead agent at once.
+    pub fn connection_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lost = self.conn.as_ref().map(|c| c.client.lost());
+        async move {
+            match lost {
+                Some(l) => {
+                    l.await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// If the kept connection was lost: drops it and returns the error
+    /// that says why (see [`Worker::lost`]).
+    pub async fn take_lost(&mut self) -> Option<WorkerError> {
+        let e = self.conn.as_ref()?.client.closed()?;
+        let source = self.lost(e).await;
+        Some(WorkerError::Slave {
+            slave: self.session.config.slave.clone(),
+            source,
+        })
+    }
+
+    /// Drops the kept connection after `e` ended it, and completes `e`
+    /// with what is known of why: the agent's last stderr lines and how
+    /// it ended (killed by a signal, exited, the link gone).
+    async fn lost(&mut self, e: ProtoError) -> ProtoError {
+        let Some(conn) = self.conn.take() else {
+            return e;
+        };
+        let said = conn.stderr.text();
+        let how = conn.ended(Duration::from_secs(3)).await;
+        let mut extra: Vec<String> = how.into_iter().collect();
+        if !said.trim().is_empty() {
+            extra.push(format!(
+                "the agent said: {}",
+                said.trim().replace('\n', " | ")
+            ));
+        }
+        if extra.is_empty() {
+            return e;
+        }
+        let extra = extra.join("; ");
+        match e {
+            ProtoError::Lost(m) => ProtoError::Lost(format!("{m}: {extra}")),
+            ProtoError::Violation(m) => ProtoError::Violation(format!("{m}: {extra}")),
+            // A keep-alive timeout says what happened: the link stalled.
+            other => other,
+        }
+    }
+
     /// Runs one crawl to its end over the kept connection.
     pub async fn crawl(
         &mut self,
@@ -165,7 +218,6 @@ impl<'a> Worker<'a> {
             self.conn = Some(connect(session).await?);
         }
         let conn = self.conn.as_ref().expect("connected above");
-        let agent_stderr = conn.stderr.clone();
         let slave = Slave::new(conn.client.clone());
         let wire_start = {
             let w = slave.client().stats();
@@ -180,8 +232,13 @@ impl<'a> Worker<'a> {
             let res =
                 crate::engine::catalog_mode::sync_store(session, &slave, &master_id, shutdown)
                     .await;
-            if slave.client().closed().is_some() {
-                self.conn = None;
+            if let Some(e) = slave.client().closed() {
+                drop(slave);
+                let e = self.lost(e).await;
+                return Err(WorkerError::Slave {
+                    slave: session.config.slave.clone(),
+                    source: e,
+                });
             }
             let res = res.map(|summary| summary.with_duration(started.elapsed()));
             if let Ok(s) = &res {
@@ -201,7 +258,8 @@ impl<'a> Worker<'a> {
         let ident = match slave.identity().await {
             Ok(i) => i,
             Err(e) => {
-                self.conn = None;
+                drop(slave);
+                let e = self.lost(e).await;
                 return Err(slave_err(e));
             }
         };
@@ -260,16 +318,7 @@ impl<'a> Worker<'a> {
             Err(CrawlError::Slave(e)) => {
                 drop(slave);
                 drop(engine);
-                self.conn = None;
-                let stderr = agent_stderr.text();
-                let e = if stderr.trim().is_empty() {
-                    e
-                } else {
-                    ProtoError::Lost(format!(
-                        "{e} (the agent said: {})",
-                        stderr.trim().replace('\n', " | ")
-                    ))
-                };
+                let e = self.lost(e).await;
                 return Err(slave_err(e));
             }
         };
@@ -277,16 +326,18 @@ impl<'a> Worker<'a> {
         if complete {
             if kind == CrawlKind::Full {
                 let epoch = state.epoch.expect("set above");
-                slave
+                let set = slave
                     .set_identity(SlaveIdentity {
                         session: session.config.session_id,
                         epoch,
                     })
-                    .await
-                    .map_err(|e| {
-                        self.conn = None;
-                        slave_err(e)
-                    })?;
+                    .await;
+                if let Err(e) = set {
+                    drop(engine);
+                    drop(slave);
+                    let e = self.lost(e).await;
+                    return Err(slave_err(e));
+                }
                 state.full_pending = false;
             }
             state.last_complete_ns = Some(xtime::now_ns());

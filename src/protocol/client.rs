@@ -23,7 +23,7 @@ const SEND_BUDGET: usize = 8 << 20;
 pub enum ProtoError {
     #[error("connection to the agent lost: {0}")]
     Lost(String),
-    #[error("the agent did not answer for {0} s (keep-alive timeout)")]
+    #[error("the connection to the agent stalled: a keep-alive went unanswered and nothing moved in either direction for {0} s (keep-alive timeout)")]
     Timeout(u64),
     #[error("{0}")]
     Remote(#[from] WireError),
@@ -57,12 +57,22 @@ pub struct ClientStats {
 
 type Slot = (oneshot::Sender<Result<Vec<Reply>, ProtoError>>, Vec<Reply>);
 
-type Frame = (Vec<u8>, OwnedSemaphorePermit);
+/// An encoded frame and its share of the send budget (none for pings).
+type Frame = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
+/// Frames are handed to the transport in pieces of this size, so that
+/// progress is seen on a slow link even while one large frame is written.
+const WRITE_PIECE: usize = 64 << 10;
 
 struct Inner {
     budget: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, Slot>>,
     closed: Mutex<Option<ProtoError>>,
+    /// Woken when `closed` is set.
+    on_close: tokio::sync::Notify,
+    /// When bytes last moved in either direction (ms since `epoch`).
+    moved_ms: AtomicU64,
+    epoch: tokio::time::Instant,
     next_id: AtomicU64,
     stats: Arc<ClientStats>,
     agent: String,
@@ -77,6 +87,10 @@ impl Inner {
         }
         let reason = closed.clone().unwrap();
         drop(closed);
+        self.on_close.notify_waiters();
+        // Requests waiting for room in the send budget fail now instead of
+        // waiting for a writer that may never drain (a stalled link).
+        self.budget.close();
         let pending: Vec<Slot> = self
             .pending
             .lock()
@@ -87,6 +101,18 @@ impl Inner {
         for (tx, _) in pending {
             let _ = tx.send(Err(reason.clone()));
         }
+    }
+
+    /// Records that bytes moved on the transport.
+    fn moved(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.moved_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long nothing has moved on the transport in either direction.
+    fn still_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.moved_ms.load(Ordering::Relaxed)))
     }
 
     fn check_open(&self) -> Result<(), ProtoError> {
@@ -176,6 +202,9 @@ impl Client {
             budget: Arc::new(Semaphore::new(SEND_BUDGET)),
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
+            on_close: tokio::sync::Notify::new(),
+            moved_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
             next_id: AtomicU64::new(1),
             stats: stats.clone(),
             agent: String::new(),
@@ -232,7 +261,12 @@ impl Client {
             .lock()
             .unwrap()
             .insert(id, (tx, Vec::new()));
-        if let Err(e) = self.send(Envelope { id, body }).await {
+        let sent = if matches!(body, Request::Ping) {
+            self.send_unbudgeted(Envelope { id, body })
+        } else {
+            self.send(Envelope { id, body }).await
+        };
+        if let Err(e) = sent {
             self.inner.pending.lock().unwrap().remove(&id);
             return Err(e);
         }
@@ -261,7 +295,7 @@ impl Client {
             .clone()
             .acquire_many_owned(want)
             .await
-            .map_err(|_| ProtoError::Lost("client closed".into()))?;
+            .map_err(|_| self.closed_error())?;
         let frame =
             encode_frame_sized(&env, payload).map_err(|e| ProtoError::Violation(e.to_string()))?;
         drop(env);
@@ -271,8 +305,21 @@ impl Client {
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.inner.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         self.tx
-            .send((frame, permit))
+            .send((frame, Some(permit)))
             .map_err(|_| self.closed_error())
+    }
+
+    /// Queues a small frame without waiting for the send budget: a
+    /// keep-alive must go out even while the budget is full (a stalled
+    /// link fills it), or the stall would never be detected.
+    fn send_unbudgeted(&self, env: Envelope) -> Result<(), ProtoError> {
+        let frame = encode_frame(&env).map_err(|e| ProtoError::Violation(e.to_string()))?;
+        self.inner
+            .stats
+            .bytes_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.inner.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.tx.send((frame, None)).map_err(|_| self.closed_error())
     }
 
     fn closed_error(&self) -> ProtoError {
@@ -301,6 +348,22 @@ impl Client {
     /// The reason the connection closed, if it did.
     pub fn closed(&self) -> Option<ProtoError> {
         self.inner.closed.lock().unwrap().clone()
+    }
+
+    /// Resolves with the reason once the connection closes (the agent
+    /// exited, the link broke, a keep-alive expired), so an idle worker
+    /// notices at once. Holding it does not keep the connection open.
+    pub fn lost(&self) -> impl Future<Output = ProtoError> + Send + 'static {
+        let inner = self.inner.clone();
+        async move {
+            loop {
+                let woken = inner.on_close.notified();
+                if let Some(e) = inner.closed.lock().unwrap().clone() {
+                    return e;
+                }
+                woken.await;
+            }
+        }
     }
 }
 
@@ -352,13 +415,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     let res: std::io::Result<()> = async {
         while let Some((frame, permit)) = rx.recv().await {
-            w.write_all(&frame).await?;
+            write_pieces(&mut w, &frame, &inner).await?;
             drop(permit);
             while let Ok((frame, permit)) = rx.try_recv() {
-                w.write_all(&frame).await?;
+                write_pieces(&mut w, &frame, &inner).await?;
                 drop(permit);
             }
             w.flush().await?;
+            inner.moved();
         }
         w.shutdown().await
     }
@@ -366,6 +430,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     if let Err(e) = res {
         inner.fail_all(lost(e));
     }
+}
+
+/// Writes one frame in pieces, recording progress after each.
+async fn write_pieces<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    frame: &[u8],
+    inner: &Inner,
+) -> std::io::Result<()> {
+    for piece in frame.chunks(WRITE_PIECE) {
+        w.write_all(piece).await?;
+        inner.moved();
+    }
+    Ok(())
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(mut r: R, inner: Arc<Inner>) {
@@ -377,6 +454,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut r: R, inner: Arc<Inner>) {
                 return;
             }
         };
+        inner.moved();
         let mut pending = inner.pending.lock().unwrap();
         let Some(slot) = pending.get_mut(&resp.id) else {
             drop(pending);
@@ -402,8 +480,11 @@ async fn read_loop<R: AsyncRead + Unpin>(mut r: R, inner: Arc<Inner>) {
     }
 }
 
-/// Pings the agent periodically; declares the connection dead when a ping
-/// is not answered within `keepalive`. Ends when the client is dropped.
+/// Pings the agent every third of `keepalive`, and declares the
+/// connection stalled when a ping has gone unanswered for `keepalive`
+/// while nothing moved in either direction for as long: a slow link
+/// carrying a long queue ahead of the ping is busy, not stalled. Ends
+/// when the client is dropped.
 async fn keepalive_loop(
     inner: Arc<Inner>,
     tx: std::sync::Weak<mpsc::UnboundedSender<Frame>>,
@@ -412,19 +493,31 @@ async fn keepalive_loop(
     let period = keepalive / 3;
     loop {
         tokio::time::sleep(period).await;
-        let Some(tx) = tx.upgrade() else { return };
+        let Some(sender) = tx.upgrade() else { return };
         let client = Client {
             inner: inner.clone(),
-            tx,
+            tx: sender,
         };
-        let ticket = match client.request(Request::Ping).await {
+        let mut ticket = match client.request(Request::Ping).await {
             Ok(t) => t,
             Err(_) => return,
         };
         drop(client);
-        if tokio::time::timeout(keepalive, ticket).await.is_err() {
-            inner.fail_all(ProtoError::Timeout(keepalive.as_secs()));
-            return;
+        let sent = tokio::time::Instant::now();
+        loop {
+            match tokio::time::timeout(period, &mut ticket).await {
+                Ok(_) => break,
+                Err(_) if tx.strong_count() == 0 => return,
+                Err(_) => {
+                    if sent.elapsed() >= keepalive && inner.still_for() >= keepalive {
+                        inner.fail_all(ProtoError::Timeout(keepalive.as_secs()));
+                        return;
+                    }
+                }
+            }
         }
     }
 }
+
+#[cfg(test)]
+mod stall_tests;

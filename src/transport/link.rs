@@ -55,6 +55,33 @@ pub trait Link: Send {
         self: Box<Self>,
         timeout: Duration,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+    /// After the connection was lost: how the agent ended, as far as the
+    /// link can tell within `timeout` (None: it cannot tell); then tears
+    /// the link down.
+    fn ended(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
+}
+
+/// How a local agent process ended, in words.
+pub fn describe_exit(pid: Option<u32>, status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let who = match pid {
+        Some(p) => format!("the agent (pid {p})"),
+        None => "the agent".to_string(),
+    };
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("{who} exited with code {c}"),
+        (_, Some(sig)) => format!(
+            "{who} was killed by signal {}",
+            nix::sys::signal::Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("?")
+        ),
+        _ => format!("{who} ended"),
+    }
 }
 
 /// A live connection: the protocol client and whatever keeps the
@@ -98,6 +125,29 @@ impl Connection {
         }
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+impl Connection {
+    /// After the connection was lost (the client is closed): how the agent
+    /// ended — its exit status, or what the link can tell — waiting up to
+    /// `timeout` for it; then tears everything down. None: nothing known.
+    pub async fn ended(mut self, timeout: Duration) -> Option<String> {
+        let child = self.child.take();
+        let link = self.link.take();
+        drop(self);
+        if let Some(link) = link {
+            return link.ended(timeout).await;
+        }
+        let mut child = child?;
+        let pid = child.id();
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => Some(describe_exit(pid, status)),
+            _ => {
+                let _ = child.kill().await;
+                None
+            }
         }
     }
 }

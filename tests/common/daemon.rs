@@ -145,3 +145,62 @@ pub fn wait_same(master: &Path, slave: &Path, what: &str) {
         );
     }
 }
+
+/// The pids of `georep agent` processes serving `root` (local or spawned by sshd).
+pub fn agent_pids(root: &Path) -> Vec<u32> {
+    let root = root.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.contains(&&b"agent"[..]) && args.contains(&root.as_bytes()) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Watches the final names of `files` on the slave from a thread until
+/// dropped: each must always be absent or hold one of its `versions` in
+/// full (never a partial file). Panics in `check` if one ever did not.
+pub struct Watch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Watch {
+    pub fn start(slave: &Path, files: Vec<(String, Vec<[u8; 32]>)>) -> Watch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, slave) = (stop.clone(), slave.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                for (name, versions) in &files {
+                    if let Ok(data) = std::fs::read(slave.join(name)) {
+                        if !versions.contains(blake3::hash(&data).as_bytes()) {
+                            bad.push(format!("{name}: {} bytes, not a whole version", data.len()));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            bad
+        });
+        Watch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; panics if a partial file was ever seen.
+    pub fn check(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let bad = self.thread.take().unwrap().join().unwrap();
+        assert!(bad.is_empty(), "partial files seen: {bad:?}");
+    }
+}

@@ -9,6 +9,11 @@
 //! a pipelined one needs a few per dependency (handshakes, listings,
 //! barriers), however many files it carries. A hop takes at least the
 //! delay, so the count never exceeds elapsed time / delay either.
+//!
+//! A stall switch ([`Proxy::stall`]) makes it stop forwarding in both
+//! directions without closing anything, as a link whose far end froze:
+//! what was read stays held, nothing more is read (so the senders' TCP
+//! windows fill), until the switch is turned off again.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -28,6 +33,7 @@ pub struct Proxy {
     pub port: u16,
     conns: Arc<Mutex<Vec<Arc<ConnStats>>>>,
     stop: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -37,9 +43,11 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<Arc<ConnStats>>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
         {
             let conns = conns.clone();
             let stop = stop.clone();
+            let stalled = stalled.clone();
             std::thread::spawn(move || {
                 for client in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
@@ -53,12 +61,23 @@ impl Proxy {
                     let _ = server.set_nodelay(true);
                     let stats = Arc::new(ConnStats::default());
                     conns.lock().unwrap().push(stats.clone());
-                    pump(&client, &server, 0, delay, stats.clone());
-                    pump(&server, &client, 1, delay, stats);
+                    pump(&client, &server, 0, delay, stats.clone(), stalled.clone());
+                    pump(&server, &client, 1, delay, stats, stalled.clone());
                 }
             });
         }
-        Proxy { port, conns, stop }
+        Proxy {
+            port,
+            conns,
+            stop,
+            stalled,
+        }
+    }
+
+    /// Stops (true) or resumes (false) forwarding on every connection,
+    /// present and future, without closing any.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
     }
 
     /// Every connection carried so far, oldest first.
@@ -74,8 +93,23 @@ impl Drop for Proxy {
     }
 }
 
+/// Waits while the stall switch is on.
+fn hold(stalled: &AtomicBool) {
+    while stalled.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Forwards `from` -> `to` (direction `dir`) through a delay line.
-fn pump(from: &TcpStream, to: &TcpStream, dir: usize, delay: Duration, stats: Arc<ConnStats>) {
+fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    dir: usize,
+    delay: Duration,
+    stats: Arc<ConnStats>,
+    stalled: Arc<AtomicBool>,
+) {
+    let held = stalled.clone();
     let mut from = from.try_clone().unwrap();
     let mut to = to.try_clone().unwrap();
     let (tx, rx) = mpsc::channel::<(Instant, u64, Vec<u8>)>();
@@ -83,10 +117,12 @@ fn pump(from: &TcpStream, to: &TcpStream, dir: usize, delay: Duration, stats: Ar
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
         loop {
+            hold(&held);
             let n = match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            hold(&held);
             // What this side could know: the highest hop delivered to it.
             let hop = reader_stats.delivered[1 - dir].load(Ordering::SeqCst) + 1;
             reader_stats.bytes[dir].fetch_add(n as u64, Ordering::Relaxed);
@@ -105,6 +141,7 @@ fn pump(from: &TcpStream, to: &TcpStream, dir: usize, delay: Duration, stats: Ar
             if due > now {
                 std::thread::sleep(due - now);
             }
+            hold(&stalled);
             if to.write_all(&data).is_err() {
                 break;
             }

@@ -196,8 +196,8 @@ impl Engine {
                 },
                 None => None,
             };
-            let mlist = match mlist {
-                Ok(l) => l,
+            let (mlist, unreadable) = match mlist {
+                Ok(l) => (l.entries, l.unreadable),
                 Err(e) if e.vanished() && !dir.is_root() => return true,
                 Err(e) => {
                     self.fail(&dir, e);
@@ -205,7 +205,14 @@ impl Engine {
                 }
             };
             self.stats.entries_visited.fetch_add(mlist.len() as u64, Ordering::Relaxed);
-            let plan = plan::plan_dir(kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
+            let mut plan = plan::plan_dir(kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
+            // An entry the worker cannot read fails alone, and its slave
+            // copy is kept: it exists on the master, georep just cannot see it.
+            let mut ok = unreadable.is_empty();
+            for (name, e) in &unreadable {
+                self.fail(&dir.join(name).unwrap_or_else(|_| dir.clone()), e);
+            }
+            plan.remove.retain(|r| !unreadable.iter().any(|(name, _)| name == r));
             for (i, a) in &plan.actions {
                 if let Action::Ship { .. } = a {
                     self.work.files_found.fetch_add(1, Ordering::Relaxed);
@@ -223,7 +230,6 @@ impl Engine {
                     }
                 }
             }
-            let mut ok = true;
             // Whether this directory's own entries change (which moves its mtime).
             let dirty = !existing || !plan.remove.is_empty() || plan.actions.iter().any(|(_, a)| !matches!(a, Action::Visit | Action::Meta));
             let mut removes = Vec::new();

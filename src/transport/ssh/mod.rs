@@ -213,7 +213,9 @@ impl SshTarget {
             "ServerAliveInterval",
             &(keepalive.as_secs() / 3).max(1).to_string(),
         );
-        opt("ServerAliveCountMax", "3");
+        // SSH gives up after about 2 x keepalive, later than the protocol's
+        // own keep-alive (1 to 1.3 x): a stalled link is reported as such.
+        opt("ServerAliveCountMax", "6");
         opt("ConnectTimeout", &CONNECT_TIMEOUT_SECS.to_string());
         opt("PasswordAuthentication", "no");
         opt("KbdInteractiveAuthentication", "no");
@@ -383,6 +385,45 @@ impl Link for SshLink {
             if let Ok(session) = Arc::try_unwrap(session) {
                 let _ = session.close().await;
             }
+        })
+    }
+
+    fn ended(
+        self: Box<Self>,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>> {
+        Box::pin(async move {
+            let SshLink {
+                child,
+                session,
+                _dir,
+            } = *self;
+            let status = match child {
+                Some(child) => tokio::time::timeout(timeout, child.wait()).await.ok(),
+                None => None,
+            };
+            // The multiplexing protocol carries exit codes, not signals: a
+            // remote process that ended without one while the master
+            // connection is still up was killed on the slave.
+            let up = tokio::time::timeout(timeout, session.check())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            let how = match status {
+                Some(Ok(s)) => Some(match s.code() {
+                    Some(c) => format!("the agent on the slave exited with code {c}"),
+                    None => "the agent on the slave ended".to_string(),
+                }),
+                Some(Err(openssh::Error::RemoteProcessTerminated)) if up => Some(
+                    "the agent on the slave was killed: it ended by a signal while the SSH connection stayed up"
+                        .to_string(),
+                ),
+                _ if !up => Some("the SSH connection to the slave is gone".to_string()),
+                _ => None,
+            };
+            if let Ok(session) = Arc::try_unwrap(session) {
+                let _ = session.close().await;
+            }
+            how
         })
     }
 }
