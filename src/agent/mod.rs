@@ -8,6 +8,7 @@ mod files;
 mod inplace;
 mod root;
 mod undo;
+mod verify;
 
 pub use root::Root;
 
@@ -127,6 +128,8 @@ struct Agent<'a> {
     root: Root,
     files: Files,
     out: &'a mpsc::Sender<Response>,
+    /// Verification requests, served on a thread of their own.
+    verify: verify::Verifier,
 }
 
 fn run(
@@ -188,7 +191,12 @@ fn run(
     );
     // Interrupted in-place updates are rolled back before anything is served.
     let files = Files::start(&root);
-    let mut agent = Agent { root, files, out };
+    let mut agent = Agent {
+        root,
+        files,
+        out,
+        verify: verify::Verifier::new(out.clone()),
+    };
     let result = loop {
         let msg = match rx.try_recv() {
             Ok(m) => Some(m),
@@ -471,6 +479,13 @@ impl Agent<'_> {
                 catalog::append_tail(&self.root, &path, at, &data, &digest, sync, check)
                     .map(|written| Reply::Committed { written })
             }
+            Request::VerifyCaps => Ok(verify::caps()),
+            req @ (Request::VerifyRange { .. }
+            | Request::VerifyItems { .. }
+            | Request::VerifyBlocks { .. }) => match self.verify.submit(&self.root, id, req) {
+                Ok(()) => return, // answered by the verification thread
+                Err(e) => Err(e),
+            },
         };
         self.reply(id, result);
     }

@@ -86,6 +86,14 @@ impl Root {
         self.fd.as_fd()
     }
 
+    /// The same root through a duplicated descriptor (for another thread).
+    pub fn try_clone(&self) -> std::io::Result<Root> {
+        Ok(Root {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -208,6 +208,8 @@ pub fn create(
         remote_georep: opts.remote_georep.clone(),
         layout,
         inplace_min_size: opts.inplace_min_size,
+        scrub_rate: None,
+        scrub_period: None,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -412,6 +414,26 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                     crate::catalog::sample::parse_size(v)
                         .filter(|&n| n > 0)
                         .ok_or_else(|| bad("a size in bytes, e.g. 1073741824 or 1G (or off)"))?,
+                ),
+            }
+        }
+        "scrub_rate" => {
+            c.scrub_rate = match value {
+                None | Some("off") | Some("none") => None,
+                Some(v) => Some(
+                    crate::catalog::sample::parse_size(v)
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| bad("bytes per second, e.g. 52428800 or 50M (or off)"))?,
+                ),
+            }
+        }
+        "scrub_period" => {
+            c.scrub_period = match value {
+                None => None,
+                Some(v) => Some(
+                    crate::session::parse_duration(v)
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| bad("a duration, e.g. 30d, 12h or 3600 (seconds)"))?,
                 ),
             }
         }

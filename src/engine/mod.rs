@@ -15,4 +15,5 @@ pub mod master;
 pub mod outcome;
 pub mod slave;
 pub mod transfer;
+pub mod verify;
 pub mod worker;

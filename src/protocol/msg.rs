@@ -5,6 +5,7 @@ use crate::fs::relpath::RelPath;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+pub use crate::hash::stream::{Item, Key};
 pub use crate::hash::{Hash16, Hash32};
 
 /// Which session a slave tree belongs to, and which full crawl it has seen.
@@ -178,6 +179,39 @@ pub enum Request {
         path: RelPath,
         size: u64,
     },
+    /// What the agent's verification does: answered by `VerifyCaps`.
+    VerifyCaps,
+    /// Hashes the slave's stream items (`hash::stream`) in `(from, to]`,
+    /// reading at most `rate` bytes/s (0: unlimited) on the agent's
+    /// verification thread, so other requests are served meanwhile. Stops
+    /// early at the agent's limits (entries, bytes, item bytes per range).
+    /// With `owners` false, owners are left out of the items. Answered by
+    /// `RangeHash`; the agent keeps the items of its last ranges for `VerifyItems`.
+    VerifyRange {
+        rid: u64,
+        from: Key,
+        to: Key,
+        rate: u64,
+        owners: bool,
+    },
+    /// The items of range `rid` as `VerifyRange` hashed them (hashed again
+    /// if no longer kept), in one or more `Items` frames.
+    VerifyItems {
+        rid: u64,
+        from: Key,
+        to: Key,
+        rate: u64,
+        owners: bool,
+    },
+    /// Comparison hashes of the 4 KiB blocks of `[offset, offset+len)` of
+    /// the slave's regular file `path`, opened read-only (`len` at most one
+    /// window, `offset` block-aligned). Answered by `BlockHashes`.
+    VerifyBlocks {
+        path: RelPath,
+        offset: u64,
+        len: u64,
+        rate: u64,
+    },
 }
 
 impl Request {
@@ -225,6 +259,23 @@ pub enum Reply {
         basis_size: Option<u64>,
         in_place: bool,
     },
+    /// Whether the agent keeps owners (it runs as root), and the most a
+    /// range may hold before `VerifyRange` stops early.
+    VerifyCaps {
+        owners: bool,
+        max_entries: u64,
+        max_bytes: u64,
+    },
+    /// The hash of the items of `(from, stopped or to]`: `stopped` is the
+    /// last key hashed when a limit was reached first.
+    RangeHash {
+        hash: Hash32,
+        items: u64,
+        entries: u64,
+        bytes: u64,
+        stopped: Option<Key>,
+    },
+    Items(Vec<Item>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,376 @@
+//! `georep verify SESSION`: verification of a session's replica in the
+//! foreground, its report, resumption after an interruption (progress in
+//! `verify.json`), and `--repair` followed by a verification of what was
+//! repaired.
+
+use super::progress::Progress;
+use super::repair::{self, Repaired};
+use super::{scopes, Counts, End, Options, Verifier, VerifyError};
+use crate::engine::context::{CrawlKind, Engine, Failure};
+use crate::engine::links::Links;
+use crate::engine::master::Master;
+use crate::engine::outcome::WorkerError;
+use crate::engine::slave::Slave;
+use crate::engine::worker::{connect, Worker};
+use crate::fs::meta::Kind;
+use crate::fs::relpath::RelPath;
+use crate::fs::xtime::now_ns;
+use crate::protocol::ProtoError;
+use crate::session::{Layout, Session};
+use crate::user_err;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What `georep verify` was asked.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Subtrees: relative to the master root, or absolute paths below it.
+    pub paths: Vec<PathBuf>,
+    /// Bytes per second each side reads at most (0: unlimited).
+    pub rate: u64,
+    pub max_duration: Option<Duration>,
+    pub repair: bool,
+    /// Start over instead of resuming an interrupted verification.
+    pub restart: bool,
+}
+
+/// One difference, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct Difference {
+    pub path: String,
+    pub what: &'static str,
+    pub kind: &'static str,
+    /// Byte ranges `[start, end)` that differ.
+    pub ranges: Vec<[u64; 2]>,
+    pub fields: Vec<String>,
+    /// Entries below a missing or extra directory.
+    pub below: u64,
+    pub master_size: Option<u64>,
+    pub slave_size: Option<u64>,
+}
+
+/// What a verification found (`georep verify --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub session: String,
+    /// Every entry of the scope was compared.
+    pub complete: bool,
+    /// Complete and no mismatch.
+    pub equal: bool,
+    /// Went on from an interrupted verification.
+    pub resumed: bool,
+    /// Where an incomplete verification stopped (it resumes there).
+    pub stopped_at: Option<String>,
+    pub scope: Vec<String>,
+    /// Owners are compared only when the agent runs as root.
+    pub owners_compared: bool,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub differences: Vec<Difference>,
+    /// Changed on the master while verified: verify later.
+    pub changed_paths: Vec<String>,
+    /// In directories whose changes are not replicated yet.
+    pub pending_paths: Vec<String>,
+    pub failed: Vec<Failure>,
+    pub wire_bytes_out: u64,
+    pub wire_bytes_in: u64,
+    pub duration_ms: u64,
+    pub repair: Option<RepairReport>,
+}
+
+/// What `--repair` did, and the verification of what it repaired.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairReport {
+    #[serde(flatten)]
+    pub done: Repaired,
+    pub wire_bytes_out: u64,
+    pub wire_bytes_in: u64,
+    pub after: Box<Report>,
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::File => "file",
+        Kind::Dir => "directory",
+        Kind::Symlink => "symlink",
+        Kind::Other => "special",
+    }
+}
+
+fn show(p: &RelPath) -> String {
+    if p.is_root() {
+        "/".into()
+    } else {
+        p.to_string()
+    }
+}
+
+/// The master-relative path of `p` (relative, or absolute below the master).
+fn relative(session: &Session, p: &std::path::Path) -> Result<RelPath, WorkerError> {
+    let root = &session.config.master;
+    let rel = if p.is_absolute() {
+        RelPath::from_local(root, p).ok_or_else(|| {
+            user_err!(
+                "--path {}: not below the master {}: give a path relative to the master or below it",
+                p.display(),
+                root.display()
+            )
+        })?
+    } else {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = p.as_os_str().as_bytes();
+        let bytes = bytes.strip_suffix(b"/").unwrap_or(bytes);
+        RelPath::new(bytes.to_vec()).map_err(|e| {
+            user_err!("--path {}: {e}: give a path relative to the master, without . or ..", p.display())
+        })?
+    };
+    Ok(rel)
+}
+
+/// The connection's byte counters at a moment, to count what came after.
+struct Wire(u64, u64);
+
+impl Wire {
+    fn start(slave: &Slave) -> Wire {
+        let s = slave.client().stats();
+        Wire(
+            s.bytes_out.load(Ordering::Relaxed),
+            s.bytes_in.load(Ordering::Relaxed),
+        )
+    }
+
+    fn since(&self, slave: &Slave) -> (u64, u64) {
+        let s = slave.client().stats();
+        (
+            s.bytes_out.load(Ordering::Relaxed) - self.0,
+            s.bytes_in.load(Ordering::Relaxed) - self.1,
+        )
+    }
+}
+
+/// Builds the report of a verifier's findings.
+fn report(session: &Session, v: &Verifier, scope: &[RelPath], complete: bool) -> Report {
+    Report {
+        session: session.name.clone(),
+        complete,
+        equal: complete && v.counts.mismatches == 0,
+        resumed: false,
+        stopped_at: v.cursor.as_ref().map(|c| c.key.to_string()),
+        scope: scopes(scope).iter().map(show).collect(),
+        owners_compared: v.owners(),
+        counts: v.counts.clone(),
+        differences: v
+            .findings
+            .iter()
+            .map(|f| Difference {
+                path: show(&f.path),
+                what: f.what.as_str(),
+                kind: kind_name(f.kind),
+                ranges: f.ranges.iter().map(|&(a, b)| [a, b]).collect(),
+                fields: f.fields.clone(),
+                below: f.below,
+                master_size: f.master_size,
+                slave_size: f.slave_size,
+            })
+            .collect(),
+        changed_paths: v.changed.iter().map(show).collect(),
+        pending_paths: v.pending.iter().map(show).collect(),
+        failed: v
+            .failures
+            .iter()
+            .map(|(p, e)| Failure {
+                path: show(p),
+                error: e.clone(),
+            })
+            .collect(),
+        wire_bytes_out: 0,
+        wire_bytes_in: 0,
+        duration_ms: 0,
+        repair: None,
+    }
+}
+
+fn verify_err(session: &Session, e: VerifyError, at: Option<String>) -> WorkerError {
+    let resume = at
+        .map(|k| format!("; verified up to {k}: run `georep verify {}` again to resume", session.name))
+        .unwrap_or_default();
+    match e {
+        VerifyError::Slave(p) => WorkerError::Slave {
+            slave: session.config.slave.clone(),
+            source: match p {
+                ProtoError::Lost(m) => ProtoError::Lost(format!("{m}{resume}")),
+                ProtoError::Timeout(_) | ProtoError::Violation(_) | ProtoError::Remote(_) => {
+                    ProtoError::Lost(format!("{p}{resume}"))
+                }
+            },
+        },
+        VerifyError::Master(m) => WorkerError::Master {
+            path: m.path.clone(),
+            source: std::io::Error::new(m.source.kind(), format!("{} {}{resume}", m.op, m.source)),
+        },
+    }
+}
+
+/// Verifies `session`'s replica (and repairs it with `req.repair`).
+pub async fn verify(
+    session: &Session,
+    req: &Request,
+    shutdown: CancellationToken,
+) -> Result<Report, WorkerError> {
+    if session.config.layout == Layout::Store {
+        return Err(user_err!(
+            "session {} replicates a snapshot store (layout = store): verify its replica with `georep point verify` on the slave; comparing stores across sites is not built yet",
+            session.name
+        )
+        .into());
+    }
+    let state = session.state();
+    if state.last_synced_xtime.is_none() {
+        return Err(user_err!(
+            "session {} has never completed a sync, so its slave holds no replica to verify yet: run `georep sync {}` first",
+            session.name,
+            session.name
+        )
+        .into());
+    }
+    let scope = req
+        .paths
+        .iter()
+        .map(|p| relative(session, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let worker = Worker::open(session)?;
+    let conn = connect(session).await?;
+    let res = run(session, &worker, &conn.client, &scope, req, shutdown).await;
+    conn.close(Duration::from_secs(30)).await;
+    res
+}
+
+async fn run(
+    session: &Session,
+    worker: &Worker<'_>,
+    client: &crate::protocol::Client,
+    scope: &[RelPath],
+    req: &Request,
+    shutdown: CancellationToken,
+) -> Result<Report, WorkerError> {
+    let started = Instant::now();
+    let slave = Slave::new(client.clone());
+    let slave_err = |source| WorkerError::Slave {
+        slave: session.config.slave.clone(),
+        source,
+    };
+    let ident = slave.identity().await.map_err(slave_err)?;
+    let state = session.state();
+    let ours = ident
+        .as_ref()
+        .is_some_and(|i| i.session == session.config.session_id && Some(i.epoch) == state.epoch);
+    if !ours {
+        return Err(user_err!(
+            "the slave {} does not hold this session's replica (it was wiped, replaced or restored, or belongs to another session): run `georep sync {}` to repopulate it, then verify",
+            session.config.slave,
+            session.name
+        )
+        .into());
+    }
+    let root = session.config.master.clone();
+    let sid = session.config.session_id;
+    let master = Arc::new(Master::new(root.clone(), &worker.master_id(), &sid));
+    let path = session.dir.join("verify.json");
+    let prev = Progress::load(&path)
+        .filter(|p| p.resumable() && p.scope == scope && !req.restart);
+    let mut progress = prev
+        .clone()
+        .unwrap_or_else(|| Progress::new(now_ns(), scope.to_vec()));
+    let wire = Wire::start(&slave);
+    let mut v = Verifier::new(master.clone(), slave.clone(), req.rate)
+        .await
+        .map_err(slave_err)?;
+    if let Some(p) = &prev {
+        p.restore(&mut v);
+        tracing::info!(session = %session.name, at = ?v.cursor, "resuming an interrupted verification");
+    }
+    let opts = Options {
+        scope: scope.to_vec(),
+        rate: req.rate,
+        deadline: req.max_duration.map(|d| Instant::now() + d),
+        resume: v.cursor.clone(),
+    };
+    let mut saving = (progress.clone(), Instant::now());
+    let file = path.clone();
+    let res = v
+        .run(&opts, &shutdown, &mut |v| {
+            if saving.1.elapsed() >= Duration::from_secs(1) {
+                saving.0.record(v);
+                let _ = saving.0.save(&file);
+                saving.1 = Instant::now();
+            }
+        })
+        .await;
+    progress.record(&v);
+    let end = match res {
+        Ok(end) => end,
+        Err(e) => {
+            let _ = progress.save(&path);
+            return Err(verify_err(session, e, v.cursor.as_ref().map(|c| c.key.to_string())));
+        }
+    };
+    if end == End::Complete {
+        progress.finished_ns = Some(now_ns());
+    }
+    let _ = progress.save(&path);
+    let mut rep = report(session, &v, scope, end == End::Complete);
+    rep.resumed = prev.is_some();
+    (rep.wire_bytes_out, rep.wire_bytes_in) = wire.since(&slave);
+    if req.repair && end == End::Complete && !v.findings.is_empty() {
+        let engine = Engine::new(
+            Master::new(root.clone(), &worker.master_id(), &sid),
+            slave.clone(),
+            CrawlKind::Full,
+            Links::load(session.dir.join("links.json")),
+            shutdown.clone(),
+        );
+        engine.set_inplace_min_size(session.config.inplace_min_size);
+        let wire = Wire::start(&slave);
+        let done = repair::repair(&engine, &v.findings).await;
+        if let Err(e) = engine.links().save() {
+            tracing::warn!(error = %e, "could not save the hard-link map");
+        }
+        slave.barrier().await.map_err(slave_err)?;
+        let (out, inb) = wire.since(&slave);
+        let wire2 = Wire::start(&slave);
+        let mut again = Verifier::new(master.clone(), slave.clone(), req.rate)
+            .await
+            .map_err(slave_err)?;
+        let again_scope = scopes(&done.paths);
+        let opts = Options {
+            scope: again_scope.clone(),
+            rate: req.rate,
+            deadline: None,
+            resume: None,
+        };
+        let end = again
+            .run(&opts, &shutdown, &mut |_| {})
+            .await
+            .map_err(|e| verify_err(session, e, None))?;
+        let mut after = report(session, &again, &again_scope, end == End::Complete);
+        (after.wire_bytes_out, after.wire_bytes_in) = wire2.since(&slave);
+        if end == End::Complete && done.failed.is_empty() {
+            // What the repair fixed is no longer a mismatch of the replica.
+            progress.findings = again.findings.clone();
+            progress.counts.mismatches = again.counts.mismatches;
+            let _ = progress.save(&path);
+        }
+        rep.repair = Some(RepairReport {
+            done,
+            wire_bytes_out: out,
+            wire_bytes_in: inb,
+            after: Box::new(after),
+        });
+    }
+    rep.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(rep)
+}
