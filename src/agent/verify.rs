@@ -31,6 +31,15 @@ use std::thread::JoinHandle;
 
 /// Entries one range holds at most.
 pub const MAX_ENTRIES: u64 = 16384;
+
+/// The entries limit: [`MAX_ENTRIES`], or lower with the test knob
+/// `GEOREP_AGENT_VERIFY_MAX_ENTRIES` (it can only lower it).
+fn max_entries() -> u64 {
+    std::env::var("GEOREP_AGENT_VERIFY_MAX_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(MAX_ENTRIES, |n| n.clamp(1, MAX_ENTRIES))
+}
 /// Content bytes one range covers at most.
 pub const MAX_BYTES: u64 = 1 << 30;
 /// Encoded items one range holds at most (and so what is kept of it).
@@ -55,7 +64,7 @@ pub struct Verifier {
 pub fn caps() -> Reply {
     Reply::VerifyCaps {
         owners: super::root::is_root_user(),
-        max_entries: MAX_ENTRIES,
+        max_entries: max_entries(),
         max_bytes: MAX_BYTES,
     }
 }
@@ -122,6 +131,11 @@ impl Tree for SlaveTree<'_> {
             Err(e) if e.kind == ErrorKind::NotFound => Ok(Vec::new()),
             other => other,
         }
+    }
+    fn root(&mut self) -> WResult<Entry> {
+        self.root
+            .stat(&RelPath::root())?
+            .ok_or_else(|| WireError::new(ErrorKind::NotFound, "the slave root is gone"))
     }
     fn entry(e: &Entry) -> &Entry {
         e
@@ -319,6 +333,7 @@ impl State {
         };
         let mut h = RangeHash::new();
         let mut item_bytes = 0usize;
+        let max_entries = max_entries();
         let mut push = |out: &mut RangeOut, item: Item, item_bytes: &mut usize| {
             *item_bytes += item.encoded_len();
             h.add(&item);
@@ -331,7 +346,7 @@ impl State {
             }
             let (kind, size) = (e.kind, e.size);
             if stream::cmp(&header, from) == Ordering::Greater {
-                if out.entries >= MAX_ENTRIES || item_bytes >= MAX_ITEM_BYTES {
+                if out.entries >= max_entries || item_bytes >= MAX_ITEM_BYTES {
                     out.stopped = out.items.last().map(Item::key);
                     break;
                 }

@@ -53,7 +53,7 @@ fn print_differences(r: &Report, indent: &str) {
         } else {
             format!(" ({}): {}", d.kind, detail.join("; "))
         };
-        println!("{indent}{:<9} {}{detail}", d.what, d.path);
+        println!("{indent}{:<9} {}{detail}", d.what, d.path.escape_debug());
     }
     let more = r.counts.mismatches.saturating_sub(r.differences.len() as u64);
     if more > 0 {
@@ -80,10 +80,10 @@ fn summary(r: &Report) -> String {
 fn print_text(r: &Report) {
     print_differences(r, "");
     for p in &r.changed_paths {
-        println!("changed   {p}: changed on the master while verified; verify later");
+        println!("changed   {}: changed on the master while verified; verify later", p.escape_debug());
     }
     for p in &r.pending_paths {
-        println!("pending   {p}: changed on the master, not replicated yet");
+        println!("pending   {}: changed on the master, not replicated yet", p.escape_debug());
     }
     for f in &r.failed {
         eprintln!("failed: {}: {}", f.path, f.error);

@@ -1,5 +1,5 @@
 //! The canonical stream of a tree that both sides hash to verify a
-//! replica: every entry below the root in depth-first order, names sorted
+//! replica: the root and every entry below it in depth-first order, names sorted
 //! by bytes, each as an [`Item::Entry`] (kind, size, replicated metadata,
 //! symlink target) followed, for a regular file, by one [`Item::Window`]
 //! per 4 MiB window of its content (its BLAKE3 hash). A position in the
@@ -226,6 +226,8 @@ pub trait Tree {
     /// The entries of directory `dir` that belong to the stream, sorted by
     /// name bytes; a directory that vanished lists as empty.
     fn list(&mut self, dir: &RelPath) -> Result<Vec<Self::Entry>, Self::Error>;
+    /// The root directory's own entry.
+    fn root(&mut self) -> Result<Self::Entry, Self::Error>;
     fn entry(e: &Self::Entry) -> &Entry;
 }
 
@@ -241,7 +243,7 @@ struct Level<E> {
 pub struct Walk<E> {
     stack: Vec<Level<E>>,
     from: Key,
-    started: bool,
+    root: Option<E>,
 }
 
 impl<E> Walk<E> {
@@ -250,7 +252,7 @@ impl<E> Walk<E> {
         Walk {
             stack: Vec::new(),
             from,
-            started: false,
+            root: None,
         }
     }
 
@@ -268,15 +270,17 @@ impl<E> Walk<E> {
         Ok(())
     }
 
-    /// The next entry (its path and listing), or None at the end of the tree.
-    /// A directory is descended into right after it is yielded.
+    /// The next entry (its path and listing), or None at the end of the
+    /// tree; the root comes first. A directory is descended into right
+    /// after it is yielded.
     pub fn next<T: Tree<Entry = E>>(
         &mut self,
         tree: &mut T,
     ) -> Result<Option<(RelPath, &E)>, T::Error> {
-        if !self.started {
-            self.started = true;
+        if self.root.is_none() {
+            self.root = Some(tree.root()?);
             self.push(tree, RelPath::root())?;
+            return Ok(Some((RelPath::root(), self.root.as_ref().expect("set"))));
         }
         loop {
             let Some(top) = self.stack.last_mut() else {
@@ -366,6 +370,18 @@ mod tests {
             v.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(v)
         }
+        fn root(&mut self) -> Result<Entry, ()> {
+            Ok(Entry {
+                name: ByteBuf::new(),
+                kind: Kind::Dir,
+                size: 0,
+                meta: Meta::default(),
+                dev: 0,
+                ino: 0,
+                nlink: 1,
+                target: None,
+            })
+        }
         fn entry(e: &Entry) -> &Entry {
             e
         }
@@ -385,7 +401,9 @@ mod tests {
             let mut w = Walk::new(from);
             let mut out = Vec::new();
             while let Some((p, _)) = w.next(t).unwrap() {
-                out.push(p.to_string());
+                if !p.is_root() {
+                    out.push(p.to_string());
+                }
             }
             out
         };

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod mutate;
 pub mod proxy;
 pub mod raw_agent;
+pub mod rot;
 pub mod sshd;
 pub mod tree;
 

@@ -86,6 +86,9 @@ pub struct Options {
     pub rate: u64,
     pub deadline: Option<Instant>,
     pub resume: Option<Cursor>,
+    /// Entries whose own item only is verified too, after the scopes (the
+    /// directories a repair changed).
+    pub headers: Vec<RelPath>,
 }
 
 /// How a run ended.
@@ -189,11 +192,20 @@ impl Verifier {
             let timed = (self.rate as u128 * RANGE_TIME.as_millis() / 1000) as u64;
             bytes = bytes.min(timed.max(WINDOW));
         }
-        Budget {
+        let mut b = Budget {
             entries: RANGE_ENTRIES.min(self.caps.max_entries / 2).max(1),
             bytes,
             item_bytes: RANGE_ITEM_BYTES,
+        };
+        // Test knobs: small ranges, to cut files and trees at many places.
+        let knob = |name| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        if let Some(n) = knob("GEOREP_VERIFY_RANGE_ENTRIES") {
+            b.entries = n.max(1);
         }
+        if let Some(n) = knob("GEOREP_VERIFY_RANGE_BYTES") {
+            b.bytes = n.max(1);
+        }
+        b
     }
 
     /// Verifies `opts.scope` from `opts.resume` on; `on_range` is called
@@ -236,13 +248,18 @@ impl Verifier {
                 None
             }
         };
-        for (si, scope) in scopes.iter().enumerate().skip(first) {
-            let from = if si == first {
-                start.clone()
-            } else {
-                Key::before(scope)
-            };
-            let mut planner = Some(Planner::new(self.master.clone(), from, Key::after(scope)));
+        let mut spans: Vec<(Key, Key)> = scopes
+            .iter()
+            .map(|s| (Key::before(s), Key::after(s)))
+            .collect();
+        spans.extend(
+            opts.headers
+                .iter()
+                .map(|p| (Key::before(p), Key::new(p.clone(), crate::hash::stream::HEADER))),
+        );
+        for (si, (from, to)) in spans.into_iter().enumerate().skip(first) {
+            let from = if si == first { start.clone() } else { from };
+            let mut planner = Some(Planner::new(self.master.clone(), from, to));
             let mut inflight: VecDeque<InFlight> = VecDeque::new();
             loop {
                 if let Some(end) = ended(self) {
@@ -262,8 +279,8 @@ impl Verifier {
                 }
                 let Some(f) = inflight.pop_front() else { break };
                 let (planned, own) = f.own.await.expect("hashing panicked");
-                if let Some(end) = ended(self) {
-                    return Ok(end);
+                if shutdown.is_cancelled() {
+                    return Ok(End::Shutdown);
                 }
                 let reply = f.reply.wait().await.map_err(VerifyError::Slave)?;
                 let (differs, slave) = self

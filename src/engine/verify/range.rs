@@ -98,12 +98,29 @@ impl Verifier {
                 self.pending(f.path);
                 continue;
             }
+            let size = planned
+                .entries
+                .iter()
+                .find(|e| e.path == f.path)
+                .map(|e| e.entry.size);
+            // The later windows of a file cut over ranges join its finding.
+            let earlier = self.findings.iter().rposition(|x| {
+                x.path == f.path && matches!(x.what, What::Content | What::Size)
+            });
+            if let (Some(i), true) = (earlier, f.what == What::Content && f.master_size.is_none()) {
+                if let (Some(m), Some(s)) = (self.findings[i].master_size, self.findings[i].slave_size) {
+                    // Beyond the shorter side, the size difference covers it.
+                    f.windows.retain(|&k| k * WINDOW < m.min(s));
+                }
+                if !f.windows.is_empty() && !self.descend(&mut f, size).await? {
+                    continue;
+                }
+                let x = &mut self.findings[i];
+                x.ranges.extend(f.ranges);
+                x.ranges = compare::merge(std::mem::take(&mut x.ranges));
+                continue;
+            }
             if matches!(f.what, What::Content | What::Size) && !f.windows.is_empty() {
-                let size = planned
-                    .entries
-                    .iter()
-                    .find(|e| e.path == f.path)
-                    .map(|e| e.entry.size);
                 match self.descend(&mut f, size).await? {
                     true => {}
                     false => {

@@ -35,6 +35,9 @@ pub struct Repaired {
     /// Paths touched, to verify again.
     #[serde(skip)]
     pub paths: Vec<RelPath>,
+    /// Directories whose entries changed (their metadata set again), to verify again.
+    #[serde(skip)]
+    pub dirs: Vec<RelPath>,
 }
 
 fn merr<'a>(op: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> FileError + 'a {
@@ -56,8 +59,34 @@ pub async fn repair(e: &Arc<Engine>, findings: &[Finding]) -> Repaired {
             Ok(()) => {
                 out.repaired += 1;
                 out.paths.push(f.path.clone());
+                // Entries added, removed or replaced moved the directory's mtime.
+                if f.what != What::Metadata {
+                    if let Some(d) = f.path.parent() {
+                        out.dirs.push(d);
+                    }
+                }
             }
             Err(err) => out.failed.push((f.path.to_string(), err)),
+        }
+    }
+    // Deepest first: setting a directory's metadata never touches its parent's.
+    out.dirs.sort_by(|a, b| b.depth().cmp(&a.depth()).then(a.cmp(b)));
+    out.dirs.dedup();
+    for d in out.dirs.clone() {
+        let m = {
+            let (e, d) = (e.clone(), d.clone());
+            blocking(move || e.master.stat(&d)).await
+        };
+        let res = match m {
+            Ok(m) if m.entry.kind == Kind::Dir => match e.slave.set_meta(d.clone(), m.entry.meta).await {
+                Ok(p) => p.wait().await.map_err(|e| e.to_string()),
+                Err(err) => Err(err.to_string()),
+            },
+            Ok(_) => Ok(()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = res {
+            out.failed.push((d.to_string(), err));
         }
     }
     out.bytes_sent = e.stats.bytes_literal.load(Ordering::Relaxed)
@@ -125,10 +154,12 @@ async fn one(e: &Arc<Engine>, f: &Finding, out: &mut Repaired) -> Result<(), Str
                 }
                 // The slave's copy moved on since it was verified: an ordinary delta.
                 Err(FileError::Slave(ProtoError::Remote(w))) if w.kind == ErrorKind::Mismatch => {
-                    transfer::ship(e, &p, m.entry.size, true)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
+                    match transfer::ship(e, &p, m.entry.size, true).await {
+                        Ok(transfer::Shipped::Sent) => Ok(()),
+                        // Equal content by now: the metadata may still differ.
+                        Ok(transfer::Shipped::Unchanged) => wait(slave.set_meta(p, m.entry.meta).await).await,
+                        Err(e) => Err(e.to_string()),
+                    }
                 }
                 Err(err) => Err(err.to_string()),
             }

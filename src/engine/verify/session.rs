@@ -101,11 +101,12 @@ fn kind_name(k: Kind) -> &'static str {
     }
 }
 
+/// A path as reported: its bytes (lossy UTF-8), `/` for the root.
 fn show(p: &RelPath) -> String {
     if p.is_root() {
         "/".into()
     } else {
-        p.to_string()
+        String::from_utf8_lossy(p.as_bytes()).into_owned()
     }
 }
 
@@ -298,6 +299,7 @@ async fn run(
         rate: req.rate,
         deadline: req.max_duration.map(|d| Instant::now() + d),
         resume: v.cursor.clone(),
+        headers: Vec::new(),
     };
     let mut saving = (progress.clone(), Instant::now());
     let file = path.clone();
@@ -351,6 +353,7 @@ async fn run(
             rate: req.rate,
             deadline: None,
             resume: None,
+            headers: done.dirs.clone(),
         };
         let end = again
             .run(&opts, &shutdown, &mut |_| {})

@@ -39,6 +39,9 @@ impl Tree for MasterTree {
             Err(e) => Err(e),
         }
     }
+    fn root(&mut self) -> Result<MEntry, MasterError> {
+        self.master.stat(&RelPath::root())
+    }
     fn entry(e: &MEntry) -> &Entry {
         &e.entry
     }
