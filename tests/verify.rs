@@ -35,7 +35,12 @@ fn found(v: &Value) -> Vec<(String, String)> {
         .as_array()
         .unwrap_or_else(|| panic!("no differences in {v}"))
         .iter()
-        .map(|d| (d["path"].as_str().unwrap().to_string(), d["what"].as_str().unwrap().to_string()))
+        .map(|d| {
+            (
+                d["path"].as_str().unwrap().to_string(),
+                d["what"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     f.sort();
     f
@@ -49,7 +54,13 @@ const SMALL: &[(&str, &str)] = &[
     ("GEOREP_AGENT_VERIFY_MAX_ENTRIES", "2"),
 ];
 
-fn run_case(initial: &[mutate::Op], seed: u64, nrot: usize, small: bool, ssh: Option<&common::sshd::Sshd>) {
+fn run_case(
+    initial: &[mutate::Op],
+    seed: u64,
+    nrot: usize,
+    small: bool,
+    ssh: Option<&common::sshd::Sshd>,
+) {
     let w = World::new();
     match ssh {
         None => w.create("v", &[]),
@@ -69,12 +80,19 @@ fn run_case(initial: &[mutate::Op], seed: u64, nrot: usize, small: bool, ssh: Op
 
     let expect = rot::corrupt(&w.slave, seed, nrot);
     let (code, v, err) = verify(&w, &[], env);
-    let want: Vec<(String, String)> = expect.iter().map(|e| (e.path.clone(), e.what.to_string())).collect();
+    let want: Vec<(String, String)> = expect
+        .iter()
+        .map(|e| (e.path.clone(), e.what.to_string()))
+        .collect();
     let mut want = want;
     want.sort();
     assert_eq!(found(&v), want, "corruptions {expect:?}\nreport {v}\n{err}");
     assert_eq!(code, if want.is_empty() { 0 } else { 1 }, "{v}");
-    assert_eq!((v["changed"].as_u64(), v["pending"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert_eq!(
+        (v["changed"].as_u64(), v["pending"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
     // Each flipped byte lies in a range reported, and only blocks are reported.
     for e in expect.iter().filter(|e| e.offset.is_some()) {
         let off = e.offset.unwrap();
@@ -90,8 +108,14 @@ fn run_case(initial: &[mutate::Op], seed: u64, nrot: usize, small: bool, ssh: Op
             .iter()
             .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
             .collect();
-        assert!(ranges.iter().any(|&(a, b)| a <= off && off < b), "{off} not in {ranges:?}");
-        assert!(ranges.iter().all(|&(a, b)| b - a <= 4096), "one flipped bit, one block: {ranges:?}");
+        assert!(
+            ranges.iter().any(|&(a, b)| a <= off && off < b),
+            "{off} not in {ranges:?}"
+        );
+        assert!(
+            ranges.iter().all(|&(a, b)| b - a <= 4096),
+            "one flipped bit, one block: {ranges:?}"
+        );
     }
 
     let (code, v, err) = verify(&w, &["--repair"], env);
@@ -166,14 +190,27 @@ fn equal_trees_cost_at_most_a_ten_thousandth_of_their_data_on_the_wire() {
     std::fs::write(w.master.join("big"), &big).unwrap();
     total += big.len() as u64;
     w.sync("v");
-    for env in [&[][..], &[("GEOREP_VERIFY_RANGE_ENTRIES", "50"), ("GEOREP_VERIFY_RANGE_BYTES", "16777216")][..]] {
+    for env in [
+        &[][..],
+        &[
+            ("GEOREP_VERIFY_RANGE_ENTRIES", "50"),
+            ("GEOREP_VERIFY_RANGE_BYTES", "16777216"),
+        ][..],
+    ] {
         let (code, v, err) = verify(&w, &[], env);
         assert_eq!(code, 0, "{v} {err}");
         assert_eq!(v["equal"], true);
         assert_eq!(v["bytes"].as_u64(), Some(total), "every byte verified: {v}");
-        assert_eq!(v["entries"].as_u64(), Some(422), "root, 20 dirs, 401 files: {v}");
+        assert_eq!(
+            v["entries"].as_u64(),
+            Some(422),
+            "root, 20 dirs, 401 files: {v}"
+        );
         let wire = v["wire_bytes_out"].as_u64().unwrap() + v["wire_bytes_in"].as_u64().unwrap();
-        assert!(wire > 0 && wire * 10_000 <= total, "{wire} bytes on the wire for {total} verified: {v}");
+        assert!(
+            wire > 0 && wire * 10_000 <= total,
+            "{wire} bytes on the wire for {total} verified: {v}"
+        );
         assert!(v["ranges"].as_u64().unwrap() >= 1);
     }
 }
@@ -185,7 +222,10 @@ fn bad_input_is_refused_with_one_line() {
     std::fs::write(w.master.join("a"), b"x").unwrap();
     let (code, _, err) = verify(&w, &[], &[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("never completed a sync") && err.contains("georep sync v"), "{err}");
+    assert!(
+        err.contains("never completed a sync") && err.contains("georep sync v"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     w.sync("v");
     let (code, _, err) = verify(&w, &["--path", "/etc"], &[]);
@@ -206,8 +246,15 @@ fn bad_input_is_refused_with_one_line() {
     std::fs::write(w.slave.join("a"), b"y").unwrap();
     let (code, _, err) = verify(&w, &["--repair"], &[]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("does not hold this session's replica"), "{err}");
-    assert_eq!(std::fs::read(w.slave.join("a")).unwrap(), b"y", "nothing repaired");
+    assert!(
+        err.contains("does not hold this session's replica"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(w.slave.join("a")).unwrap(),
+        b"y",
+        "nothing repaired"
+    );
     std::fs::write(&ident, saved).unwrap();
 }
 
@@ -231,7 +278,9 @@ fn a_slave_lost_mid_verify_is_a_clear_error_and_the_next_run_resumes() {
     // 40 MiB at 8 MiB/s per side, in ranges of 4 MiB: about 5 s.
     let env = [("GEOREP_VERIFY_RANGE_BYTES", "4194304")];
     let mut c = w.cmd(&["verify", "v", "--json", "--rate", "8M"]);
-    c.envs(env).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    c.envs(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let child = c.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(2000));
     let agent = common::daemon::wait_for("the verification's agent", || agent_of(&w.home)).unwrap();
@@ -239,21 +288,34 @@ fn a_slave_lost_mid_verify_is_a_clear_error_and_the_next_run_resumes() {
     let out = child.wait_with_output().unwrap();
     let err = common::stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(err.contains("verified up to") && err.contains("again to resume"), "{err}");
+    assert!(
+        err.contains("verified up to") && err.contains("again to resume"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let progress: Value = serde_json::from_slice(&std::fs::read(w.home.join("sessions/v/verify.json")).unwrap()).unwrap();
+    let progress: Value =
+        serde_json::from_slice(&std::fs::read(w.home.join("sessions/v/verify.json")).unwrap())
+            .unwrap();
     let done = progress["counts"]["bytes"].as_u64().unwrap();
     assert!(done > 0 && done < total, "{progress}");
     let (code, v, err) = verify(&w, &[], &env);
     assert_eq!(code, 0, "{v} {err}");
     assert_eq!(v["resumed"], true);
-    assert_eq!(v["bytes"].as_u64(), Some(total), "both parts together cover everything once: {v}");
+    assert_eq!(
+        v["bytes"].as_u64(),
+        Some(total),
+        "both parts together cover everything once: {v}"
+    );
     // A deadline stops it the same way; the next run goes on.
     let (code, v, _) = verify(&w, &["--rate", "8M", "--max-duration", "1"], &env);
     assert_eq!(code, 3, "{v}");
     assert!(v["stopped_at"].is_string() && v["complete"] == false, "{v}");
     let (code, v, _) = verify(&w, &[], &env);
-    assert_eq!((code, v["resumed"].clone(), v["bytes"].as_u64()), (0, Value::Bool(true), Some(total)), "{v}");
+    assert_eq!(
+        (code, v["resumed"].clone(), v["bytes"].as_u64()),
+        (0, Value::Bool(true), Some(total)),
+        "{v}"
+    );
     // --restart starts over.
     let (code, v, _) = verify(&w, &["--restart"], &env);
     assert_eq!((code, v["resumed"].clone()), (0, Value::Bool(false)));
@@ -273,14 +335,22 @@ fn files_changing_or_vanishing_while_verified_are_verify_later_never_mismatches(
     let gone = w.master.join("d19/f0019");
     let grown = w.master.join("d18/f0018");
     std::fs::remove_file(&gone).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&grown).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&grown)
+        .unwrap();
     f.write_all_at(b"changed", 12345).unwrap();
     drop(f);
     let out = child.wait_with_output().unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(0), "{v}");
     assert_eq!(v["mismatches"].as_u64(), Some(0), "{v}");
-    let mut changed: Vec<&str> = v["changed_paths"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let mut changed: Vec<&str> = v["changed_paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
     changed.sort();
     assert_eq!(changed, ["d18/f0018", "d19/f0019"], "{v}");
 }

@@ -105,6 +105,32 @@ pub fn detail(s: &Status) -> String {
         ("last error", opt(&s.last_error)),
         ("last error time", opt(&s.last_error_time)),
         ("status updated", opt(&s.updated)),
+        ("verify last", opt(&s.verify_last)),
+        (
+            "verify coverage",
+            s.verify_coverage
+                .map(|c| {
+                    format!(
+                        "{:.1}%{}",
+                        c * 100.0,
+                        if s.verify_behind {
+                            " (behind schedule)"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        ("verify mismatches", s.verify_mismatches.to_string()),
+        (
+            "verify mismatch paths",
+            if s.verify_mismatch_paths.is_empty() {
+                "N/A".into()
+            } else {
+                s.verify_mismatch_paths.join(", ")
+            },
+        ),
     ];
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     rows.iter()

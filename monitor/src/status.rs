@@ -106,6 +106,23 @@ pub struct Status {
     /// Seconds since `last_synced`, computed by the reader (null when never synced).
     #[serde(default)]
     pub lag_seconds: Option<u64>,
+    /// When a verification of the replica (a scrub pass, or `georep verify`)
+    /// last completed. Filled by the reader from the session's files.
+    #[serde(default)]
+    pub verify_last: Option<String>,
+    /// Share of the data (0-1) verified within the scrub period (null without a scrub).
+    #[serde(default)]
+    pub verify_coverage: Option<f64>,
+    /// Mismatches found by the latest verification (the scrub's current or
+    /// last pass, or `georep verify`).
+    #[serde(default)]
+    pub verify_mismatches: u64,
+    /// The scrub covers less than its schedule says it should by now.
+    #[serde(default)]
+    pub verify_behind: bool,
+    /// The paths of the latest mismatches (at most 10).
+    #[serde(default)]
+    pub verify_mismatch_paths: Vec<String>,
 }
 
 impl Status {
@@ -136,6 +153,11 @@ impl Status {
             full_crawl_reason: None,
             updated: None,
             lag_seconds: None,
+            verify_last: None,
+            verify_coverage: None,
+            verify_mismatches: 0,
+            verify_behind: false,
+            verify_mismatch_paths: Vec::new(),
         }
     }
 

@@ -175,12 +175,7 @@ fn stopped() -> WireError {
     WireError::new(ErrorKind::Io, "verification stopped: the agent is exiting")
 }
 
-fn serve(
-    root: Root,
-    rx: mpsc::Receiver<Job>,
-    out: mpsc::Sender<Response>,
-    stop: Arc<AtomicBool>,
-) {
+fn serve(root: Root, rx: mpsc::Receiver<Job>, out: mpsc::Sender<Response>, stop: Arc<AtomicBool>) {
     let mut st = State {
         root,
         kept: VecDeque::new(),
@@ -241,7 +236,10 @@ fn serve(
                 &out,
                 id,
                 true,
-                Err(WireError::new(ErrorKind::Invalid, "not a verification request")),
+                Err(WireError::new(
+                    ErrorKind::Invalid,
+                    "not a verification request",
+                )),
             ),
         }
     }
@@ -405,10 +403,7 @@ impl State {
             ));
         }
         let file = open_file(&self.root, path)?;
-        let size = file
-            .metadata()
-            .map_err(|e| io_err(e, "stat", path))?
-            .len();
+        let size = file.metadata().map_err(|e| io_err(e, "stat", path))?.len();
         let len = len.min(size.saturating_sub(offset));
         if !Throttle::new(rate).take(len, &self.stop) {
             return Err(stopped());
@@ -433,11 +428,17 @@ mod tests {
         let p = RelPath::new(b"d/f".to_vec()).unwrap();
         let other = RelPath::new(b"d/e".to_vec()).unwrap();
         let at = |pos| Key::new(p.clone(), pos);
-        assert_eq!(window_span(&p, 5, &Key::before(&other), &Key::after(&other)), (0, 5));
+        assert_eq!(
+            window_span(&p, 5, &Key::before(&other), &Key::after(&other)),
+            (0, 5)
+        );
         assert_eq!(window_span(&p, 5, &at(BEFORE), &at(AFTER)), (0, 5));
         assert_eq!(window_span(&p, 5, &at(HEADER), &at(window_pos(2))), (0, 3));
         assert_eq!(window_span(&p, 5, &at(window_pos(2)), &at(AFTER)), (3, 5));
-        assert_eq!(window_span(&p, 5, &at(window_pos(1)), &at(window_pos(1))), (2, 2));
+        assert_eq!(
+            window_span(&p, 5, &at(window_pos(1)), &at(window_pos(1))),
+            (2, 2)
+        );
         assert_eq!(window_span(&p, 5, &at(BEFORE), &at(HEADER)), (0, 0));
     }
 }

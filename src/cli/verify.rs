@@ -36,7 +36,11 @@ fn print_differences(r: &Report, indent: &str) {
             detail.push(format!(
                 "bytes {}{}",
                 shown.join(", "),
-                if more > 0 { format!(" and {more} more ranges") } else { String::new() }
+                if more > 0 {
+                    format!(" and {more} more ranges")
+                } else {
+                    String::new()
+                }
             ));
         }
         if let (Some(m), Some(s)) = (d.master_size, d.slave_size) {
@@ -55,7 +59,10 @@ fn print_differences(r: &Report, indent: &str) {
         };
         println!("{indent}{:<9} {}{detail}", d.what, d.path.escape_debug());
     }
-    let more = r.counts.mismatches.saturating_sub(r.differences.len() as u64);
+    let more = r
+        .counts
+        .mismatches
+        .saturating_sub(r.differences.len() as u64);
     if more > 0 {
         println!("{indent}... and {more} more differences (see --json for the first ones)");
     }
@@ -64,7 +71,10 @@ fn print_differences(r: &Report, indent: &str) {
 fn summary(r: &Report) -> String {
     let wire = r.wire_bytes_out + r.wire_bytes_in;
     let share = if r.counts.bytes > 0 {
-        format!(" ({:.4}% of the data)", wire as f64 * 100.0 / r.counts.bytes as f64)
+        format!(
+            " ({:.4}% of the data)",
+            wire as f64 * 100.0 / r.counts.bytes as f64
+        )
     } else {
         String::new()
     };
@@ -80,10 +90,16 @@ fn summary(r: &Report) -> String {
 fn print_text(r: &Report) {
     print_differences(r, "");
     for p in &r.changed_paths {
-        println!("changed   {}: changed on the master while verified; verify later", p.escape_debug());
+        println!(
+            "changed   {}: changed on the master while verified; verify later",
+            p.escape_debug()
+        );
     }
     for p in &r.pending_paths {
-        println!("pending   {}: changed on the master, not replicated yet", p.escape_debug());
+        println!(
+            "pending   {}: changed on the master, not replicated yet",
+            p.escape_debug()
+        );
     }
     for f in &r.failed {
         eprintln!("failed: {}: {}", f.path, f.error);
@@ -104,7 +120,11 @@ fn print_text(r: &Report) {
     } else {
         format!("verify {}: {} differences", r.session, r.counts.mismatches)
     };
-    println!("{head}: {}{}", summary(r), if r.resumed { " (resumed)" } else { "" });
+    println!(
+        "{head}: {}{}",
+        summary(r),
+        if r.resumed { " (resumed)" } else { "" }
+    );
     if r.counts.changed + r.counts.pending > 0 {
         println!(
             "  not judged: {} changed while verified, {} not replicated yet",
@@ -126,7 +146,11 @@ fn print_text(r: &Report) {
         print_differences(&rep.after, "  ");
         println!(
             "verified again: {}: {}",
-            if rep.after.equal { "equal".to_string() } else { format!("{} differences", rep.after.counts.mismatches) },
+            if rep.after.equal {
+                "equal".to_string()
+            } else {
+                format!("{} differences", rep.after.counts.mismatches)
+            },
             summary(&rep.after)
         );
     }
@@ -136,7 +160,11 @@ fn print_text(r: &Report) {
 /// differences remain, 3 stopped before the end.
 pub fn exit_code(r: &Report) -> i32 {
     if !r.complete {
-        return if r.counts.mismatches > 0 { exit::PARTIAL } else { exit::TEMPORARY };
+        return if r.counts.mismatches > 0 {
+            exit::PARTIAL
+        } else {
+            exit::TEMPORARY
+        };
     }
     match &r.repair {
         Some(rep) if rep.after.equal && rep.done.failed.is_empty() => exit::OK,
@@ -154,8 +182,9 @@ pub fn run(name: &str, req: &Request, json: bool) -> anyhow::Result<i32> {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("signal handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

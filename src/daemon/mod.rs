@@ -6,6 +6,7 @@
 //! below; never `cli`.
 
 pub mod continuous;
+pub mod scrub;
 pub mod status;
 pub mod watcher;
 

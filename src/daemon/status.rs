@@ -69,6 +69,7 @@ pub fn collect(s: &Session) -> Status {
             st.checkpoint_completion_time = state.last_complete_ns.map(format_rfc3339);
         }
     }
+    crate::daemon::scrub::fill_status(s, &mut st, now_ns());
     effective(st, monitor_alive, worker_alive, now_ns())
 }
 

@@ -79,7 +79,11 @@ mod tests {
             assert!(t.take(1 << 20, &stop));
         }
         // 10 MiB at 10 MiB/s, less the burst credit.
-        assert!(start.elapsed() >= Duration::from_millis(700), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(700),
+            "{:?}",
+            start.elapsed()
+        );
         let unlimited = Throttle::new(0);
         let start = Instant::now();
         assert!(unlimited.take(1 << 40, &stop));

@@ -418,7 +418,10 @@ mod tests {
             ["a", "a/x", "a/y", "a/y/z", "b", "c"]
         );
         assert_eq!(all(k("a", AFTER), &mut t), ["b", "c"]);
-        assert_eq!(all(k("a/y/z", HEADER), &mut t), ["a", "a/y", "a/y/z", "b", "c"]);
+        assert_eq!(
+            all(k("a/y/z", HEADER), &mut t),
+            ["a", "a/y", "a/y/z", "b", "c"]
+        );
         assert_eq!(all(k("a/y", AFTER), &mut t), ["a", "b", "c"]);
     }
 }

@@ -33,7 +33,10 @@ impl Rng {
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     v.sort();
     for p in v {
         if p.parent() == Some(root) && p.file_name().unwrap() == ".georep" {
@@ -56,7 +59,14 @@ fn times(p: &Path) -> (TimeSpec, TimeSpec) {
 }
 
 fn restore(p: &Path, t: (TimeSpec, TimeSpec)) {
-    utimensat(nix::fcntl::AT_FDCWD, p, &t.0, &t.1, UtimensatFlags::NoFollowSymlink).unwrap();
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &t.0,
+        &t.1,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
 }
 
 /// Runs `f` on the entries of `p`'s parent, keeping the parent's mtime.
@@ -96,7 +106,11 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
         // Directories to add into (the root too), entries to change.
         let all_dirs: Vec<PathBuf> = std::iter::once(root.to_path_buf())
             .chain(entries.iter().cloned())
-            .filter(|p| std::fs::symlink_metadata(p).map(|m| m.is_dir()).unwrap_or(false))
+            .filter(|p| {
+                std::fs::symlink_metadata(p)
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false)
+            })
             .collect();
         let dirs: Vec<&PathBuf> = all_dirs.iter().collect();
         let live: Vec<PathBuf> = entries
@@ -116,24 +130,34 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
         };
         match kind {
             // A flipped bit, mtime and size kept: bit rot.
-            0 | 1 | 2 => {
+            0..=2 => {
                 let nonempty: Vec<&PathBuf> = files
                     .iter()
                     .copied()
                     .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
                     .collect();
-                let Some(p) = pick(&nonempty, &mut rng) else { continue };
+                let Some(p) = pick(&nonempty, &mut rng) else {
+                    continue;
+                };
                 let len = std::fs::metadata(&p).unwrap().len();
                 let off = rng.next() % len;
                 let t = times(&p);
-                let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&p)
+                    .unwrap();
                 let mut b = [0u8];
                 f.read_exact_at(&mut b, off).unwrap();
                 b[0] ^= 1 << (rng.next() % 8);
                 f.write_all_at(&b, off).unwrap();
                 drop(f);
                 restore(&p, t);
-                out.push(Expect { path: rel(root, &p), what: "content", offset: Some(off) });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "content",
+                    offset: Some(off),
+                });
                 used.push(p);
             }
             3 => {
@@ -142,21 +166,37 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
                     .copied()
                     .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
                     .collect();
-                let Some(p) = pick(&nonempty, &mut rng) else { continue };
+                let Some(p) = pick(&nonempty, &mut rng) else {
+                    continue;
+                };
                 let len = std::fs::metadata(&p).unwrap().len();
                 let t = times(&p);
-                std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(rng.next() % len).unwrap();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(rng.next() % len)
+                    .unwrap();
                 restore(&p, t);
-                out.push(Expect { path: rel(root, &p), what: "size", offset: None });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "size",
+                    offset: None,
+                });
                 used.push(p);
             }
             4 => {
                 // Deleted: a file, a symlink or a whole directory.
                 let cands: Vec<&PathBuf> = live
                     .iter()
-                    .filter(|p| std::fs::symlink_metadata(p).unwrap().nlink() == 1 || std::fs::symlink_metadata(p).unwrap().is_dir())
+                    .filter(|p| {
+                        std::fs::symlink_metadata(p).unwrap().nlink() == 1
+                            || std::fs::symlink_metadata(p).unwrap().is_dir()
+                    })
                     .collect();
-                let Some(p) = pick(&cands, &mut rng) else { continue };
+                let Some(p) = pick(&cands, &mut rng) else {
+                    continue;
+                };
                 // A directory holding hard-linked files would lose links a repair cannot rebuild.
                 let mut below = Vec::new();
                 if p.is_dir() && !p.is_symlink() {
@@ -175,11 +215,17 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
                         std::fs::remove_file(&p).unwrap()
                     }
                 });
-                out.push(Expect { path: rel(root, &p), what: "missing", offset: None });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "missing",
+                    offset: None,
+                });
                 used.push(p);
             }
             5 => {
-                let Some(d) = pick(&dirs, &mut rng) else { continue };
+                let Some(d) = pick(&dirs, &mut rng) else {
+                    continue;
+                };
                 if conflicts(&used, &d) && d != root {
                     continue;
                 }
@@ -195,28 +241,46 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
                         std::fs::write(p.join("inside"), b"x").unwrap();
                     }
                 });
-                out.push(Expect { path: rel(root, &p), what: "extra", offset: None });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "extra",
+                    offset: None,
+                });
                 used.push(p);
             }
             6 => {
                 let cands: Vec<&PathBuf> = live.iter().filter(|p| single(p)).collect();
-                let Some(p) = pick(&cands, &mut rng) else { continue };
+                let Some(p) = pick(&cands, &mut rng) else {
+                    continue;
+                };
                 let md = std::fs::metadata(&p).unwrap();
                 let mode = (md.mode() & 0o7777) ^ 0o004;
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-                out.push(Expect { path: rel(root, &p), what: "metadata", offset: None });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "metadata",
+                    offset: None,
+                });
                 used.push(p);
             }
             7 => {
                 let cands: Vec<&PathBuf> = live.iter().filter(|p| single(p)).collect();
-                let Some(p) = pick(&cands, &mut rng) else { continue };
+                let Some(p) = pick(&cands, &mut rng) else {
+                    continue;
+                };
                 xattr::set(&p, "user.rot", format!("{}", rng.next()).as_bytes()).unwrap();
-                out.push(Expect { path: rel(root, &p), what: "metadata", offset: None });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "metadata",
+                    offset: None,
+                });
                 used.push(p);
             }
             _ => {
                 let links: Vec<&PathBuf> = live.iter().filter(|p| p.is_symlink()).collect();
-                let Some(p) = pick(&links, &mut rng) else { continue };
+                let Some(p) = pick(&links, &mut rng) else {
+                    continue;
+                };
                 let md = std::fs::symlink_metadata(&p).unwrap();
                 let t = times(&p);
                 let old = std::fs::read_link(&p).unwrap();
@@ -228,7 +292,11 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
                     std::os::unix::fs::lchown(&p, Some(md.uid()), Some(md.gid())).unwrap();
                     restore(&p, t);
                 });
-                out.push(Expect { path: rel(root, &p), what: "target", offset: None });
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "target",
+                    offset: None,
+                });
                 used.push(p);
             }
         }

@@ -177,10 +177,16 @@ fn take<'a>(items: &mut &'a [Item]) -> (RelPath, Side<'a>) {
 pub fn meta_fields(kind: Kind, m: &Meta, s: &Meta) -> Vec<String> {
     let mut f = Vec::new();
     if kind != Kind::Symlink && m.mode != s.mode {
-        f.push(format!("mode {:o} on the master, {:o} on the slave", m.mode, s.mode));
+        f.push(format!(
+            "mode {:o} on the master, {:o} on the slave",
+            m.mode, s.mode
+        ));
     }
     if (m.uid, m.gid) != (s.uid, s.gid) {
-        f.push(format!("owner {}:{} on the master, {}:{} on the slave", m.uid, m.gid, s.uid, s.gid));
+        f.push(format!(
+            "owner {}:{} on the master, {}:{} on the slave",
+            m.uid, m.gid, s.uid, s.gid
+        ));
     }
     if m.mtime != s.mtime {
         f.push(format!(
@@ -293,7 +299,13 @@ pub fn diff(master: &[Item], slave: &[Item], fold: &mut Fold, out: &mut Vec<Find
     }
 }
 
-fn entry(path: &RelPath, m: Option<Side>, s: Option<Side>, fold: &mut Fold, out: &mut Vec<Finding>) {
+fn entry(
+    path: &RelPath,
+    m: Option<Side>,
+    s: Option<Side>,
+    fold: &mut Fold,
+    out: &mut Vec<Finding>,
+) {
     let mh = m.as_ref().and_then(|x| x.header.as_ref());
     let sh = s.as_ref().and_then(|x| x.header.as_ref());
     // Below a subtree already reported: counted there.
@@ -324,7 +336,10 @@ fn entry(path: &RelPath, m: Option<Side>, s: Option<Side>, fold: &mut Fold, out:
         }
         (Some(a), Some(b)) if a.kind != b.kind => {
             let mut f = Finding::new(path, What::Type, a.kind);
-            f.fields.push(format!("{:?} on the master, {:?} on the slave", a.kind, b.kind));
+            f.fields.push(format!(
+                "{:?} on the master, {:?} on the slave",
+                a.kind, b.kind
+            ));
             if a.kind == Kind::Dir {
                 fold.missing = Some((path.clone(), Some(out.len())));
             }
@@ -347,7 +362,11 @@ fn entry(path: &RelPath, m: Option<Side>, s: Option<Side>, fold: &mut Fold, out:
                 let limit = a.size.min(b.size);
                 let windows = differing_windows(&mside.windows, &sside.windows, limit);
                 if a.size != b.size || !windows.is_empty() {
-                    let what = if a.size != b.size { What::Size } else { What::Content };
+                    let what = if a.size != b.size {
+                        What::Size
+                    } else {
+                        What::Content
+                    };
                     let mut f = Finding::new(path, what, Kind::File);
                     f.master_size = Some(a.size);
                     f.slave_size = Some(b.size);
@@ -376,7 +395,12 @@ fn entry(path: &RelPath, m: Option<Side>, s: Option<Side>, fold: &mut Fold, out:
 /// The byte ranges of the blocks of a window at `offset` whose hashes
 /// differ (or that one side lacks), in a file of `size` bytes on the side
 /// that has more.
-pub fn block_ranges(offset: u64, size: u64, local: &[Hash16], remote: &[Hash16]) -> Vec<(u64, u64)> {
+pub fn block_ranges(
+    offset: u64,
+    size: u64,
+    local: &[Hash16],
+    remote: &[Hash16],
+) -> Vec<(u64, u64)> {
     let n = local.len().max(remote.len());
     let mut out = Vec::new();
     for i in 0..n {
@@ -465,7 +489,11 @@ mod tests {
         assert_eq!(out[0].below, 2);
         assert_eq!(out[1].windows, [1]);
         assert_eq!(out[1].ranges, [(WINDOW, 2 * WINDOW)]);
-        assert!(out[2].fields[0].starts_with("mode 600"), "{:?}", out[2].fields);
+        assert!(
+            out[2].fields[0].starts_with("mode 600"),
+            "{:?}",
+            out[2].fields
+        );
         assert_eq!(out[3].ranges, [(0, 4), (4, 10)]);
         assert_eq!(out[4].below, 1);
         // Equal lists: nothing.
@@ -478,23 +506,47 @@ mod tests {
     fn a_missing_subtree_split_over_ranges_is_reported_once() {
         let mut fold = Fold::default();
         let mut out = Vec::new();
-        diff(&[e("d", Kind::Dir, 0, 0), e("d/1", Kind::File, 0, 0)], &[], &mut fold, &mut out);
-        diff(&[e("d/2", Kind::File, 0, 0), w("d/2", 0, 1)], &[], &mut fold, &mut out);
+        diff(
+            &[e("d", Kind::Dir, 0, 0), e("d/1", Kind::File, 0, 0)],
+            &[],
+            &mut fold,
+            &mut out,
+        );
+        diff(
+            &[e("d/2", Kind::File, 0, 0), w("d/2", 0, 1)],
+            &[],
+            &mut fold,
+            &mut out,
+        );
         diff(&[e("e", Kind::File, 0, 0)], &[], &mut fold, &mut out);
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].below, out[1].path.to_string()), (1, "e".to_string()));
+        assert_eq!(
+            (out[0].below, out[1].path.to_string()),
+            (1, "e".to_string())
+        );
         assert_eq!(fold.carried(), [(p("d"), 1)]);
         // A file split over ranges: windows alone still compare.
         let mut out = Vec::new();
-        diff(&[w("big", 7, 1)], &[w("big", 7, 2)], &mut Fold::default(), &mut out);
-        assert_eq!((out[0].what, out[0].windows.clone()), (What::Content, vec![7]));
+        diff(
+            &[w("big", 7, 1)],
+            &[w("big", 7, 2)],
+            &mut Fold::default(),
+            &mut out,
+        );
+        assert_eq!(
+            (out[0].what, out[0].windows.clone()),
+            (What::Content, vec![7])
+        );
     }
 
     #[test]
     fn block_ranges_merge_neighbours_and_cut_at_the_end() {
         let a = [[1u8; 16], [2; 16], [3; 16], [4; 16]];
         let b = [[1u8; 16], [9; 16], [9; 16]];
-        assert_eq!(block_ranges(WINDOW, WINDOW + 3 * BLOCK + 7, &a, &b), [(WINDOW + BLOCK, WINDOW + 3 * BLOCK + 7)]);
+        assert_eq!(
+            block_ranges(WINDOW, WINDOW + 3 * BLOCK + 7, &a, &b),
+            [(WINDOW + BLOCK, WINDOW + 3 * BLOCK + 7)]
+        );
         assert!(block_ranges(0, 100, &a, &a).is_empty());
     }
 }

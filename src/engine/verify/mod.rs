@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+pub use walk::tree_bytes;
 use walk::{Budget, Own, Planned, Planner};
 
 /// Paths listed per kind of result at most (all are counted).
@@ -48,7 +49,7 @@ const RANGE_ENTRIES: u64 = 2048;
 const RANGE_BYTES: u64 = 256 << 20;
 const RANGE_ITEM_BYTES: usize = 1 << 20;
 /// With a rate, a range takes about this long to read.
-const RANGE_TIME: Duration = Duration::from_secs(5);
+const RANGE_TIME: Duration = Duration::from_secs(2);
 /// Ranges in flight: one hashed by both sides while the next is queued.
 const IN_FLIGHT: usize = 2;
 
@@ -252,11 +253,12 @@ impl Verifier {
             .iter()
             .map(|s| (Key::before(s), Key::after(s)))
             .collect();
-        spans.extend(
-            opts.headers
-                .iter()
-                .map(|p| (Key::before(p), Key::new(p.clone(), crate::hash::stream::HEADER))),
-        );
+        spans.extend(opts.headers.iter().map(|p| {
+            (
+                Key::before(p),
+                Key::new(p.clone(), crate::hash::stream::HEADER),
+            )
+        }));
         for (si, (from, to)) in spans.into_iter().enumerate().skip(first) {
             let from = if si == first { start.clone() } else { from };
             let mut planner = Some(Planner::new(self.master.clone(), from, to));

@@ -104,11 +104,14 @@ impl Verifier {
                 .find(|e| e.path == f.path)
                 .map(|e| e.entry.size);
             // The later windows of a file cut over ranges join its finding.
-            let earlier = self.findings.iter().rposition(|x| {
-                x.path == f.path && matches!(x.what, What::Content | What::Size)
-            });
+            let earlier = self
+                .findings
+                .iter()
+                .rposition(|x| x.path == f.path && matches!(x.what, What::Content | What::Size));
             if let (Some(i), true) = (earlier, f.what == What::Content && f.master_size.is_none()) {
-                if let (Some(m), Some(s)) = (self.findings[i].master_size, self.findings[i].slave_size) {
+                if let (Some(m), Some(s)) =
+                    (self.findings[i].master_size, self.findings[i].slave_size)
+                {
                     // Beyond the shorter side, the size difference covers it.
                     f.windows.retain(|&k| k * WINDOW < m.min(s));
                 }
@@ -149,7 +152,11 @@ impl Verifier {
     /// Compares a file's differing windows block by block; the finding's
     /// ranges become those of the differing blocks. False when no block
     /// differs any more (the file changed between the two reads).
-    async fn descend(&mut self, f: &mut Finding, master_size: Option<u64>) -> Result<bool, VerifyError> {
+    async fn descend(
+        &mut self,
+        f: &mut Finding,
+        master_size: Option<u64>,
+    ) -> Result<bool, VerifyError> {
         let msize = match master_size.or(f.master_size) {
             Some(s) => s,
             None => {

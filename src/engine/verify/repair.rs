@@ -40,7 +40,10 @@ pub struct Repaired {
     pub dirs: Vec<RelPath>,
 }
 
-fn merr<'a>(op: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> FileError + 'a {
+fn merr<'a>(
+    op: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> FileError + 'a {
     move |source| {
         FileError::Master(MasterError {
             op,
@@ -70,7 +73,8 @@ pub async fn repair(e: &Arc<Engine>, findings: &[Finding]) -> Repaired {
         }
     }
     // Deepest first: setting a directory's metadata never touches its parent's.
-    out.dirs.sort_by(|a, b| b.depth().cmp(&a.depth()).then(a.cmp(b)));
+    out.dirs
+        .sort_by(|a, b| b.depth().cmp(&a.depth()).then(a.cmp(b)));
     out.dirs.dedup();
     for d in out.dirs.clone() {
         let m = {
@@ -78,10 +82,12 @@ pub async fn repair(e: &Arc<Engine>, findings: &[Finding]) -> Repaired {
             blocking(move || e.master.stat(&d)).await
         };
         let res = match m {
-            Ok(m) if m.entry.kind == Kind::Dir => match e.slave.set_meta(d.clone(), m.entry.meta).await {
-                Ok(p) => p.wait().await.map_err(|e| e.to_string()),
-                Err(err) => Err(err.to_string()),
-            },
+            Ok(m) if m.entry.kind == Kind::Dir => {
+                match e.slave.set_meta(d.clone(), m.entry.meta).await {
+                    Ok(p) => p.wait().await.map_err(|e| e.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            }
             Ok(_) => Ok(()),
             Err(err) => Err(err.to_string()),
         };
@@ -89,8 +95,8 @@ pub async fn repair(e: &Arc<Engine>, findings: &[Finding]) -> Repaired {
             out.failed.push((d.to_string(), err));
         }
     }
-    out.bytes_sent = e.stats.bytes_literal.load(Ordering::Relaxed)
-        + e.stats.bytes_delta.load(Ordering::Relaxed);
+    out.bytes_sent =
+        e.stats.bytes_literal.load(Ordering::Relaxed) + e.stats.bytes_delta.load(Ordering::Relaxed);
     out
 }
 
@@ -157,7 +163,9 @@ async fn one(e: &Arc<Engine>, f: &Finding, out: &mut Repaired) -> Result<(), Str
                     match transfer::ship(e, &p, m.entry.size, true).await {
                         Ok(transfer::Shipped::Sent) => Ok(()),
                         // Equal content by now: the metadata may still differ.
-                        Ok(transfer::Shipped::Unchanged) => wait(slave.set_meta(p, m.entry.meta).await).await,
+                        Ok(transfer::Shipped::Unchanged) => {
+                            wait(slave.set_meta(p, m.entry.meta).await).await
+                        }
                         Err(e) => Err(e.to_string()),
                     }
                 }
@@ -242,9 +250,18 @@ async fn by_blocks(e: &Engine, p: &RelPath, ranges: &[(u64, u64)]) -> Result<(),
     let size = before.len();
     let fid = e.next_fid();
     let basis = if e.in_place(size) {
-        e.slave.open_in_place(fid, p.clone(), size).await?.wait().await?.0
+        e.slave
+            .open_in_place(fid, p.clone(), size)
+            .await?
+            .wait()
+            .await?
+            .0
     } else {
-        e.slave.open_file(fid, p.clone(), None, size).await?.wait().await?
+        e.slave
+            .open_file(fid, p.clone(), None, size)
+            .await?
+            .wait()
+            .await?
     }
     .unwrap_or(0);
     let file = Arc::new(file);
@@ -279,8 +296,19 @@ async fn by_blocks(e: &Engine, p: &RelPath, ranges: &[(u64, u64)]) -> Result<(),
     }
     .await;
     let after = file.metadata().map_err(merr("stat", &src))?;
-    let same = (before.len(), before.mtime(), before.mtime_nsec(), before.ctime(), before.ctime_nsec())
-        == (after.len(), after.mtime(), after.mtime_nsec(), after.ctime(), after.ctime_nsec());
+    let same = (
+        before.len(),
+        before.mtime(),
+        before.mtime_nsec(),
+        before.ctime(),
+        before.ctime_nsec(),
+    ) == (
+        after.len(),
+        after.mtime(),
+        after.mtime_nsec(),
+        after.ctime(),
+        after.ctime_nsec(),
+    );
     if res.is_err() || !same {
         e.slave.abort(fid).await?.wait().await?;
         res?;
@@ -292,7 +320,11 @@ async fn by_blocks(e: &Engine, p: &RelPath, ranges: &[(u64, u64)]) -> Result<(),
             .await
             .map_err(merr("read xattrs of", &src))?
     };
-    e.slave.commit(fid, digest.finish(), meta).await?.wait().await?;
+    e.slave
+        .commit(fid, digest.finish(), meta)
+        .await?
+        .wait()
+        .await?;
     e.stats.files_synced.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -316,7 +348,14 @@ mod tests {
         let w = WINDOW;
         // Block 1 differs; the basis is long enough.
         let ops = window_ops(w, &data, &[(w + 4096, w + 8192)], 10 * w);
-        assert_eq!(shape(&ops), [('c', w, 4096), ('l', w + 4096, 4096), ('c', w + 8192, 3 * 4096)]);
+        assert_eq!(
+            shape(&ops),
+            [
+                ('c', w, 4096),
+                ('l', w + 4096, 4096),
+                ('c', w + 8192, 3 * 4096)
+            ]
+        );
         // The basis ends inside the window: the rest is literal.
         let ops = window_ops(0, &data, &[], 2 * 4096 + 5);
         assert_eq!(shape(&ops), [('c', 0, 8197), ('l', 8197, 3 * 4096 - 5)]);

@@ -126,7 +126,10 @@ fn relative(session: &Session, p: &std::path::Path) -> Result<RelPath, WorkerErr
         let bytes = p.as_os_str().as_bytes();
         let bytes = bytes.strip_suffix(b"/").unwrap_or(bytes);
         RelPath::new(bytes.to_vec()).map_err(|e| {
-            user_err!("--path {}: {e}: give a path relative to the master, without . or ..", p.display())
+            user_err!(
+                "--path {}: {e}: give a path relative to the master, without . or ..",
+                p.display()
+            )
         })?
     };
     Ok(rel)
@@ -197,7 +200,12 @@ fn report(session: &Session, v: &Verifier, scope: &[RelPath], complete: bool) ->
 
 fn verify_err(session: &Session, e: VerifyError, at: Option<String>) -> WorkerError {
     let resume = at
-        .map(|k| format!("; verified up to {k}: run `georep verify {}` again to resume", session.name))
+        .map(|k| {
+            format!(
+                "; verified up to {k}: run `georep verify {}` again to resume",
+                session.name
+            )
+        })
         .unwrap_or_default();
     match e {
         VerifyError::Slave(p) => WorkerError::Slave {
@@ -281,8 +289,7 @@ async fn run(
     let sid = session.config.session_id;
     let master = Arc::new(Master::new(root.clone(), &worker.master_id(), &sid));
     let path = session.dir.join("verify.json");
-    let prev = Progress::load(&path)
-        .filter(|p| p.resumable() && p.scope == scope && !req.restart);
+    let prev = Progress::load(&path).filter(|p| p.resumable() && p.scope == scope && !req.restart);
     let mut progress = prev
         .clone()
         .unwrap_or_else(|| Progress::new(now_ns(), scope.to_vec()));
@@ -317,7 +324,11 @@ async fn run(
         Ok(end) => end,
         Err(e) => {
             let _ = progress.save(&path);
-            return Err(verify_err(session, e, v.cursor.as_ref().map(|c| c.key.to_string())));
+            return Err(verify_err(
+                session,
+                e,
+                v.cursor.as_ref().map(|c| c.key.to_string()),
+            ));
         }
     };
     if end == End::Complete {

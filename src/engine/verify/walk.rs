@@ -230,7 +230,8 @@ pub fn hash_own(
     let mut buf = Vec::new();
     for pe in &planned.entries {
         if pe.header {
-            own.items.push(Item::entry(pe.path.clone(), &pe.entry, owners));
+            own.items
+                .push(Item::entry(pe.path.clone(), &pe.entry, owners));
         }
         let (first, end) = pe.windows;
         if first >= end {
@@ -243,19 +244,26 @@ pub fn hash_own(
             .open(&p)
         {
             Ok(f) => f,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+                ) =>
+            {
                 own.changed.push(pe.path.clone());
                 continue;
             }
             Err(e) => {
-                own.failures.push((pe.path.clone(), format!("open {}: {e}", p.display())));
+                own.failures
+                    .push((pe.path.clone(), format!("open {}: {e}", p.display())));
                 continue;
             }
         };
         let before = match file.metadata() {
             Ok(md) => md,
             Err(e) => {
-                own.failures.push((pe.path.clone(), format!("stat {}: {e}", p.display())));
+                own.failures
+                    .push((pe.path.clone(), format!("stat {}: {e}", p.display())));
                 continue;
             }
         };
@@ -285,7 +293,8 @@ pub fn hash_own(
                     break;
                 }
                 Err(e) => {
-                    own.failures.push((pe.path.clone(), format!("read {}: {e}", p.display())));
+                    own.failures
+                        .push((pe.path.clone(), format!("read {}: {e}", p.display())));
                     break;
                 }
             }
@@ -300,4 +309,18 @@ pub fn hash_own(
         }
     }
     own
+}
+
+/// The bytes of content in the master's tree (a metadata walk): what a
+/// full pass verifies, for the scrub's coverage.
+pub fn tree_bytes(master: Arc<Master>) -> Result<u64, MasterError> {
+    let mut tree = MasterTree { master };
+    let mut walk: Walk<MEntry> = Walk::new(Key::before(&RelPath::root()));
+    let mut total = 0;
+    while let Some((_, m)) = walk.next(&mut tree)? {
+        if m.entry.kind == Kind::File {
+            total += m.entry.size;
+        }
+    }
+    Ok(total)
 }
