@@ -47,7 +47,7 @@ pub const MAX_ITEM_BYTES: usize = 4 << 20;
 /// Ranges whose items are kept for `VerifyItems`.
 const KEPT: usize = 2;
 /// Verification requests waiting at most.
-const QUEUE: usize = 4;
+const QUEUE: usize = 8;
 /// Items per reply frame, by encoded size.
 const FRAME_BYTES: usize = 1 << 20;
 
