@@ -482,7 +482,8 @@ impl Agent<'_> {
             Request::VerifyCaps => Ok(verify::caps()),
             req @ (Request::VerifyRange { .. }
             | Request::VerifyItems { .. }
-            | Request::VerifyBlocks { .. }) => match self.verify.submit(&self.root, id, req) {
+            | Request::VerifyBlocks { .. }
+            | Request::VerifyJournal { .. }) => match self.verify.submit(&self.root, id, req) {
                 Ok(()) => return, // answered by the verification thread
                 Err(e) => Err(e),
             },

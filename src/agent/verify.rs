@@ -232,6 +232,10 @@ fn serve(root: Root, rx: mpsc::Receiver<Job>, out: mpsc::Sender<Response>, stop:
                 let res = st.blocks(&path, offset, len, rate);
                 send(&out, id, true, res.map(Reply::BlockHashes));
             }
+            Request::VerifyJournal { path, length, rate } => {
+                let res = st.journal(&path, length, rate);
+                send(&out, id, true, res);
+            }
             _ => send(
                 &out,
                 id,
@@ -393,6 +397,42 @@ impl State {
         }
         out.hash = h.finish();
         Ok(out)
+    }
+
+    /// Checks a journal up to `length` point by point (checksums
+    /// included), keeping only counts: memory stays bounded whatever its size.
+    fn journal(&mut self, path: &RelPath, length: u64, rate: u64) -> WResult<Reply> {
+        use crate::catalog::cdp;
+        let file = open_file(&self.root, path)?;
+        let size = file.metadata().map_err(|e| io_err(e, "stat", path))?.len();
+        if size < length {
+            return Err(WireError::new(
+                ErrorKind::Invalid,
+                format!("{path}: {size} bytes, shorter than the {length} asked"),
+            ));
+        }
+        let throttle = Throttle::new(rate);
+        let bad =
+            |e: cdp::JournalError| WireError::new(ErrorKind::Mismatch, format!("{path}: {e}"));
+        let mut s = cdp::Scanner::new(&file, length, true).map_err(bad)?;
+        let header = s.header.clone();
+        let (mut end, mut points, mut last, mut paced) = (cdp::HEADER_LEN, 0u64, header.start, 0);
+        while let Some(span) = s.next_span().map_err(bad)? {
+            if !throttle.take(span.end - paced, &self.stop) {
+                return Err(stopped());
+            }
+            paced = span.end;
+            (end, last) = (span.end, span.time);
+            points += 1;
+        }
+        Ok(Reply::Journal {
+            end,
+            points,
+            last,
+            start: header.start,
+            base: header.base_time,
+            base_name: header.base_name,
+        })
     }
 
     fn blocks(&mut self, path: &RelPath, offset: u64, len: u64, rate: u64) -> WResult<Vec<Hash16>> {

@@ -11,7 +11,9 @@
 //! pass that takes at most half the period verifies every byte at least
 //! once per period. The status readers turn `scrub.json` into
 //! `verify_last`, `verify_coverage` (the share of the data verified within
-//! the last period) and `verify_mismatches` ([`fill_status`]).
+//! the last period) and `verify_mismatches` ([`fill_status`]). For a
+//! snapshot store (catalog mode) a pass checks every point's records and
+//! files on both sides in one go and ships failing images again.
 
 use crate::engine::context::{CrawlKind, Engine};
 use crate::engine::links::Links;
@@ -192,10 +194,6 @@ pub async fn run(
     let Some(rate) = session.config.scrub_rate else {
         return;
     };
-    if session.config.layout == Layout::Store {
-        tracing::warn!(session = %session.name, "scrub_rate is set, but the scrub of snapshot stores is not built yet: nothing is verified in the background");
-        return;
-    }
     let period = session.config.scrub_period.unwrap_or(DEFAULT_SCRUB_PERIOD);
     let mut st = load(session).unwrap_or_default();
     if st.rate != rate || st.period_secs != period || st.enabled_ns == 0 {
@@ -252,6 +250,9 @@ async fn step(
         return Ok(Some(Duration::from_secs(1)));
     };
     let slave = Slave::new(client);
+    if session.config.layout == Layout::Store {
+        return store_step(session, &slave, master_id, st, shutdown).await;
+    }
     // Only a replica this session made and synced is verified.
     let state = session.state();
     let ident = slave.identity().await.map_err(|e| e.to_string())?;
@@ -359,6 +360,90 @@ async fn step(
         st.last_error = None;
         tracing::info!(session = %session.name, bytes = p.counts.bytes, mismatches = p.counts.mismatches, "scrub pass completed");
     }
+    save(session, st);
+    Ok(None)
+}
+
+/// A pass over a snapshot store's replica: every point's records and
+/// files (see `engine::verify::store`), in one go (a killed pass starts
+/// over); images the master holds byte for byte are shipped again.
+async fn store_step(
+    session: &Session,
+    slave: &Slave,
+    master_id: uuid::Uuid,
+    st: &mut ScrubState,
+    shutdown: &CancellationToken,
+) -> Result<Option<Duration>, String> {
+    use crate::engine::verify::store;
+    // Nothing to verify before the first sync made the slave a store.
+    let marker =
+        crate::fs::relpath::RelPath::new(crate::catalog::record::STORE_FILE.as_bytes().to_vec())
+            .expect("a valid name");
+    let pending = slave
+        .read_file(marker, 0, 4096)
+        .await
+        .map_err(|e| e.to_string())?;
+    if pending.wait().await.is_err() {
+        return Ok(Some(Duration::from_secs(5)));
+    }
+    let now = now_ns();
+    if let Some(l) = &st.last {
+        let next = l
+            .finished_ns
+            .max(l.started_ns + st.period_secs * 500_000_000);
+        if now < next {
+            return Ok(Some(
+                Duration::from_nanos(next - now).min(Duration::from_secs(10)),
+            ));
+        }
+    }
+    let root = session.config.master.clone();
+    let c = store::check(slave, &root, st.rate)
+        .await
+        .map_err(|e| e.to_string())?;
+    if shutdown.is_cancelled() {
+        return Ok(None);
+    }
+    for f in &c.findings {
+        tracing::warn!(session = %session.name, path = %f.path, why = ?f.fields, "scrub: a point fails on the slave; shipping it again where the master holds it");
+    }
+    if !c.findings.is_empty() {
+        let digests = store::recorded_digests(slave, &c.findings)
+            .await
+            .map_err(|e| e.to_string())?;
+        let engine = Engine::new(
+            Master::new(root.clone(), &master_id, &session.config.session_id),
+            slave.clone(),
+            CrawlKind::Full,
+            Links::load(session.dir.join("links.json")),
+            shutdown.clone(),
+        );
+        let r = root.clone();
+        let cat = tokio::task::spawn_blocking(move || crate::catalog::store::load(&r))
+            .await
+            .expect("load panicked")
+            .unwrap_or_default();
+        let done = store::repair(&engine, &cat, &digests).await;
+        for (p, e) in &done.failed {
+            tracing::warn!(session = %session.name, path = %p, error = %e, "scrub: not shipped again");
+        }
+        st.repaired += done.repaired;
+    }
+    st.mismatches_total += c.findings.len() as u64;
+    st.pass_total = c.bytes;
+    st.last = Some(Pass {
+        started_ns: now,
+        finished_ns: now_ns(),
+        bytes: c.bytes,
+        mismatches: c.findings.len() as u64,
+        paths: c
+            .findings
+            .iter()
+            .take(PATHS)
+            .map(|f| show(&f.path))
+            .collect(),
+    });
+    st.last_error = None;
     save(session, st);
     Ok(None)
 }

@@ -509,4 +509,45 @@ impl Slave {
         )
         .await
     }
+
+    /// Checks a journal of the slave's store up to `length` (see `Request::VerifyJournal`).
+    pub async fn verify_journal(
+        &self,
+        path: RelPath,
+        length: u64,
+        rate: u64,
+    ) -> Result<Pending<JournalCheck>, ProtoError> {
+        self.req(Request::VerifyJournal { path, length, rate }, |r| {
+            match r.as_slice() {
+                [Reply::Journal {
+                    end,
+                    points,
+                    last,
+                    start,
+                    base,
+                    base_name,
+                }] => Ok(JournalCheck {
+                    end: *end,
+                    points: *points,
+                    last: *last,
+                    start: *start,
+                    base: *base,
+                    base_name: base_name.clone(),
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+}
+
+/// What the agent found checking a journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalCheck {
+    pub end: u64,
+    pub points: u64,
+    pub last: u64,
+    pub start: u64,
+    pub base: u64,
+    pub base_name: String,
 }

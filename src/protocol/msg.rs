@@ -212,6 +212,14 @@ pub enum Request {
         len: u64,
         rate: u64,
     },
+    /// Checks the CDP journal `path` of the slave's store up to `length`
+    /// (header, every record's checksum, whole points), read-only on the
+    /// verification thread at `rate`. Answered by `Journal`.
+    VerifyJournal {
+        path: RelPath,
+        length: u64,
+        rate: u64,
+    },
 }
 
 impl Request {
@@ -276,6 +284,16 @@ pub enum Reply {
         stopped: Option<Key>,
     },
     Items(Vec<Item>),
+    /// What a journal holds up to the length asked: where its whole points
+    /// end, how many, the newest one's time, and its header's fields.
+    Journal {
+        end: u64,
+        points: u64,
+        last: u64,
+        start: u64,
+        base: u64,
+        base_name: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -49,7 +49,10 @@ fn rot(master: &Path, slave: &Path, files: &[PathBuf]) -> anyhow::Result<Vec<Str
         let p = slave.join(&rel);
         let md = std::fs::metadata(&p)?;
         let off = rng.below(md.len());
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)?;
         let mut b = [0u8];
         f.read_exact_at(&mut b, off)?;
         b[0] ^= 0x10;
@@ -96,7 +99,11 @@ fn georep_listed(out: &str) -> anyhow::Result<(serde_json::Value, Vec<String>)> 
     let v: serde_json::Value = serde_json::from_str(out.trim())?;
     let mut paths: Vec<String> = v["differences"]
         .as_array()
-        .map(|a| a.iter().filter_map(|d| d["path"].as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d["path"].as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     paths.sort();
     Ok((v, paths))
@@ -112,7 +119,14 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
         .unwrap_or(if ctx.quick { 1 } else { 10 });
     crate::bench::empty_dir(&master)?;
     let (total, files) = generate(&master, gib)?;
-    ctx.georep_session(&home, "v1", &master, &slave, Link::Ssh, &["--marker", "mark"])?;
+    ctx.georep_session(
+        &home,
+        "v1",
+        &master,
+        &slave,
+        Link::Ssh,
+        &["--marker", "mark"],
+    )?;
     crate::procs::setup(&mut ctx.georep(&home, &["sync", "v1"]))?;
     crate::procs::setup(&mut Command::new("sync"))?;
     let verify = |args: &[&str], ok: i32| -> anyhow::Result<(crate::bench::Run, String)> {
@@ -129,15 +143,25 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
 
     // Equal trees.
-    let mut g = tool("georep", "verify (hash tree by ranges, both sides hashing at once)");
+    let mut g = tool(
+        "georep",
+        "verify (hash tree by ranges, both sides hashing at once)",
+    );
     let mut r = tool("rsync", &options);
     let mut notes = Vec::new();
     for rep in 0..ctx.reps {
         ctx.sampling(rep == 0);
         let (run, out) = verify(&[], 0)?;
         let (v, listed) = georep_listed(&out)?;
-        anyhow::ensure!(v["equal"] == true && listed.is_empty(), "georep: not equal: {out}");
-        anyhow::ensure!(v["bytes"].as_u64() == Some(total), "georep verified {} of {total} bytes", v["bytes"]);
+        anyhow::ensure!(
+            v["equal"] == true && listed.is_empty(),
+            "georep: not equal: {out}"
+        );
+        anyhow::ensure!(
+            v["bytes"].as_u64() == Some(total),
+            "georep verified {} of {total} bytes",
+            v["bytes"]
+        );
         if rep == 0 {
             notes.push(format!(
                 "georep's own count of its wire bytes: {} out, {} in ({} ranges)",
@@ -146,12 +170,18 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
         }
         g.runs.push(run);
         let (run, out) = rsync()?;
-        anyhow::ensure!(rsync_listed(&out).is_empty(), "rsync lists files on equal trees: {out}");
+        anyhow::ensure!(
+            rsync_listed(&out).is_empty(),
+            "rsync lists files on equal trees: {out}"
+        );
         r.runs.push(run);
     }
     let mut o = Outcome {
         id: "V1".into(),
-        title: format!("verify a {gib} GiB tree ({} files), equal, over ssh", files.len()),
+        title: format!(
+            "verify a {gib} GiB tree ({} files), equal, over ssh",
+            files.len()
+        ),
         tools: vec![g, r],
         checks: vec![],
         notes,
@@ -159,7 +189,11 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     let (t, _) = o.ratios();
     o.checks.push(at_most("time georep/rsync", t, 0.5));
     let wire = o.tools[0].median_bytes() as f64;
-    o.checks.push(at_most("wire bytes / data verified (equal)", wire / total as f64, 1e-4));
+    o.checks.push(at_most(
+        "wire bytes / data verified (equal)",
+        wire / total as f64,
+        1e-4,
+    ));
     o.notes.push(format!(
         "page cache: warm (the tree was just written and synced; {} GiB of master and slave on a machine with {} GiB of RAM)",
         2 * gib,
@@ -177,17 +211,29 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
         ctx.sampling(rep == 0);
         let (run, out) = verify(&[], 1)?;
         let (_, listed) = georep_listed(&out)?;
-        anyhow::ensure!(listed == rotted, "georep found {listed:?}, rotted {rotted:?}");
+        anyhow::ensure!(
+            listed == rotted,
+            "georep found {listed:?}, rotted {rotted:?}"
+        );
         g.runs.push(run);
         let (run, out) = rsync()?;
         let listed = rsync_listed(&out);
-        anyhow::ensure!(listed == rotted, "rsync found {listed:?}, rotted {rotted:?}");
+        anyhow::ensure!(
+            listed == rotted,
+            "rsync found {listed:?}, rotted {rotted:?}"
+        );
         r.runs.push(run);
     }
-    notes.push(format!("both found exactly the {} rotted files", rotted.len()));
+    notes.push(format!(
+        "both found exactly the {} rotted files",
+        rotted.len()
+    ));
     let mut o = Outcome {
         id: "V1r".into(),
-        title: format!("the same with {} rotted files (a bit flipped, mtime and size kept)", rotted.len()),
+        title: format!(
+            "the same with {} rotted files (a bit flipped, mtime and size kept)",
+            rotted.len()
+        ),
         tools: vec![g, r],
         checks: vec![],
         notes,
@@ -199,10 +245,18 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     let (run, out) = verify(&["--repair"], 0)?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;
     let rep = &v["repair"];
-    anyhow::ensure!(rep["after"]["equal"] == true, "repair left differences: {out}");
-    let repair_wire = rep["wire_bytes_out"].as_u64().unwrap_or(0) + rep["wire_bytes_in"].as_u64().unwrap_or(0);
+    anyhow::ensure!(
+        rep["after"]["equal"] == true,
+        "repair left differences: {out}"
+    );
+    let repair_wire =
+        rep["wire_bytes_out"].as_u64().unwrap_or(0) + rep["wire_bytes_in"].as_u64().unwrap_or(0);
     let blocks = (rotted.len() as u64) * 4096;
-    o.checks.push(at_most("repair wire bytes / rotted blocks", repair_wire as f64 / blocks as f64, 1.1));
+    o.checks.push(at_most(
+        "repair wire bytes / rotted blocks",
+        repair_wire as f64 / blocks as f64,
+        1.1,
+    ));
     o.notes.push(format!(
         "repair: {} file data bytes sent, {repair_wire} bytes on the wire for {} rotted 4 KiB blocks; \
          the whole verify --repair run (verify, repair, verify again): {:.1} s, {} bytes through the proxy; \

@@ -21,6 +21,7 @@ pub mod progress;
 mod range;
 pub mod repair;
 pub mod session;
+pub mod store;
 mod walk;
 
 pub use compare::{Finding, What};

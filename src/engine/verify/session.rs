@@ -156,6 +156,23 @@ impl Wire {
     }
 }
 
+/// The differences of findings, as reported.
+fn differences(findings: &[super::Finding]) -> Vec<Difference> {
+    findings
+        .iter()
+        .map(|f| Difference {
+            path: show(&f.path),
+            what: f.what.as_str(),
+            kind: kind_name(f.kind),
+            ranges: f.ranges.iter().map(|&(a, b)| [a, b]).collect(),
+            fields: f.fields.clone(),
+            below: f.below,
+            master_size: f.master_size,
+            slave_size: f.slave_size,
+        })
+        .collect()
+}
+
 /// Builds the report of a verifier's findings.
 fn report(session: &Session, v: &Verifier, scope: &[RelPath], complete: bool) -> Report {
     Report {
@@ -167,20 +184,7 @@ fn report(session: &Session, v: &Verifier, scope: &[RelPath], complete: bool) ->
         scope: scopes(scope).iter().map(show).collect(),
         owners_compared: v.owners(),
         counts: v.counts.clone(),
-        differences: v
-            .findings
-            .iter()
-            .map(|f| Difference {
-                path: show(&f.path),
-                what: f.what.as_str(),
-                kind: kind_name(f.kind),
-                ranges: f.ranges.iter().map(|&(a, b)| [a, b]).collect(),
-                fields: f.fields.clone(),
-                below: f.below,
-                master_size: f.master_size,
-                slave_size: f.slave_size,
-            })
-            .collect(),
+        differences: differences(&v.findings),
         changed_paths: v.changed.iter().map(show).collect(),
         pending_paths: v.pending.iter().map(show).collect(),
         failed: v
@@ -230,15 +234,9 @@ pub async fn verify(
     req: &Request,
     shutdown: CancellationToken,
 ) -> Result<Report, WorkerError> {
-    if session.config.layout == Layout::Store {
-        return Err(user_err!(
-            "session {} replicates a snapshot store (layout = store): verify its replica with `georep point verify` on the slave; comparing stores across sites is not built yet",
-            session.name
-        )
-        .into());
-    }
     let state = session.state();
-    if state.last_synced_xtime.is_none() {
+    // A store's replica is known by its store.json (checked once connected).
+    if session.config.layout == Layout::Tree && state.last_synced_xtime.is_none() {
         return Err(user_err!(
             "session {} has never completed a sync, so its slave holds no replica to verify yet: run `georep sync {}` first",
             session.name,
@@ -251,11 +249,179 @@ pub async fn verify(
         .iter()
         .map(|p| relative(session, p))
         .collect::<Result<Vec<_>, _>>()?;
+    if session.config.layout == Layout::Store && !scope.is_empty() {
+        return Err(user_err!(
+            "--path: session {} replicates a snapshot store, whose every point is verified; leave --path out",
+            session.name
+        )
+        .into());
+    }
     let worker = Worker::open(session)?;
     let conn = connect(session).await?;
-    let res = run(session, &worker, &conn.client, &scope, req, shutdown).await;
+    let res = if session.config.layout == Layout::Store {
+        run_store(session, &worker, &conn.client, req, shutdown).await
+    } else {
+        run(session, &worker, &conn.client, &scope, req, shutdown).await
+    };
     conn.close(Duration::from_secs(30)).await;
     res
+}
+
+/// Refuses a slave that does not carry this session's identity and epoch.
+async fn check_ours(session: &Session, slave: &Slave) -> Result<(), WorkerError> {
+    let ident = slave
+        .identity()
+        .await
+        .map_err(|source| WorkerError::Slave {
+            slave: session.config.slave.clone(),
+            source,
+        })?;
+    let state = session.state();
+    let ours = ident
+        .as_ref()
+        .is_some_and(|i| i.session == session.config.session_id && Some(i.epoch) == state.epoch);
+    if !ours && session.config.layout == Layout::Tree {
+        return Err(user_err!(
+            "the slave {} does not hold this session's replica (it was wiped, replaced or restored, or belongs to another session): run `georep sync {}` to repopulate it, then verify",
+            session.config.slave,
+            session.name
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A snapshot store's replica: every point against its records, both sides.
+async fn run_store(
+    session: &Session,
+    worker: &Worker<'_>,
+    client: &crate::protocol::Client,
+    req: &Request,
+    shutdown: CancellationToken,
+) -> Result<Report, WorkerError> {
+    use super::store;
+    let started = Instant::now();
+    let slave = Slave::new(client.clone());
+    let slave_err = |source| WorkerError::Slave {
+        slave: session.config.slave.clone(),
+        source,
+    };
+    check_ours(session, &slave).await?;
+    let store_file =
+        RelPath::new(crate::catalog::record::STORE_FILE.as_bytes().to_vec()).expect("a valid name");
+    match slave.read_file(store_file, 0, 4096).await.map_err(slave_err)?.wait().await {
+        Ok(_) => {}
+        Err(ProtoError::Remote(e)) if e.kind == crate::protocol::ErrorKind::NotFound => {
+            return Err(user_err!(
+                "session {} has never completed a sync: the slave holds no store to verify yet; run `georep sync {}` first",
+                session.name,
+                session.name
+            )
+            .into())
+        }
+        Err(e) => return Err(slave_err(e)),
+    }
+    let root = session.config.master.clone();
+    let wire = Wire::start(&slave);
+    let c = store::check(&slave, &root, req.rate)
+        .await
+        .map_err(slave_err)?;
+    let counts = |c: &store::StoreCheck| Counts {
+        entries: c.entries,
+        bytes: c.bytes,
+        mismatches: c.findings.len() as u64,
+        failures: c.master_problems.len() as u64,
+        ..Counts::default()
+    };
+    let build = |c: &store::StoreCheck| Report {
+        session: session.name.clone(),
+        complete: true,
+        equal: c.findings.is_empty(),
+        resumed: false,
+        stopped_at: None,
+        scope: vec!["/".into()],
+        owners_compared: false,
+        counts: counts(c),
+        differences: differences(&c.findings),
+        changed_paths: Vec::new(),
+        pending_paths: Vec::new(),
+        failed: c
+            .master_problems
+            .iter()
+            .map(|p| Failure {
+                path: "(master store)".into(),
+                error: p.clone(),
+            })
+            .collect(),
+        wire_bytes_out: 0,
+        wire_bytes_in: 0,
+        duration_ms: 0,
+        repair: None,
+    };
+    let mut rep = build(&c);
+    (rep.wire_bytes_out, rep.wire_bytes_in) = wire.since(&slave);
+    let path = session.dir.join("verify.json");
+    let mut progress = Progress::new(now_ns(), Vec::new());
+    progress.counts = rep.counts.clone();
+    progress.findings = c.findings.clone();
+    progress.finished_ns = Some(now_ns());
+    let _ = progress.save(&path);
+    if req.repair && !c.findings.is_empty() {
+        let wire = Wire::start(&slave);
+        let digests = store::recorded_digests(&slave, &c.findings)
+            .await
+            .map_err(slave_err)?;
+        let engine = Engine::new(
+            Master::new(
+                root.clone(),
+                &worker.master_id(),
+                &session.config.session_id,
+            ),
+            slave.clone(),
+            CrawlKind::Full,
+            Links::load(session.dir.join("links.json")),
+            shutdown.clone(),
+        );
+        let r = root.clone();
+        let mcat = tokio::task::spawn_blocking(move || crate::catalog::store::load(&r))
+            .await
+            .expect("load panicked")
+            .unwrap_or_default();
+        let done = store::repair(&engine, &mcat, &digests).await;
+        slave.barrier().await.map_err(slave_err)?;
+        let (out, inb) = wire.since(&slave);
+        let left = store::recheck(&slave, &digests, req.rate)
+            .await
+            .map_err(slave_err)?;
+        let after = store::StoreCheck {
+            entries: digests.len() as u64,
+            findings: left,
+            ..store::StoreCheck::default()
+        };
+        let mut after = build(&after);
+        after.failed.clear();
+        progress.findings = after
+            .differences
+            .is_empty()
+            .then(Vec::new)
+            .unwrap_or_else(|| {
+                c.findings
+                    .iter()
+                    .filter(|f| after.differences.iter().any(|d| d.path == show(&f.path)))
+                    .cloned()
+                    .collect()
+            });
+        progress.counts.mismatches = progress.findings.len() as u64;
+        let _ = progress.save(&path);
+        rep.repair = Some(RepairReport {
+            done,
+            wire_bytes_out: out,
+            wire_bytes_in: inb,
+            after: Box::new(after),
+        });
+    }
+    rep.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(rep)
 }
 
 async fn run(
@@ -272,19 +438,7 @@ async fn run(
         slave: session.config.slave.clone(),
         source,
     };
-    let ident = slave.identity().await.map_err(slave_err)?;
-    let state = session.state();
-    let ours = ident
-        .as_ref()
-        .is_some_and(|i| i.session == session.config.session_id && Some(i.epoch) == state.epoch);
-    if !ours {
-        return Err(user_err!(
-            "the slave {} does not hold this session's replica (it was wiped, replaced or restored, or belongs to another session): run `georep sync {}` to repopulate it, then verify",
-            session.config.slave,
-            session.name
-        )
-        .into());
-    }
+    check_ours(session, &slave).await?;
     let root = session.config.master.clone();
     let sid = session.config.session_id;
     let master = Arc::new(Master::new(root.clone(), &worker.master_id(), &sid));
