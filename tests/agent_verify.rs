@@ -69,6 +69,35 @@ fn verification_reads_nothing_outside_the_root_and_refuses_bad_arguments() {
         .filter(|i| matches!(i, Item::Window { .. }))
         .count();
     assert_eq!(windows, 1, "only d/f's content is read: {paths:?}");
+    // The stream cut anywhere into consecutive ranges (the agent goes on
+    // from where the previous one ended) gives the same items.
+    for cut in ["d", "d/f", "dirlink"] {
+        let mid = Key::new(p(cut), georep::hash::stream::HEADER);
+        let (from, to) = whole();
+        let mut parts = Vec::new();
+        for (rid, (lo, hi)) in [(10, (from, mid.clone())), (11, (mid, to))] {
+            let r = a.call(Request::VerifyRange {
+                rid,
+                from: lo.clone(),
+                to: hi.clone(),
+                rate: 0,
+                owners: true,
+            });
+            assert!(r.result.is_ok(), "{r:?}");
+            let r = a.call(Request::VerifyItems {
+                rid,
+                from: lo,
+                to: hi,
+                rate: 0,
+                owners: true,
+            });
+            let Ok(Reply::Items(i)) = r.result else {
+                panic!("{r:?}")
+            };
+            parts.extend(i);
+        }
+        assert_eq!(parts, items, "cut at {cut}");
+    }
     // Blocks through symlinks, of a directory, of a missing file: refused.
     for (path, what) in [
         ("dirlink/secret", "a path through a symlink"),

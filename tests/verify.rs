@@ -329,6 +329,8 @@ fn files_changing_or_vanishing_while_verified_are_verify_later_never_mismatches(
     w.sync("v");
     let mut c = w.cmd(&["verify", "v", "--json", "--rate", "4M"]);
     c.stdout(std::process::Stdio::piped());
+    // Ranges of 8 MiB (two seconds at the rate): the last is planned after
+    // the change, the others before it; either way it is "verify later".
     let child = c.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     // The last files in stream order are read last.

@@ -160,8 +160,23 @@ struct Kept {
     items: Vec<Item>,
 }
 
+/// A walk left where a range ended, for the range that starts there.
+struct Cont {
+    at: Key,
+    walk: Walk<Entry>,
+    /// Entries already taken from the walk that the next range starts with:
+    /// a file the range's end cut, and the first entry beyond it.
+    held: VecDeque<(RelPath, Entry)>,
+    when: std::time::Instant,
+}
+
+/// A walk older than this is not continued (its listings may be stale).
+const CONTINUE: std::time::Duration = std::time::Duration::from_secs(30);
+
 struct State {
     root: Root,
+    /// Where the last range ended, if it ran to its end.
+    cont: Option<Cont>,
     kept: VecDeque<Kept>,
     buf: Vec<u8>,
     stop: Arc<AtomicBool>,
@@ -178,6 +193,7 @@ fn stopped() -> WireError {
 fn serve(root: Root, rx: mpsc::Receiver<Job>, out: mpsc::Sender<Response>, stop: Arc<AtomicBool>) {
     let mut st = State {
         root,
+        cont: None,
         kept: VecDeque::new(),
         buf: Vec::new(),
         stop,
@@ -325,7 +341,14 @@ impl State {
     fn range(&mut self, from: &Key, to: &Key, rate: u64, owners: bool) -> WResult<RangeOut> {
         let throttle = Throttle::new(rate);
         let mut tree = SlaveTree { root: &self.root };
-        let mut walk: Walk<Entry> = Walk::new(from.clone());
+        // Going on from where the previous range ended (recently): the
+        // directories on the way are not listed again.
+        let (mut walk, mut held) = match self.cont.take() {
+            Some(c) if &c.at == from && c.when.elapsed() < CONTINUE => (c.walk, c.held),
+            _ => (Walk::new(from.clone()), VecDeque::new()),
+        };
+        // The last entry taken: a file `to` cuts is taken again next time.
+        let mut last: Option<(RelPath, Entry)> = None;
         let mut out = RangeOut {
             hash: [0; 32],
             entries: 0,
@@ -341,18 +364,25 @@ impl State {
             h.add(&item);
             out.items.push(item);
         };
-        'walk: while let Some((path, e)) = walk.next(&mut tree)? {
+        'walk: loop {
+            let next = match held.pop_front() {
+                Some(x) => Some(x),
+                None => walk.next(&mut tree)?.map(|(p, e)| (p, e.clone())),
+            };
+            let Some((path, e)) = next else { break };
             let header = Key::new(path.clone(), HEADER);
             if stream::cmp(&header, to) == Ordering::Greater {
+                held.push_front((path, e));
                 break;
             }
+            last = Some((path.clone(), e.clone()));
             let (kind, size) = (e.kind, e.size);
             if stream::cmp(&header, from) == Ordering::Greater {
                 if out.entries >= max_entries || item_bytes >= MAX_ITEM_BYTES {
                     out.stopped = out.items.last().map(Item::key);
                     break;
                 }
-                let item = Item::entry(path.clone(), e, owners);
+                let item = Item::entry(path.clone(), &e, owners);
                 push(&mut out, item, &mut item_bytes);
                 out.entries += 1;
             }
@@ -396,6 +426,17 @@ impl State {
             }
         }
         out.hash = h.finish();
+        if out.stopped.is_none() {
+            if let Some((p, e)) = last.filter(|(p, e)| p == &to.path && e.kind == Kind::File) {
+                held.push_front((p, e));
+            }
+            self.cont = Some(Cont {
+                at: to.clone(),
+                walk,
+                held,
+                when: std::time::Instant::now(),
+            });
+        }
         Ok(out)
     }
 

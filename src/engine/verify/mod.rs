@@ -120,6 +120,11 @@ pub struct Verifier {
     stop: Arc<AtomicBool>,
     rid: u64,
     fold: compare::Fold,
+    /// When this run started (ns): a master entry whose ctime is later
+    /// changed during the verification.
+    started_ns: u64,
+    /// The path last counted as changed or pending (counted once per path).
+    last_counted: Option<RelPath>,
     pub findings: Vec<Finding>,
     pub changed: Vec<RelPath>,
     pub pending: Vec<RelPath>,
@@ -165,6 +170,8 @@ impl Verifier {
             stop: Arc::new(AtomicBool::new(false)),
             rid: 0,
             fold: compare::Fold::default(),
+            started_ns: crate::fs::xtime::now_ns(),
+            last_counted: None,
             findings: Vec::new(),
             changed: Vec::new(),
             pending: Vec::new(),

@@ -94,6 +94,13 @@ impl Verifier {
                 continue;
             }
             let dir = f.path.parent().unwrap_or_default();
+            // Changed (or, for an extra entry, removed from its directory)
+            // on the master since this verification started.
+            let probe = if f.what == What::Extra { &dir } else { &f.path };
+            if self.changed_since_start(probe).await {
+                self.changed(f.path);
+                continue;
+            }
             if self.dir_pending(&dir).await {
                 self.pending(f.path);
                 continue;
@@ -135,6 +142,22 @@ impl Verifier {
             self.mismatch(f);
         }
         Ok(())
+    }
+
+    /// Whether a master entry changed (its ctime moved) since the run started.
+    async fn changed_since_start(&self, p: &RelPath) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (path, since) = (self.master.path(p), self.started_ns);
+        tokio::task::spawn_blocking(move || match std::fs::symlink_metadata(&path) {
+            Ok(md) => {
+                let ctime =
+                    md.ctime().max(0) as u64 * 1_000_000_000 + md.ctime_nsec().max(0) as u64;
+                ctime >= since
+            }
+            Err(_) => false,
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Whether a master directory holds changes its stime does not cover
@@ -234,6 +257,11 @@ impl Verifier {
     }
 
     fn changed(&mut self, p: RelPath) {
+        // A path's findings come together: it is counted once.
+        if self.last_counted.as_ref() == Some(&p) {
+            return;
+        }
+        self.last_counted = Some(p.clone());
         if self.changed.len() < super::MAX_LISTED {
             self.changed.push(p);
         }
@@ -241,6 +269,10 @@ impl Verifier {
     }
 
     fn pending(&mut self, p: RelPath) {
+        if self.last_counted.as_ref() == Some(&p) {
+            return;
+        }
+        self.last_counted = Some(p.clone());
         if self.pending.len() < super::MAX_LISTED {
             self.pending.push(p);
         }
