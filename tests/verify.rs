@@ -100,7 +100,7 @@ fn run_case(
             .as_array()
             .unwrap()
             .iter()
-            .find(|d| d["path"] == e.path.as_str())
+            .find(|d| d["path"] == e.path.as_str() && d["what"] == e.what)
             .unwrap();
         let ranges: Vec<(u64, u64)> = d["ranges"]
             .as_array()

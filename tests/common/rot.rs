@@ -102,7 +102,7 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
     let mut tries = 0;
     while out.len() < n && tries < 50 * n {
         tries += 1;
-        let kind = rng.below(9);
+        let kind = rng.below(10);
         // Directories to add into (the root too), entries to change.
         let all_dirs: Vec<PathBuf> = std::iter::once(root.to_path_buf())
             .chain(entries.iter().cloned())
@@ -256,6 +256,45 @@ pub fn corrupt(root: &Path, seed: u64, n: usize) -> Vec<Expect> {
                 let md = std::fs::metadata(&p).unwrap();
                 let mode = (md.mode() & 0o7777) ^ 0o004;
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "metadata",
+                    offset: None,
+                });
+                used.push(p);
+            }
+            // A flipped bit and a mode change on one file: two differences.
+            9 => {
+                let big: Vec<&PathBuf> = files
+                    .iter()
+                    .copied()
+                    .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
+                    .collect();
+                let Some(p) = pick(&big, &mut rng) else {
+                    continue;
+                };
+                let len = std::fs::metadata(&p).unwrap().len();
+                // Late in the file: with small ranges, beyond its first range.
+                let off = len - 1 - rng.next() % len.min(4096);
+                let t = times(&p);
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&p)
+                    .unwrap();
+                let mut b = [0u8];
+                f.read_exact_at(&mut b, off).unwrap();
+                b[0] ^= 0x80;
+                f.write_all_at(&b, off).unwrap();
+                drop(f);
+                restore(&p, t);
+                let mode = (std::fs::metadata(&p).unwrap().mode() & 0o7777) ^ 0o020;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+                out.push(Expect {
+                    path: rel(root, &p),
+                    what: "content",
+                    offset: Some(off),
+                });
                 out.push(Expect {
                     path: rel(root, &p),
                     what: "metadata",

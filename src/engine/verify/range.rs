@@ -86,6 +86,25 @@ impl Verifier {
             }
         }
         for mut f in found {
+            // The later windows of a file cut over ranges follow its first part:
+            // changed or pending already, or covered by its missing or type finding.
+            let windows_only = f.what == What::Content && f.master_size.is_none();
+            if windows_only && self.last_counted.as_ref() == Some(&f.path) {
+                continue;
+            }
+            let covered = self
+                .findings
+                .iter()
+                .rev()
+                .take_while(|x| x.path == f.path)
+                .any(|x| matches!(x.what, What::Missing | What::Type | What::Extra));
+            if windows_only && covered {
+                continue;
+            }
+            let earlier = self
+                .findings
+                .iter()
+                .rposition(|x| x.path == f.path && matches!(x.what, What::Content | What::Size));
             if own.changed.contains(&f.path) {
                 self.changed(f.path);
                 continue;
@@ -111,11 +130,7 @@ impl Verifier {
                 .find(|e| e.path == f.path)
                 .map(|e| e.entry.size);
             // The later windows of a file cut over ranges join its finding.
-            let earlier = self
-                .findings
-                .iter()
-                .rposition(|x| x.path == f.path && matches!(x.what, What::Content | What::Size));
-            if let (Some(i), true) = (earlier, f.what == What::Content && f.master_size.is_none()) {
+            if let (Some(i), true) = (earlier, windows_only) {
                 if let (Some(m), Some(s)) =
                     (self.findings[i].master_size, self.findings[i].slave_size)
                 {
