@@ -153,6 +153,31 @@ pub struct Config {
     /// An entry failing in this many complete crawls in a row is a persistent failure.
     #[serde(default = "default_persistent_failure_crawls")]
     pub persistent_failure_crawls: u32,
+    /// Bytes per second the daemon's background verification (the scrub)
+    /// reads at most on each side. None: no scrub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_rate: Option<u64>,
+    /// Seconds within which the scrub verifies every byte at least once
+    /// (default [`DEFAULT_SCRUB_PERIOD`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub_period: Option<u64>,
+}
+
+/// The scrub's period when `scrub_period` is not set: 30 days.
+pub const DEFAULT_SCRUB_PERIOD: u64 = 30 * 86400;
+
+/// Parses a duration: seconds, or a number with s, m, h, d or w.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last()? {
+        's' => (&s[..s.len() - 1], 1u64),
+        'm' => (&s[..s.len() - 1], 60),
+        'h' => (&s[..s.len() - 1], 3600),
+        'd' => (&s[..s.len() - 1], 86400),
+        'w' => (&s[..s.len() - 1], 7 * 86400),
+        _ => (s, 1),
+    };
+    num.trim().parse::<u64>().ok()?.checked_mul(mul)
 }
 
 fn default_interval() -> u64 {
@@ -217,6 +242,14 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     (
         "persistent_failure_crawls",
         "complete crawls in a row an entry must fail to be a persistent failure",
+    ),
+    (
+        "scrub_rate",
+        "bytes/s (e.g. 50M) the daemon verifies the replica at in the background (off: no scrub)",
+    ),
+    (
+        "scrub_period",
+        "the scrub verifies every byte at least once within this time (e.g. 30d; in seconds)",
     ),
 ];
 

@@ -61,6 +61,25 @@ pub fn check(s: &Status, t: &Thresholds, now_ns: u64) -> (i32, String) {
                 (false, Some(ca)) if ca >= t.critical => {
                     (WARNING, format!("checkpoint not completed after {ca} s"))
                 }
+                _ if s.verify_mismatches > 0 => (
+                    WARNING,
+                    format!(
+                        "verification found {} mismatches between master and slave{}; see `georep status {} --detail`",
+                        s.verify_mismatches,
+                        s.verify_mismatch_paths
+                            .first()
+                            .map(|p| format!(", e.g. {p}"))
+                            .unwrap_or_default(),
+                        s.session
+                    ),
+                ),
+                _ if s.verify_behind => (
+                    WARNING,
+                    format!(
+                        "verification coverage {:.1}% is behind schedule: raise scrub_rate or scrub_period",
+                        s.verify_coverage.unwrap_or(0.0) * 100.0
+                    ),
+                ),
                 _ => (
                     OK,
                     format!(
@@ -78,7 +97,7 @@ pub fn check(s: &Status, t: &Thresholds, now_ns: u64) -> (i32, String) {
         .lag_seconds
         .map(|l| format!("{l}s"))
         .unwrap_or_else(|| "U".into());
-    let perf = format!(
+    let mut perf = format!(
         "lag={lag};{};{};0; pending={};;;0; failures={}c restarts={}c bytes_sent={}c files_synced={}c failing={};;;0; persistent_failures={};1;{};0;",
         t.warning,
         t.critical,
@@ -91,6 +110,10 @@ pub fn check(s: &Status, t: &Thresholds, now_ns: u64) -> (i32, String) {
         s.persistent_failures,
         t.failures_critical
     );
+    if let Some(c) = s.verify_coverage {
+        perf.push_str(&format!(" verify_coverage={:.4};;;0;1", c));
+    }
+    perf.push_str(&format!(" verify_mismatches={};1;;0;", s.verify_mismatches));
     (
         code,
         format!("GEOREP {} - {}: {text} | {perf}", word(code), s.session),
@@ -179,6 +202,41 @@ mod tests {
             ..active(0)
         };
         assert_eq!(check(&stale, &t, NOW).0, UNKNOWN);
+        let rotten = Status {
+            verify_mismatches: 2,
+            verify_mismatch_paths: vec!["a/b".into()],
+            ..active(5)
+        };
+        let (code, line) = check(&rotten, &t, NOW);
+        assert_eq!(code, WARNING);
+        assert!(
+            line.contains("2 mismatches") && line.contains("a/b"),
+            "{line}"
+        );
+        let behind = Status {
+            verify_coverage: Some(0.4),
+            verify_behind: true,
+            ..active(5)
+        };
+        let (code, line) = check(&behind, &t, NOW);
+        assert_eq!(code, WARNING);
+        assert!(
+            line.contains("40.0%") && line.contains("behind schedule"),
+            "{line}"
+        );
+        // Lag matters more than verification.
+        assert_eq!(
+            check(
+                &Status {
+                    verify_mismatches: 1,
+                    ..active(600)
+                },
+                &t,
+                NOW
+            )
+            .0,
+            CRITICAL
+        );
         let (_, line) = check(&active(5), &t, NOW);
         assert!(
             line.starts_with("GEOREP OK - s1: Active, Idle, lag 5 s | lag=5s;60;600;0; "),

@@ -213,6 +213,60 @@ pub fn render(rows: &[Status]) -> String {
         }
     }
     progress(&mut o, rows);
+    o.family(
+        "georep_verify_last_timestamp_seconds",
+        "gauge",
+        "When a verification of the replica last completed (absent before the first).",
+    );
+    for s in rows {
+        if let Some(t) = s
+            .verify_last
+            .as_deref()
+            .and_then(|t| crate::time::parse_rfc3339(t).ok())
+        {
+            o.sample(
+                "georep_verify_last_timestamp_seconds",
+                &[("session", &s.session)],
+                secs(t),
+            );
+        }
+    }
+    o.family(
+        "georep_verify_coverage",
+        "gauge",
+        "Share of the data (0-1) the scrub verified within its period (absent without a scrub).",
+    );
+    for s in rows {
+        if let Some(c) = s.verify_coverage {
+            o.sample("georep_verify_coverage", &[("session", &s.session)], c);
+        }
+    }
+    o.family(
+        "georep_verify_behind_schedule",
+        "gauge",
+        "1 when the scrub's coverage is behind its schedule.",
+    );
+    for s in rows {
+        if s.verify_coverage.is_some() {
+            o.sample(
+                "georep_verify_behind_schedule",
+                &[("session", &s.session)],
+                s.verify_behind as u8 as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_verify_mismatches",
+        "gauge",
+        "Mismatches between master and slave found by the latest verification.",
+    );
+    for s in rows {
+        o.sample(
+            "georep_verify_mismatches",
+            &[("session", &s.session)],
+            s.verify_mismatches as f64,
+        );
+    }
     o.0
 }
 

@@ -182,6 +182,32 @@ pub fn detail(s: &Status) -> String {
         ),
         ("failing entries", s.failing_entries.to_string()),
         ("persistent failures", s.persistent_failures.to_string()),
+        ("verify last", opt(&s.verify_last)),
+        (
+            "verify coverage",
+            s.verify_coverage
+                .map(|c| {
+                    format!(
+                        "{:.1}%{}",
+                        c * 100.0,
+                        if s.verify_behind {
+                            " (behind schedule)"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        ("verify mismatches", s.verify_mismatches.to_string()),
+        (
+            "verify mismatch paths",
+            if s.verify_mismatch_paths.is_empty() {
+                "N/A".into()
+            } else {
+                s.verify_mismatch_paths.join(", ")
+            },
+        ),
     ];
     let mut rows = rows;
     for e in &s.persistent_failure_entries {

@@ -171,6 +171,23 @@ pub struct Status {
     /// Catalog mode: per host, the newest complete point on the slave.
     #[serde(default)]
     pub hosts: Vec<HostPoint>,
+    /// When a verification of the replica (a scrub pass, or `georep verify`)
+    /// last completed. Filled by the reader from the session's files.
+    #[serde(default)]
+    pub verify_last: Option<String>,
+    /// Share of the data (0-1) verified within the scrub period (null without a scrub).
+    #[serde(default)]
+    pub verify_coverage: Option<f64>,
+    /// Mismatches found by the latest verification (the scrub's current or
+    /// last pass, or `georep verify`).
+    #[serde(default)]
+    pub verify_mismatches: u64,
+    /// The scrub covers less than its schedule says it should by now.
+    #[serde(default)]
+    pub verify_behind: bool,
+    /// The paths of the latest mismatches (at most 10).
+    #[serde(default)]
+    pub verify_mismatch_paths: Vec<String>,
 }
 
 impl Status {
@@ -206,6 +223,11 @@ impl Status {
             persistent_failures: 0,
             persistent_failure_entries: Vec::new(),
             hosts: Vec::new(),
+            verify_last: None,
+            verify_coverage: None,
+            verify_mismatches: 0,
+            verify_behind: false,
+            verify_mismatch_paths: Vec::new(),
         }
     }
 

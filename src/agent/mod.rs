@@ -14,6 +14,7 @@ mod root;
 mod settings;
 mod sys;
 mod undo;
+mod verify;
 
 pub use root::Root;
 pub use settings::Policy;
@@ -71,6 +72,8 @@ struct Agent<'a> {
     root: Root,
     files: Files,
     out: &'a Replies,
+    /// Verification requests, served on a thread of their own.
+    verify: verify::Verifier,
 }
 
 fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
@@ -134,7 +137,12 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     // Interrupted in-place updates are rolled back before anything is served.
     let files = Files::start(&root);
     conn.serving();
-    let mut agent = Agent { root, files, out };
+    let mut agent = Agent {
+        root,
+        files,
+        out,
+        verify: verify::Verifier::new(out.clone()),
+    };
     let result = loop {
         let msg = match conn.try_recv() {
             TryPop::Item(m) => Some(m),
@@ -399,6 +407,14 @@ impl Agent<'_> {
                 catalog::append_tail(&self.root, &path, at, &data, &digest, sync, check)
                     .map(|written| Reply::Committed { written })
             }
+            Request::VerifyCaps => Ok(verify::caps()),
+            req @ (Request::VerifyRange { .. }
+            | Request::VerifyItems { .. }
+            | Request::VerifyBlocks { .. }
+            | Request::VerifyJournal { .. }) => match self.verify.submit(&self.root, id, req) {
+                Ok(()) => return, // answered by the verification thread
+                Err(e) => Err(e),
+            },
         };
         self.reply(id, result);
     }

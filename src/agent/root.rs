@@ -112,6 +112,16 @@ impl Root {
         Ok(fd)
     }
 
+    /// The same root through a duplicated descriptor (for another thread).
+    pub fn try_clone(&self) -> std::io::Result<Root> {
+        Ok(Root {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+            dev: self.dev,
+            policy: self.policy,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

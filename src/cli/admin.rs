@@ -212,6 +212,8 @@ pub fn create(
         on_event_timeout_secs: crate::session::default_event_timeout(),
         rpo_warning_secs: None,
         persistent_failure_crawls: crate::session::default_persistent_failure_crawls(),
+        scrub_rate: None,
+        scrub_period: None,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -474,6 +476,26 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                 "config key {key} is read-only: it is set by `georep create`; to change it, `georep delete {}` and create the session again",
                 session.name
             ))
+        }
+        "scrub_rate" => {
+            c.scrub_rate = match value {
+                None | Some("off") | Some("none") => None,
+                Some(v) => Some(
+                    crate::catalog::sample::parse_size(v)
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| bad("bytes per second, e.g. 52428800 or 50M (or off)"))?,
+                ),
+            }
+        }
+        "scrub_period" => {
+            c.scrub_period = match value {
+                None => None,
+                Some(v) => Some(
+                    crate::session::parse_duration(v)
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| bad("a duration, e.g. 30d, 12h or 3600 (seconds)"))?,
+                ),
+            }
         }
         _ => return Err(unknown_key(key)),
     }

@@ -90,6 +90,28 @@ pub enum Cmd {
         #[arg(long, overrides_with = "progress")]
         no_progress: bool,
     },
+    /// Compare the slave with the master by hash trees; exit 0 equal, 1 differences found, 3 stopped before the end (run again to resume).
+    Verify {
+        session: String,
+        /// Verify only this subtree (relative to the master, or below it); repeatable.
+        #[arg(long = "path", value_name = "P")]
+        paths: Vec<PathBuf>,
+        /// Print a JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this long (e.g. 1h, 30m, 90s); the next run resumes where it stopped.
+        #[arg(long, value_name = "D", value_parser = parse_duration_arg)]
+        max_duration: Option<u64>,
+        /// Ship what differs (only the differing blocks of a file), then verify it again.
+        #[arg(long)]
+        repair: bool,
+        /// Read at most this many bytes per second on each side (e.g. 50M).
+        #[arg(long, value_name = "RATE", value_parser = parse_nonzero_size)]
+        rate: Option<u64>,
+        /// Start over instead of resuming an interrupted verification.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Stamp PATHs as changed (for writers that integrate with georep).
     Mark {
         /// Files or directories just written (a vanished path stamps its directory).
@@ -318,6 +340,12 @@ pub fn parse_nonzero_size(s: &str) -> Result<u64, String> {
         0 => Err("must be at least 1 byte".into()),
         n => Ok(n),
     }
+}
+
+pub fn parse_duration_arg(s: &str) -> Result<u64, String> {
+    crate::session::parse_duration(s)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("bad duration {s:?}: use seconds or a number with s, m, h, d or w"))
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod args;
 pub mod catalog;
 pub mod sync;
+pub mod verify;
 
 use crate::error::{exit, Retry, UserError};
 use crate::session::{MarkerPolicy, Session, SyncMode};
@@ -136,6 +137,24 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             progress,
             no_progress,
         } => sync::run(&session, json, full, progress, no_progress),
+        Cmd::Verify {
+            session,
+            paths,
+            json,
+            max_duration,
+            repair,
+            rate,
+            restart,
+        } => {
+            let req = crate::engine::verify::session::Request {
+                paths,
+                rate: rate.unwrap_or(0),
+                max_duration: max_duration.map(Duration::from_secs),
+                repair,
+                restart,
+            };
+            crate::cli::verify::run(&session, &req, json)
+        }
         Cmd::Mark { paths } => {
             for p in &paths {
                 crate::fs::xtime::mark(p)

@@ -277,6 +277,7 @@ async fn run_loop(
         None
     };
     *heartbeat.lock().unwrap() = reporter.clone();
+    let mut scrub = Scrub::start(session, master, &shutdown);
     let interval = Duration::from_secs(session.config.interval_secs.max(1));
     let continuous_mode = session.config.mode == SyncMode::Continuous;
     // Watcher gaps when the previous crawl started (None: no previous crawl under this watcher).
@@ -289,7 +290,9 @@ async fn run_loop(
     loop {
         // Wait until a crawl is due.
         loop {
+            scrub.offer(&worker);
             if shutdown.is_cancelled() {
+                scrub.stop().await;
                 worker.close().await;
                 return Ok(());
             }
@@ -393,6 +396,7 @@ async fn run_loop(
             marker_continuous,
         };
         let result = worker.crawl(&opts, shutdown.clone()).await;
+        scrub.offer(&worker);
         let complete = matches!(&result, Ok(s) if s.complete);
         if let Some(w) = reporter.watcher.as_ref() {
             w.pending.lock().unwrap().end_crawl(complete);
@@ -489,6 +493,7 @@ async fn run_loop(
                 });
             }
             Err(WorkerError::Shutdown) => {
+                scrub.stop().await;
                 worker.close().await;
                 return Ok(());
             }
@@ -498,8 +503,57 @@ async fn run_loop(
                 faulty(reporter, &mut retry, &e, "crawl failed");
             }
             Err(e) => {
+                scrub.stop().await;
                 worker.close().await;
                 return Err(e);
+            }
+        }
+    }
+}
+
+/// The background verification task of a worker (when `scrub_rate` is
+/// set), and the slot through which it gets the worker's connection.
+struct Scrub {
+    slot: crate::daemon::scrub::Slot,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Scrub {
+    fn start(session: &Session, master: uuid::Uuid, shutdown: &CancellationToken) -> Scrub {
+        let slot = crate::daemon::scrub::Slot::default();
+        let stop = shutdown.child_token();
+        let task = session.config.scrub_rate.map(|_| {
+            let owned = Session {
+                name: session.name.clone(),
+                dir: session.dir.clone(),
+                config: session.config.clone(),
+            };
+            let (slot, stop) = (slot.clone(), stop.clone());
+            tokio::spawn(async move { crate::daemon::scrub::run(&owned, slot, master, stop).await })
+        });
+        Scrub { slot, task, stop }
+    }
+
+    /// Gives the scrub the worker's current connection (or none).
+    fn offer(&self, worker: &Worker) {
+        if self.task.is_some() {
+            *self.slot.lock().unwrap() = worker.client();
+        }
+    }
+
+    /// Ends the scrub and drops its hold on the connection, so the worker
+    /// can close it (the agent exits once every client is gone).
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        *self.slot.lock().unwrap() = None;
+        if let Some(mut t) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+                let _ = t.await;
             }
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod continuous;
 pub mod failures;
+pub mod scrub;
 pub mod status;
 pub mod watcher;
 

@@ -83,6 +83,7 @@ pub fn collect(s: &Session) -> Status {
                 .collect();
         }
     }
+    crate::daemon::scrub::fill_status(s, &mut st, now_ns());
     effective(st, monitor_alive, worker_alive, now_ns())
 }
 

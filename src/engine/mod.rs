@@ -16,4 +16,5 @@ pub mod outcome;
 pub mod progress;
 pub mod slave;
 pub mod transfer;
+pub mod verify;
 pub mod worker;

@@ -132,6 +132,15 @@ impl<'a> Worker<'a> {
         self.master_id
     }
 
+    /// The connection's client while it is up, for the scrub, which
+    /// shares the connection (the agent verifies on a thread of its own).
+    pub fn client(&self) -> Option<crate::protocol::Client> {
+        self.conn
+            .as_ref()
+            .filter(|c| c.client.closed().is_none())
+            .map(|c| c.client.clone())
+    }
+
     /// Closes the connection, waiting for the agent to publish and exit.
     pub async fn close(mut self) {
         if let Some(conn) = self.conn.take() {

@@ -6,4 +6,5 @@
 pub mod meta;
 pub mod relpath;
 pub mod sparse;
+pub mod throttle;
 pub mod xtime;

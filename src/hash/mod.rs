@@ -5,6 +5,7 @@
 
 pub mod blocktree;
 pub mod digest;
+pub mod stream;
 
 /// A full BLAKE3 hash.
 pub type Hash32 = [u8; 32];

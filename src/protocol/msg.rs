@@ -5,6 +5,7 @@ use crate::fs::relpath::RelPath;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+pub use crate::hash::stream::{Item, Key};
 pub use crate::hash::{Hash16, Hash32};
 
 /// Which session a slave tree belongs to, and which full crawl it has seen.
@@ -181,6 +182,47 @@ pub enum Request {
         path: RelPath,
         size: u64,
     },
+    /// What the agent's verification does: answered by `VerifyCaps`.
+    VerifyCaps,
+    /// Hashes the slave's stream items (`hash::stream`) in `(from, to]`,
+    /// reading at most `rate` bytes/s (0: unlimited) on the agent's
+    /// verification thread, so other requests are served meanwhile. Stops
+    /// early at the agent's limits (entries, bytes, item bytes per range).
+    /// With `owners` false, owners are left out of the items. Answered by
+    /// `RangeHash`; the agent keeps the items of its last ranges for `VerifyItems`.
+    VerifyRange {
+        rid: u64,
+        from: Key,
+        to: Key,
+        rate: u64,
+        owners: bool,
+    },
+    /// The items of range `rid` as `VerifyRange` hashed them (hashed again
+    /// if no longer kept), in one or more `Items` frames.
+    VerifyItems {
+        rid: u64,
+        from: Key,
+        to: Key,
+        rate: u64,
+        owners: bool,
+    },
+    /// Comparison hashes of the 4 KiB blocks of `[offset, offset+len)` of
+    /// the slave's regular file `path`, opened read-only (`len` at most one
+    /// window, `offset` block-aligned). Answered by `BlockHashes`.
+    VerifyBlocks {
+        path: RelPath,
+        offset: u64,
+        len: u64,
+        rate: u64,
+    },
+    /// Checks the CDP journal `path` of the slave's store up to `length`
+    /// (header, every record's checksum, whole points), read-only on the
+    /// verification thread at `rate`. Answered by `Journal`.
+    VerifyJournal {
+        path: RelPath,
+        length: u64,
+        rate: u64,
+    },
 }
 
 impl Request {
@@ -227,6 +269,33 @@ pub enum Reply {
     OpenedInPlace {
         basis_size: Option<u64>,
         in_place: bool,
+    },
+    /// Whether the agent keeps owners (it runs as root), and the most a
+    /// range may hold before `VerifyRange` stops early.
+    VerifyCaps {
+        owners: bool,
+        max_entries: u64,
+        max_bytes: u64,
+    },
+    /// The hash of the items of `(from, stopped or to]`: `stopped` is the
+    /// last key hashed when a limit was reached first.
+    RangeHash {
+        hash: Hash32,
+        items: u64,
+        entries: u64,
+        bytes: u64,
+        stopped: Option<Key>,
+    },
+    Items(Vec<Item>),
+    /// What a journal holds up to the length asked: where its whole points
+    /// end, how many, the newest one's time, and its header's fields.
+    Journal {
+        end: u64,
+        points: u64,
+        last: u64,
+        start: u64,
+        base: u64,
+        base_name: String,
     },
 }
 

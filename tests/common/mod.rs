@@ -8,6 +8,7 @@ pub mod mount;
 pub mod mutate;
 pub mod proxy;
 pub mod raw_agent;
+pub mod rot;
 pub mod sshd;
 pub mod tree;
 

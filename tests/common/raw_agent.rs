@@ -257,6 +257,11 @@ impl RawAgent {
         }
     }
 
+    /// The next reply, whatever its id (None once the agent closed).
+    pub fn reply_to_any(&mut self) -> Option<Response> {
+        self.read_response()
+    }
+
     /// A request that must be answered with an error.
     pub fn refused(&mut self, body: Request, what: &str) {
         let r = self.call(body);

@@ -115,11 +115,22 @@ impl Ctx {
         cmd: Command,
         local_bytes: impl Fn(&str) -> u64,
     ) -> anyhow::Result<(Run, Measured)> {
+        self.measure_allowing(link, cmd, local_bytes, &[0])
+    }
+
+    /// As [`measure`](Self::measure), accepting the exit codes `ok`.
+    pub fn measure_allowing(
+        &self,
+        link: Link,
+        cmd: Command,
+        local_bytes: impl Fn(&str) -> u64,
+        ok: &[i32],
+    ) -> anyhow::Result<(Run, Measured)> {
         if let Some(p) = self.proxy(link) {
             p.reset();
         }
         let sample = self.sample.load(std::sync::atomic::Ordering::Relaxed);
-        let m = procs::run(cmd, &self.marker, &self.dir, sample)?;
+        let m = procs::run_allowing(cmd, &self.marker, &self.dir, sample, ok)?;
         // Let the proxy drain its queues before reading its counters.
         if link == Link::Wan {
             std::thread::sleep(Duration::from_millis(150));

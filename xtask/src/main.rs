@@ -14,6 +14,7 @@ mod fuzz;
 mod procs;
 mod proxy;
 mod sshd;
+mod verify;
 mod workloads;
 
 use anyhow::Context;
@@ -238,7 +239,7 @@ fn main() -> anyhow::Result<()> {
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();
     type Runner = fn(&Ctx) -> anyhow::Result<Vec<Outcome>>;
-    let all: [(&str, Runner); 9] = [
+    let all: [(&str, Runner); 10] = [
         ("W1", |c| Ok(vec![workloads::w1(c)?])),
         // W2 reports two pairings: W2 (atomic publish) and W2i (in place).
         ("W2", workloads::w2),
@@ -249,6 +250,8 @@ fn main() -> anyhow::Result<()> {
         ("W6", |c| Ok(vec![workloads::w5(c, Link::Wan)?])),
         ("W7", |c| Ok(vec![workloads::w7(c)?])),
         ("W8", |c| Ok(vec![workloads::w8(c)?])),
+        // V1 reports V1 (equal trees) and V1r (rotted files, then repair).
+        ("V1", verify::v1),
     ];
     for (id, run) in all {
         if !want(id) {

@@ -26,7 +26,7 @@ fn role(cmdline: &str) -> Option<&'static str> {
     match base {
         "georep" => match rest.first().copied() {
             Some("agent") => Some("georep agent"),
-            Some("sync") | Some("worker") => Some("georep worker"),
+            Some("sync") | Some("worker") | Some("verify") => Some("georep worker"),
             _ => None,
         },
         "rsync" if rest.contains(&"--server") => Some("rsync receiver"),
@@ -88,8 +88,15 @@ fn sample(peaks: &Mutex<Peaks>, marker: &str, dir: &str) {
 }
 
 /// Runs `cmd` (given the run marker in its environment) to completion,
-/// failing on a non-zero exit; samples /proc every 5 ms meanwhile if `sample`.
-pub fn run(mut cmd: Command, marker: &str, dir: &Path, sample: bool) -> anyhow::Result<Measured> {
+/// failing on an exit code not in `ok` (usually `[0]`; verify's 1 says
+/// differences were found); samples /proc every 5 ms meanwhile if `sample`.
+pub fn run_allowing(
+    mut cmd: Command,
+    marker: &str,
+    dir: &Path,
+    sample: bool,
+    ok: &[i32],
+) -> anyhow::Result<Measured> {
     let (k, v) = marker.split_once('=').expect("marker is K=V");
     cmd.env(k, v);
     let peaks = Arc::new(Mutex::new(Peaks::new()));
@@ -114,7 +121,7 @@ pub fn run(mut cmd: Command, marker: &str, dir: &Path, sample: bool) -> anyhow::
     done.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     let out = out?;
-    if !out.status.success() {
+    if !out.status.code().is_some_and(|c| ok.contains(&c)) {
         anyhow::bail!(
             "{:?} failed ({}): {}",
             cmd,

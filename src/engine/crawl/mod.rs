@@ -108,6 +108,24 @@ impl Engine {
         })
     }
 
+    /// Makes the slave's existing directory `dir` and everything below it
+    /// equal to the master's, every entry compared (a full visit of that
+    /// subtree only): how a repair fills a directory it just created.
+    pub async fn resync_dir(self: &Arc<Self>, dir: RelPath) -> bool {
+        let slave = match self.slave.stat(dir.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.slave_err(&dir, e);
+                return false;
+            }
+        };
+        let ok = self
+            .clone()
+            .visit(dir, SlaveDir::Existing(slave), None, CrawlKind::Full)
+            .await;
+        ok && self.flush_stimes(true).await.is_ok()
+    }
+
     /// Makes the slave durable, then records the stimes of the
     /// directories completed so far (never before: an stime must not cover data the slave could still lose).
     pub async fn flush_stimes(&self, barrier_anyway: bool) -> Result<(), ProtoError> {
