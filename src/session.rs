@@ -140,7 +140,14 @@ pub struct Config {
     /// being assembled in a temporary file and renamed. None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inplace_min_size: Option<u64>,
+    /// Parallel streams to the slave (agents over SSH channels of one
+    /// connection). None: auto, from the round trip measured at the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
 }
+
+/// Most streams a session may configure.
+pub const MAX_STREAMS: u32 = 16;
 
 fn default_interval() -> u64 {
     3600
@@ -177,6 +184,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     (
         "inplace_min_size",
         "files at least this big (e.g. 1G) are patched in place on the slave",
+    ),
+    (
+        "streams",
+        "parallel streams to the slave: auto (from the round trip) or 1-16",
     ),
 ];
 

@@ -7,6 +7,7 @@ mod catalog;
 mod files;
 mod inplace;
 mod root;
+mod streams;
 mod undo;
 
 pub use root::Root;
@@ -127,6 +128,11 @@ struct Agent<'a> {
     root: Root,
     files: Files,
     out: &'a mpsc::Sender<Response>,
+    /// Other agents of a stream group share the root: temporaries that
+    /// are not this agent's may be theirs.
+    grouped: bool,
+    /// Holds the root's lock (not an agent that joined a group).
+    primary: bool,
 }
 
 fn run(
@@ -150,12 +156,16 @@ fn run(
         Some(Incoming::Garbage(why)) => return Err(AgentError::Refused(why)),
         None => return Ok(()),
     };
-    let Request::Hello { version, .. } = first.body else {
-        send(
-            first.id,
-            Err(WireError::new(ErrorKind::Invalid, "expected Hello first")),
-        );
-        return Err(AgentError::Refused("no handshake".into()));
+    let (version, token) = match first.body {
+        Request::Hello { version, .. } => (version, None),
+        Request::HelloStream { version, token, .. } => (version, Some(token)),
+        _ => {
+            send(
+                first.id,
+                Err(WireError::new(ErrorKind::Invalid, "expected Hello first")),
+            );
+            return Err(AgentError::Refused("no handshake".into()));
+        }
     };
     if version != PROTOCOL_VERSION {
         let msg = format!(
@@ -169,9 +179,21 @@ fn run(
         return Err(AgentError::Refused(msg));
     }
     // The state directory exists before any crawl, so creating it never
-    // moves the root's mtime after the worker has set it.
-    let (root, _lock) = match open_root(&opts.root).and_then(|(r, l)| r.state_dir().map(|_| (r, l)))
-    {
+    // moves the root's mtime after the worker has set it. A primary agent
+    // takes the root's lock; an agent joining a stream group shows the
+    // group's token instead.
+    let opened = match token {
+        None => open_root(&opts.root).and_then(|(r, l)| r.state_dir().map(|_| (r, Some(l)))),
+        Some(t) => Root::open(&opts.root)
+            .map_err(|e| {
+                WireError::new(
+                    ErrorKind::NotFound,
+                    format!("slave root {}: {e}", opts.root.display()),
+                )
+            })
+            .and_then(|r| streams::check_token(&r, &t).map(|_| (r, None))),
+    };
+    let (root, _lock) = match opened {
         Ok(r) => r,
         Err(e) => {
             send(first.id, Err(e.clone()));
@@ -187,8 +209,20 @@ fn run(
         }),
     );
     // Interrupted in-place updates are rolled back before anything is served.
-    let files = Files::start(&root);
-    let mut agent = Agent { root, files, out };
+    // A joining agent leaves that to the primary, which may be mid-update.
+    let primary = token.is_none();
+    let files = if primary {
+        Files::start(&root)
+    } else {
+        Files::default()
+    };
+    let mut agent = Agent {
+        root,
+        files,
+        out,
+        grouped: !primary,
+        primary,
+    };
     let result = loop {
         let msg = match rx.try_recv() {
             Ok(m) => Some(m),
@@ -216,6 +250,9 @@ fn run(
     };
     agent.flush();
     agent.files.abort_all();
+    if agent.primary && agent.grouped {
+        streams::close_group(&agent.root);
+    }
     result
 }
 
@@ -305,7 +342,65 @@ impl Agent<'_> {
             self.files.recover(&self.root);
         }
         let result = match env.body {
-            Request::Hello { .. } => Err(WireError::new(ErrorKind::Invalid, "duplicate Hello")),
+            Request::Hello { .. } | Request::HelloStream { .. } => {
+                Err(WireError::new(ErrorKind::Invalid, "duplicate Hello"))
+            }
+            Request::OpenStreams if self.primary => {
+                self.grouped = true;
+                streams::open_group(&self.root).map(Reply::StreamToken)
+            }
+            Request::OpenStreams => Err(WireError::new(
+                ErrorKind::Invalid,
+                "only the group's primary agent opens streams",
+            )),
+            Request::OpenShared {
+                fid,
+                path,
+                basis,
+                size,
+            } => {
+                self.flush_if(|p| p == &path);
+                self.files
+                    .open_shared(&self.root, fid, &path, basis.as_ref(), size)
+                    .map(|(basis_size, tmp)| Reply::OpenedShared {
+                        basis_size,
+                        tmp: tmp.into(),
+                    })
+            }
+            Request::OpenSegment {
+                fid,
+                path,
+                tmp,
+                basis,
+                size,
+                start,
+                end,
+            } => self
+                .files
+                .open_segment(
+                    &self.root,
+                    fid,
+                    &path,
+                    &tmp,
+                    basis.as_ref(),
+                    size,
+                    start,
+                    end,
+                )
+                .map(|basis_size| Reply::Opened { basis_size }),
+            Request::FinishSegment { fid } => self
+                .files
+                .finish_segment(fid)
+                .map(|(roots, written)| Reply::SegmentRoots { roots, written }),
+            Request::CommitShared {
+                fid,
+                digest,
+                meta,
+                segments,
+            } => match self.files.commit_shared(id, fid, &digest, &meta, &segments) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
             Request::Ping => Ok(Reply::Pong),
             Request::GetIdentity => self.root.identity().map(Reply::Identity),
             Request::SetIdentity(ident) => {
@@ -315,7 +410,9 @@ impl Agent<'_> {
             Request::ListDir { path } => {
                 self.flush_if(|p| p.parent().as_ref() == Some(&path));
                 let files = &self.files;
-                return self.send_entries(id, self.root.list(&path, &|n| files.in_use(n)));
+                let keep_young = self.grouped;
+                return self
+                    .send_entries(id, self.root.list(&path, &|n| files.in_use(n), keep_young));
             }
             Request::Stat { path } => {
                 self.flush_if(|p| p == &path);

@@ -132,8 +132,15 @@ impl Root {
     }
 
     /// Lists `rel`, hiding georep's own files and removing stale temporaries
-    /// (`in_use` says which temporaries belong to files being assembled).
-    pub fn list(&self, rel: &RelPath, in_use: &dyn Fn(&[u8]) -> bool) -> WResult<Vec<Entry>> {
+    /// (`in_use` says which temporaries belong to files being assembled;
+    /// with `keep_young`, those changed in the last hour are kept too: they
+    /// may be another agent's of the same stream group).
+    pub fn list(
+        &self,
+        rel: &RelPath,
+        in_use: &dyn Fn(&[u8]) -> bool,
+        keep_young: bool,
+    ) -> WResult<Vec<Entry>> {
         check_reserved(rel)?;
         let dir = self.dir(rel)?;
         let mut d =
@@ -147,7 +154,7 @@ impl Root {
                 continue;
             }
             if name.starts_with(TMP_PREFIX) {
-                if !in_use(name) {
+                if !in_use(name) && !(keep_young && young(dir.as_fd(), name)) {
                     let _ = unlinkat(
                         dir.as_fd(),
                         OsStr::from_bytes(name),
@@ -345,6 +352,18 @@ impl Root {
             Err(e) => return Err(errno_err(e, "mkdir", &".georep")),
         }
         open_nofollow(self.fd.as_fd(), name, true).map_err(|e| errno_err(e, "open", &".georep"))
+    }
+}
+
+/// Whether entry `name` of `dir` changed within the last hour.
+fn young(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+    match nix::sys::stat::fstatat(
+        dir,
+        OsStr::from_bytes(name),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => crate::fs::xtime::now_ns() / 1_000_000_000 < st.st_mtime as u64 + 3600,
+        Err(_) => false,
     }
 }
 

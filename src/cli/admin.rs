@@ -208,6 +208,7 @@ pub fn create(
         remote_georep: opts.remote_georep.clone(),
         layout,
         inplace_min_size: opts.inplace_min_size,
+        streams: None,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -324,6 +325,7 @@ pub fn config_get(session: &Session, key: &str) -> Result<String, UserError> {
     match value.get(key) {
         Some(toml::Value::String(s)) => Ok(s.clone()),
         Some(v) => Ok(v.to_string()),
+        None if key == "streams" => Ok("auto".into()),
         None if CONFIG_KEYS.iter().any(|k| k.0 == key) => Ok(String::new()),
         None => Err(unknown_key(key)),
     }
@@ -412,6 +414,17 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                     crate::catalog::sample::parse_size(v)
                         .filter(|&n| n > 0)
                         .ok_or_else(|| bad("a size in bytes, e.g. 1073741824 or 1G (or off)"))?,
+                ),
+            }
+        }
+        "streams" => {
+            c.streams = match value {
+                None | Some("auto") => None,
+                Some(v) => Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=crate::session::MAX_STREAMS).contains(n))
+                        .ok_or_else(|| bad("auto or a number of streams from 1 to 16"))?,
                 ),
             }
         }

@@ -27,6 +27,9 @@ pub enum CrawlKind {
 pub const READ_BUDGET: usize = 8 << 20;
 /// Large files transferred at once (each holds a few windows in memory).
 const LARGE_FILES: usize = 2;
+/// Segments of shared large files in flight at once over all streams
+/// (each holds one window in memory; see `engine::transfer::segments`).
+const SEGMENT_SLOTS: usize = 8;
 /// Plain files being shipped at once across the whole crawl. Directories
 /// are visited concurrently, each with up to `DIR_CONCURRENCY` actions, so
 /// without this bound an initial sync of 200 directories of 100 files had
@@ -69,6 +72,8 @@ pub struct Engine {
     pub stats: Stats,
     pub read_budget: Semaphore,
     pub large_files: Semaphore,
+    /// See [`SEGMENT_SLOTS`].
+    pub segment_slots: Semaphore,
     /// See [`FILE_SLOTS`].
     pub(crate) file_slots: Arc<Semaphore>,
     fids: AtomicU64,
@@ -98,6 +103,7 @@ impl Engine {
             stats: Stats::default(),
             read_budget: Semaphore::new(READ_BUDGET),
             large_files: Semaphore::new(LARGE_FILES),
+            segment_slots: Semaphore::new(SEGMENT_SLOTS),
             file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),
             fids: AtomicU64::new(1),
             links,
@@ -161,7 +167,11 @@ impl Engine {
 
     /// Records a slave error: fatal ones stop the crawl, others fail the entry.
     pub(crate) fn slave_err(&self, path: &RelPath, e: ProtoError) {
-        if e.is_fatal() {
+        // A stream other than the first that was lost fails only the files
+        // it carried (retried by the next crawl, which connects again).
+        let other_stream = matches!(e, ProtoError::Lost(_) | ProtoError::Timeout(_))
+            && self.slave.closed().is_none();
+        if e.is_fatal() && !other_stream {
             self.set_fatal(e);
         } else {
             self.fail(path, e);

@@ -86,6 +86,18 @@ pub struct Summary {
     /// Catalog mode (layout = store): generations, points, locks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub catalog: Option<CatalogSummary>,
+    /// The link to the slave: streams, round trip.
+    #[serde(flatten)]
+    pub link: LinkSummary,
+}
+
+/// How the worker reached the slave during a sync.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LinkSummary {
+    /// Parallel streams in use (see `streams` in the config).
+    pub streams: u64,
+    /// The round trip measured at the connection's handshake.
+    pub rtt_ms: f64,
 }
 
 /// Options of one sync.

@@ -8,6 +8,8 @@ use crate::fs::meta::{Entry, Meta};
 use crate::fs::relpath::RelPath;
 use crate::protocol::{Client, Hash16, Hash32, ProtoError, Reply, Request, SlaveIdentity, Ticket};
 use serde_bytes::ByteBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// A request on its way, with the conversion of its reply.
 pub struct Pending<T> {
@@ -39,18 +41,100 @@ fn committed(r: Vec<Reply>) -> Result<u64, ProtoError> {
     }
 }
 
+/// The slave through one or more streams (see `transport::Connection::open_streams`).
+/// Each value speaks on one stream, the group's first unless
+/// [`pick`](Slave::pick) or [`on`](Slave::on) chose another; a file's
+/// requests all go to the stream that opened it.
 #[derive(Clone)]
 pub struct Slave {
     client: Client,
+    /// Which stream of the group this value speaks on.
+    idx: usize,
+    group: Arc<Group>,
+}
+
+struct Group {
+    streams: Vec<Client>,
+    next: AtomicUsize,
 }
 
 impl Slave {
     pub fn new(client: Client) -> Slave {
-        Slave { client }
+        Slave::group(vec![client])
+    }
+
+    /// The slave through `streams` (at least one; the first is the primary).
+    pub fn group(streams: Vec<Client>) -> Slave {
+        Slave {
+            client: streams[0].clone(),
+            idx: 0,
+            group: Arc::new(Group {
+                streams,
+                next: AtomicUsize::new(0),
+            }),
+        }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The number of streams.
+    pub fn streams(&self) -> usize {
+        self.group.streams.len()
+    }
+
+    /// The same slave speaking on stream `k` (modulo the number of streams).
+    pub fn on(&self, k: usize) -> Slave {
+        let n = self.group.streams.len();
+        Slave {
+            client: self.group.streams[k % n].clone(),
+            idx: k % n,
+            group: self.group.clone(),
+        }
+    }
+
+    /// The stream this value speaks on.
+    pub fn index(&self) -> usize {
+        self.idx
+    }
+
+    /// The same slave on the live stream with the fewest bytes waiting to
+    /// be written (ties taken in turn), for the next file.
+    pub fn pick(&self) -> Slave {
+        let n = self.group.streams.len();
+        if n == 1 {
+            return self.clone();
+        }
+        let start = self.group.next.fetch_add(1, Ordering::Relaxed);
+        let best = (0..n)
+            .map(|j| (start + j) % n)
+            .filter(|&k| self.group.streams[k].closed().is_none())
+            .min_by_key(|&k| self.group.streams[k].queued_bytes())
+            .unwrap_or(0);
+        self.on(best)
+    }
+
+    /// Bytes out and in over every stream so far.
+    pub fn wire_totals(&self) -> (u64, u64) {
+        self.group.streams.iter().fold((0, 0), |(o, i), c| {
+            let s = c.stats();
+            (
+                o + s.bytes_out.load(Ordering::Relaxed),
+                i + s.bytes_in.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Why the primary stream closed, if it did (the others may close
+    /// without ending the pass: their files fail and are retried).
+    pub fn closed(&self) -> Option<ProtoError> {
+        self.group.streams[0].closed()
+    }
+
+    /// Whether any stream closed (the connection is to be made again).
+    pub fn any_closed(&self) -> bool {
+        self.group.streams.iter().any(|c| c.closed().is_some())
     }
 
     async fn req<T>(
@@ -377,6 +461,91 @@ impl Slave {
                 other => Err(unexpected(other)),
             }
         })
+        .await
+    }
+}
+
+impl Slave {
+    /// Opens `path` as a shared file other streams write segments of
+    /// (`Request::OpenShared`); answers the basis size and the temporary.
+    pub async fn open_shared(
+        &self,
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+    ) -> Result<Pending<(Option<u64>, Vec<u8>)>, ProtoError> {
+        self.req(
+            Request::OpenShared {
+                fid,
+                path,
+                basis,
+                size,
+            },
+            |r| match r.as_slice() {
+                [Reply::OpenedShared { basis_size, tmp }] => Ok((*basis_size, tmp.to_vec())),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await
+    }
+
+    /// Attaches to a shared temporary for windows `[start, end)` (`Request::OpenSegment`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open_segment(
+        &self,
+        fid: u64,
+        path: RelPath,
+        tmp: Vec<u8>,
+        basis: Option<RelPath>,
+        size: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Pending<Option<u64>>, ProtoError> {
+        self.req(
+            Request::OpenSegment {
+                fid,
+                path,
+                tmp: ByteBuf::from(tmp),
+                basis,
+                size,
+                start,
+                end,
+            },
+            |r| match r.as_slice() {
+                [Reply::Opened { basis_size }] => Ok(*basis_size),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await
+    }
+
+    /// Ends a segment: the agent's hash of each of its windows.
+    pub async fn finish_segment(&self, fid: u64) -> Result<Pending<Vec<Hash32>>, ProtoError> {
+        self.req(Request::FinishSegment { fid }, |r| match r.as_slice() {
+            [Reply::SegmentRoots { roots, .. }] => Ok(roots.clone()),
+            other => Err(unexpected(other)),
+        })
+        .await
+    }
+
+    /// Commits a shared file with the other streams' window hashes.
+    pub async fn commit_shared(
+        &self,
+        fid: u64,
+        digest: Hash32,
+        meta: Meta,
+        segments: Vec<(u64, Vec<Hash32>)>,
+    ) -> Result<Pending<u64>, ProtoError> {
+        self.req(
+            Request::CommitShared {
+                fid,
+                digest,
+                meta,
+                segments,
+            },
+            committed,
+        )
         .await
     }
 }

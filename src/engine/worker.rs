@@ -143,36 +143,37 @@ impl<'a> Worker<'a> {
             source,
         };
         let mut state = session.state();
-        if self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.client.closed().is_some())
-        {
+        if self.conn.as_ref().is_some_and(|c| c.broken()) {
             self.conn = None;
         }
         if self.conn.is_none() {
-            self.conn = Some(connect(session).await?);
+            let mut conn = connect(session).await?;
+            let want = streams_for(session.config.streams, conn.client.handshake_rtt());
+            let keepalive = Duration::from_secs(session.config.keepalive_secs.max(3));
+            let got = conn.open_streams(want, keepalive).await;
+            tracing::info!(
+                session = %session.name,
+                rtt_ms = conn.client.handshake_rtt().as_secs_f64() * 1000.0,
+                streams = got,
+                "connected"
+            );
+            self.conn = Some(conn);
         }
         let conn = self.conn.as_ref().expect("connected above");
         let agent_stderr = conn.stderr.clone();
-        let slave = Slave::new(conn.client.clone());
-        let wire_start = {
-            let w = slave.client().stats();
-            (
-                w.bytes_out.load(Ordering::Relaxed),
-                w.bytes_in.load(Ordering::Relaxed),
-            )
-        };
+        let slave = Slave::group(conn.clients());
+        let wire_start = slave.wire_totals();
         if session.config.layout == crate::session::Layout::Store {
             // Catalog mode: points and generations instead of the tree crawl.
             let res =
                 crate::engine::catalog_mode::sync_store(session, &slave, &master_id, shutdown)
                     .await;
-            if slave.client().closed().is_some() {
+            if slave.any_closed() {
                 self.conn = None;
             }
             return res.map(|summary| Summary {
                 duration_ms: started.elapsed().as_millis() as u64,
+                link: link_summary(&slave),
                 ..summary
             });
         }
@@ -277,7 +278,7 @@ impl<'a> Worker<'a> {
             }
         }
         let s = &engine.stats;
-        let wire = slave.client().stats();
+        let wire = slave.wire_totals();
         let summary = Summary {
             session: session.name.clone(),
             crawl: if kind == CrawlKind::Full {
@@ -295,8 +296,8 @@ impl<'a> Worker<'a> {
                 + s.bytes_delta.load(Ordering::Relaxed),
             bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
             bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
-            wire_bytes_out: wire.bytes_out.load(Ordering::Relaxed) - wire_start.0,
-            wire_bytes_in: wire.bytes_in.load(Ordering::Relaxed) - wire_start.1,
+            wire_bytes_out: wire.0 - wire_start.0,
+            wire_bytes_in: wire.1 - wire_start.1,
             deletes: s.deletes.load(Ordering::Relaxed),
             dirs_created: s.dirs_created.load(Ordering::Relaxed),
             symlinks: s.symlinks.load(Ordering::Relaxed),
@@ -308,6 +309,7 @@ impl<'a> Worker<'a> {
             errors: outcome.failures,
             duration_ms: 0,
             catalog: None,
+            link: link_summary(&slave),
         };
         Ok(Summary {
             duration_ms: started.elapsed().as_millis() as u64,
@@ -315,6 +317,31 @@ impl<'a> Worker<'a> {
         })
     }
 }
+
+fn link_summary(slave: &Slave) -> crate::engine::outcome::LinkSummary {
+    crate::engine::outcome::LinkSummary {
+        streams: slave.streams() as u64,
+        rtt_ms: slave.client().handshake_rtt().as_secs_f64() * 1000.0,
+    }
+}
+
+/// Streams wanted for a link of round trip `rtt`: `configured`, or (auto)
+/// enough for OpenSSH's fixed 2 MiB channel window to carry
+/// [`AUTO_TARGET_RATE`] at that round trip, at most [`MAX_AUTO_STREAMS`].
+pub fn streams_for(configured: Option<u32>, rtt: Duration) -> usize {
+    if let Some(n) = configured {
+        return n.clamp(1, crate::session::MAX_STREAMS) as usize;
+    }
+    let per_stream = CHANNEL_WINDOW as f64 / rtt.as_secs_f64().max(1e-6);
+    ((AUTO_TARGET_RATE / per_stream).ceil() as usize).clamp(1, MAX_AUTO_STREAMS)
+}
+
+/// What `streams = auto` aims to fill: 1 Gbit/s.
+pub const AUTO_TARGET_RATE: f64 = 125e6;
+/// `streams = auto` opens at most this many.
+pub const MAX_AUTO_STREAMS: usize = 8;
+/// OpenSSH's window per channel: one stream carries at most this per round trip.
+const CHANNEL_WINDOW: u64 = 2 << 20;
 
 /// The runtime a worker runs on. Blocking master reads are few at a time by
 /// design (budgets in the crawl), so a small blocking pool bounds thread
@@ -324,4 +351,21 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .max_blocking_threads(8)
         .enable_all()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_streams_follow_the_round_trip() {
+        let ms = Duration::from_millis;
+        assert_eq!(streams_for(None, Duration::from_micros(200)), 1);
+        assert_eq!(streams_for(None, ms(5)), 1);
+        assert_eq!(streams_for(None, ms(20)), 2);
+        assert_eq!(streams_for(None, ms(100)), 6);
+        assert_eq!(streams_for(None, ms(400)), MAX_AUTO_STREAMS);
+        assert_eq!(streams_for(Some(4), ms(0)), 4);
+        assert_eq!(streams_for(Some(0), ms(100)), 1);
+    }
 }

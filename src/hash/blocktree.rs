@@ -286,6 +286,8 @@ pub struct FileDigest {
     window: Option<WindowDigest>,
     /// Start of the current window.
     base: u64,
+    /// A segment's window hashes, in order (see [`FileDigest::segment`]).
+    roots: Option<Vec<Hash32>>,
 }
 
 impl FileDigest {
@@ -295,6 +297,34 @@ impl FileDigest {
             outer: blake3::Hasher::new(),
             window: None,
             base: 0,
+            roots: None,
+        }
+    }
+
+    /// The digest of a segment of a file of `size` bytes that starts at
+    /// window boundary `start`: fed from there, it yields the hash of each
+    /// of its windows ([`FileDigest::take_roots`]) instead of a file digest.
+    pub fn segment(size: u64, start: u64) -> FileDigest {
+        debug_assert_eq!(start % WINDOW, 0);
+        FileDigest {
+            base: start.min(size),
+            roots: Some(Vec::new()),
+            ..FileDigest::new(size)
+        }
+    }
+
+    /// The window hashes a segment digest was fed (whole windows only).
+    pub fn take_roots(&mut self) -> Vec<Hash32> {
+        self.close_if_full();
+        self.roots.take().unwrap_or_default()
+    }
+
+    fn push_root(&mut self, h: &Hash32) {
+        match &mut self.roots {
+            Some(r) => r.push(*h),
+            None => {
+                self.outer.update(h);
+            }
         }
     }
 
@@ -316,7 +346,8 @@ impl FileDigest {
             if w.position() == w.len() {
                 let w = self.window.take().expect("window");
                 self.base += w.len();
-                self.outer.update(&w.finish());
+                let h = w.finish();
+                self.push_root(&h);
             }
         }
     }
@@ -337,7 +368,7 @@ impl FileDigest {
     /// Feeds the whole next window by its hash (`len`: that window's length).
     pub fn feed_window_hash(&mut self, h: &Hash32, len: u64) {
         debug_assert!(self.window.is_none() && len == self.window_len());
-        self.outer.update(h);
+        self.push_root(h);
         self.base += len;
     }
 
@@ -355,7 +386,7 @@ impl FileDigest {
         while n > 0 {
             if self.window.is_none() && n >= self.window_len() {
                 let len = self.window_len();
-                self.outer.update(&digest::zero_hash(len));
+                self.push_root(&digest::zero_hash(len));
                 self.base += len;
                 n -= len;
                 continue;

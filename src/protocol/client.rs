@@ -2,13 +2,13 @@
 //! flight over one byte stream, replies matched by id.
 
 use super::{
-    encode_frame, encode_frame_sized, Envelope, Reply, Request, Response, WireError, BANNER,
-    MAX_FRAME, PROTOCOL_VERSION,
+    encode_frame, encode_frame_sized, Envelope, Hash16, Reply, Request, Response, WireError,
+    BANNER, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,14 +59,30 @@ type Slot = (oneshot::Sender<Result<Vec<Reply>, ProtoError>>, Vec<Reply>);
 
 type Frame = (Vec<u8>, OwnedSemaphorePermit);
 
+/// Writes one queued frame and releases its share of the budget.
+async fn write_one<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    (frame, permit): Frame,
+    inner: &Inner,
+) -> std::io::Result<()> {
+    w.write_all(&frame).await?;
+    drop(permit);
+    inner.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+    Ok(())
+}
+
 struct Inner {
     budget: Arc<Semaphore>,
+    /// Bytes of frames this client queued and the writer has not written.
+    queued: AtomicUsize,
     pending: Mutex<HashMap<u64, Slot>>,
     closed: Mutex<Option<ProtoError>>,
     next_id: AtomicU64,
     stats: Arc<ClientStats>,
     agent: String,
     root: String,
+    /// The handshake's round trip (the link's latency plus the agent's answer).
+    rtt: Duration,
 }
 
 impl Inner {
@@ -103,6 +119,14 @@ impl Inner {
 pub struct Client {
     inner: Arc<Inner>,
     tx: Arc<mpsc::UnboundedSender<Frame>>,
+}
+
+/// How an agent joins a stream group: the group's token, and the send
+/// budget all its streams share (so memory does not grow with streams).
+#[derive(Clone)]
+pub struct Join {
+    pub token: Hash16,
+    pub budget: Arc<Semaphore>,
 }
 
 /// A reply on its way; await it when the answer is needed.
@@ -144,6 +168,21 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        Client::connect_as(reader, writer, keepalive, None).await
+    }
+
+    /// As [`connect`](Self::connect); with `token`, the agent joins the
+    /// stream group of that token (`HelloStream`) instead of taking the root.
+    pub async fn connect_as<R, W>(
+        reader: R,
+        writer: W,
+        keepalive: Duration,
+        join: Option<Join>,
+    ) -> Result<Client, ProtoError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut reader = BufReader::with_capacity(256 << 10, reader);
         let mut banner = [0u8; 8];
         let n = read_up_to(&mut reader, &mut banner).await;
@@ -172,28 +211,41 @@ impl Client {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(ClientStats::default());
+        let (token, budget) = match join {
+            Some(j) => (Some(j.token), j.budget),
+            None => (None, Arc::new(Semaphore::new(SEND_BUDGET))),
+        };
         let mut inner = Inner {
-            budget: Arc::new(Semaphore::new(SEND_BUDGET)),
+            budget,
+            queued: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
             next_id: AtomicU64::new(1),
             stats: stats.clone(),
             agent: String::new(),
             root: String::new(),
+            rtt: Duration::ZERO,
         };
         // Handshake before the tasks exist, so the agent's identity is immutable afterwards.
         let mut writer = BufWriter::with_capacity(256 << 10, writer);
-        let hello = Envelope {
-            id: 1,
-            body: Request::Hello {
+        let body = match token {
+            None => Request::Hello {
                 version: PROTOCOL_VERSION,
                 client: client_name(),
             },
+            Some(token) => Request::HelloStream {
+                version: PROTOCOL_VERSION,
+                client: client_name(),
+                token,
+            },
         };
+        let hello = Envelope { id: 1, body };
         let frame = encode_frame(&hello).map_err(|e| ProtoError::Violation(e.to_string()))?;
+        let sent = std::time::Instant::now();
         writer.write_all(&frame).await.map_err(lost)?;
         writer.flush().await.map_err(lost)?;
         let resp = read_response(&mut reader, &stats).await?;
+        inner.rtt = sent.elapsed();
         match resp.result {
             Ok(Reply::HelloOk { version, agent, root }) if version == PROTOCOL_VERSION => {
                 inner.agent = agent;
@@ -270,6 +322,7 @@ impl Client {
             .bytes_out
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.inner.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.inner.queued.fetch_add(frame.len(), Ordering::Relaxed);
         self.tx
             .send((frame, permit))
             .map_err(|_| self.closed_error())
@@ -296,6 +349,22 @@ impl Client {
     /// The slave root as the agent names it.
     pub fn agent_root(&self) -> &str {
         &self.inner.root
+    }
+
+    /// The round trip time measured at the handshake.
+    pub fn handshake_rtt(&self) -> Duration {
+        self.inner.rtt
+    }
+
+    /// Bytes of frames queued for the transport and not yet written: how
+    /// busy this connection is (streams are picked by it).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
+    }
+
+    /// The send budget, to be shared by the other streams of a group.
+    pub fn budget(&self) -> Arc<Semaphore> {
+        self.inner.budget.clone()
     }
 
     /// The reason the connection closed, if it did.
@@ -351,12 +420,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     inner: Arc<Inner>,
 ) {
     let res: std::io::Result<()> = async {
-        while let Some((frame, permit)) = rx.recv().await {
-            w.write_all(&frame).await?;
-            drop(permit);
-            while let Ok((frame, permit)) = rx.try_recv() {
-                w.write_all(&frame).await?;
-                drop(permit);
+        while let Some(f) = rx.recv().await {
+            write_one(&mut w, f, &inner).await?;
+            while let Ok(f) = rx.try_recv() {
+                write_one(&mut w, f, &inner).await?;
             }
             w.flush().await?;
         }

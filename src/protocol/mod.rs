@@ -11,7 +11,7 @@
 pub mod client;
 pub mod msg;
 
-pub use client::{Client, ClientStats, ProtoError, Ticket};
+pub use client::{Client, ClientStats, Join, ProtoError, Ticket};
 pub use msg::*;
 
 use std::io::{self, Read, Write};
@@ -19,8 +19,10 @@ use std::io::{self, Read, Write};
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
 /// 4: StatFs (SSH set-up checks) and the catalog requests (Rename, ReadFile,
 /// JournalExtents, AppendTail). 5: block hashes are BLAKE3 chaining values of
-/// 4 KiB blocks (see `blocktree`), OpenInPlace.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 4 KiB blocks (see `blocktree`), OpenInPlace. 6: parallel streams
+/// (OpenStreams, HelloStream) and shared temporaries (OpenShared,
+/// OpenSegment, FinishSegment, CommitShared).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
 pub const BANNER: &[u8; 8] = b"GEOREP1\n";

@@ -178,6 +178,54 @@ pub enum Request {
         path: RelPath,
         size: u64,
     },
+    /// Opens a group of parallel streams on this (primary) agent: writes a
+    /// fresh token to the slave's state directory and answers it
+    /// (`StreamToken`); further agents join with `HelloStream`.
+    OpenStreams,
+    /// The first request of an agent joining a stream group instead of
+    /// `Hello`: admitted without the root's exclusive lock when `token`
+    /// equals the one the group's primary agent wrote.
+    HelloStream {
+        version: u32,
+        client: String,
+        token: Hash16,
+    },
+    /// As `OpenFile`, for a file whose later windows other streams write
+    /// (`OpenSegment`): answered by `OpenedShared` with the temporary's
+    /// name. This agent writes `[0, s)`; `CommitShared` names the rest.
+    OpenShared {
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+    },
+    /// Writes windows `[start, end)` (window-aligned) of the shared
+    /// temporary `tmp` (a `.georep-tmp-` file in `path`'s directory that
+    /// another agent of the group created with `OpenShared`). Answered by
+    /// `Opened`; finished by `FinishSegment`.
+    OpenSegment {
+        fid: u64,
+        path: RelPath,
+        tmp: ByteBuf,
+        basis: Option<RelPath>,
+        size: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Ends a segment: answered by `SegmentRoots`, the BLAKE3 of each of
+    /// its windows as this agent wrote them.
+    FinishSegment {
+        fid: u64,
+    },
+    /// As `Commit` for a shared file: `segments` are the other streams'
+    /// `(start, window roots)` as their agents answered `FinishSegment`,
+    /// tiling the file from where this agent's data ends.
+    CommitShared {
+        fid: u64,
+        digest: Hash32,
+        meta: Meta,
+        segments: Vec<(u64, Vec<Hash32>)>,
+    },
 }
 
 impl Request {
@@ -224,6 +272,18 @@ pub enum Reply {
     OpenedInPlace {
         basis_size: Option<u64>,
         in_place: bool,
+    },
+    /// A stream group's token (see `Request::OpenStreams`).
+    StreamToken(Hash16),
+    /// The answer to `OpenShared`: the basis size and the temporary's name.
+    OpenedShared {
+        basis_size: Option<u64>,
+        tmp: ByteBuf,
+    },
+    /// The answer to `FinishSegment`.
+    SegmentRoots {
+        roots: Vec<Hash32>,
+        written: u64,
     },
 }
 

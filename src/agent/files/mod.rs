@@ -13,6 +13,7 @@
 
 mod hashes;
 mod publish;
+mod shared;
 mod write;
 
 use super::basis::BasisCache;
@@ -70,6 +71,9 @@ struct OpenFile {
     cache: BasisCache,
     error: Option<WireError>,
     written: u64,
+    /// A segment of another agent's shared temporary, ending here: never
+    /// committed or removed by this agent (see `shared`).
+    segment: Option<u64>,
 }
 
 impl OpenFile {
@@ -244,6 +248,7 @@ impl Files {
                 cache: BasisCache::default(),
                 error: None,
                 written: 0,
+                segment: None,
             },
         );
         Ok((Some(old), true))
@@ -298,6 +303,7 @@ impl Files {
                 cache: BasisCache::default(),
                 error: None,
                 written: 0,
+                segment: None,
             },
         );
         Ok(has_basis.then_some(basis_size))
@@ -313,6 +319,9 @@ impl Files {
     /// file rolled back.
     pub fn abort(&mut self, fid: u64) {
         if let Some(f) = self.open.remove(&fid) {
+            if f.segment.is_some() {
+                return; // the shared temporary is its owner's to remove
+            }
             match f.target {
                 Target::Temp { tmp, .. } => {
                     let _ = nix::unistd::unlinkat(
@@ -340,10 +349,29 @@ impl Files {
     /// Verifies and finishes file `fid`: a temporary is published by the
     /// next [`flush`](Self::flush); an in-place file is done at once.
     pub fn commit(&mut self, id: u64, fid: u64, want: &Hash32, meta: &Meta) -> WResult<Committed> {
+        self.commit_with(id, fid, want, meta, &[])
+    }
+
+    /// [`commit`](Self::commit), with the window hashes of the segments
+    /// other agents wrote (see `shared`).
+    fn commit_with(
+        &mut self,
+        id: u64,
+        fid: u64,
+        want: &Hash32,
+        meta: &Meta,
+        segments: &[(u64, Vec<Hash32>)],
+    ) -> WResult<Committed> {
         let f = self
             .open
             .remove(&fid)
             .ok_or_else(|| invalid(format!("unknown file id {fid}")))?;
+        if f.segment.is_some() {
+            return Err(invalid(format!(
+                "{}: a segment is finished, not committed",
+                f.path
+            )));
+        }
         let OpenFile {
             path,
             dir,
@@ -357,8 +385,12 @@ impl Files {
         } = f;
         let (tmp, file) = match target {
             Target::Temp { tmp, file } => (tmp, file),
-            Target::InPlace(ip) => {
+            Target::InPlace(ip) if segments.is_empty() => {
                 return self.commit_in_place(*ip, &path, size, digest, error, want, meta);
+            }
+            Target::InPlace(ip) => {
+                let _ = ip.rollback();
+                return Err(invalid(format!("{path}: an in-place file is not shared")));
             }
         };
         let pending = Pending {
@@ -374,8 +406,10 @@ impl Files {
             pending.discard();
             return Err(e);
         }
-        let pos = digest.position();
-        digest.feed_zeros(size - pos);
+        if let Err(e) = shared::feed_segments(&mut digest, size, segments, &pending.path) {
+            pending.discard();
+            return Err(e);
+        }
         self.finish(pending, &digest.finish(), want, meta)
             .map(|_| Committed::Later)
     }

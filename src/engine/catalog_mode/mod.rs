@@ -561,7 +561,7 @@ pub async fn sync_store(
         }
     };
     let s = &engine.stats;
-    let wire = slave.client().stats();
+    let wire = slave.wire_totals();
     let failures = out.failures.len() as u64;
     Ok(Summary {
         session: session.name.clone(),
@@ -575,8 +575,8 @@ pub async fn sync_store(
         bytes_sent: s.bytes_literal.load(Ordering::Relaxed) + s.bytes_delta.load(Ordering::Relaxed),
         bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
         bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
-        wire_bytes_out: wire.bytes_out.load(Ordering::Relaxed),
-        wire_bytes_in: wire.bytes_in.load(Ordering::Relaxed),
+        wire_bytes_out: wire.0,
+        wire_bytes_in: wire.1,
         deletes: out.summary.generations_deleted + out.summary.files_removed,
         dirs_created: 0,
         symlinks: 0,
@@ -588,5 +588,6 @@ pub async fn sync_store(
         errors: out.failures,
         duration_ms: 0,
         catalog: Some(out.summary),
+        link: Default::default(),
     })
 }

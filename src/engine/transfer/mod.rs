@@ -25,6 +25,7 @@
 //! is the same.
 
 mod read;
+mod segments;
 mod windows;
 
 use crate::engine::context::Engine;
@@ -209,7 +210,11 @@ async fn small(
     .await?;
     let digest = digest::digest_of(&data);
     let literal = data.len() as u64;
-    let pending = e.slave.put_file(rel.clone(), data, digest, meta).await?;
+    let pending = e
+        .slave
+        .pick()
+        .put_file(rel.clone(), data, digest, meta)
+        .await?;
     drop(_budget);
     pending.wait().await?;
     e.stats.bytes_literal.fetch_add(literal, Ordering::Relaxed);
