@@ -46,6 +46,8 @@ pub struct Stats {
     pub files_unchanged: AtomicU64,
     /// Files patched in place on the slave (`inplace_min_size`).
     pub files_in_place: AtomicU64,
+    /// Files sent in segments over several streams at once.
+    pub files_split: AtomicU64,
     pub bytes_literal: AtomicU64,
     pub bytes_delta: AtomicU64,
     pub deletes: AtomicU64,

@@ -96,6 +96,8 @@ pub struct Summary {
 pub struct LinkSummary {
     /// Parallel streams in use (see `streams` in the config).
     pub streams: u64,
+    /// Files sent in segments over several streams at once.
+    pub files_split: u64,
     /// The round trip measured at the connection's handshake.
     pub rtt_ms: f64,
 }

@@ -173,7 +173,7 @@ impl<'a> Worker<'a> {
             }
             return res.map(|summary| Summary {
                 duration_ms: started.elapsed().as_millis() as u64,
-                link: link_summary(&slave),
+                link: link_summary(&slave, summary.link.files_split),
                 ..summary
             });
         }
@@ -309,7 +309,7 @@ impl<'a> Worker<'a> {
             errors: outcome.failures,
             duration_ms: 0,
             catalog: None,
-            link: link_summary(&slave),
+            link: link_summary(&slave, s.files_split.load(Ordering::Relaxed)),
         };
         Ok(Summary {
             duration_ms: started.elapsed().as_millis() as u64,
@@ -318,9 +318,10 @@ impl<'a> Worker<'a> {
     }
 }
 
-fn link_summary(slave: &Slave) -> crate::engine::outcome::LinkSummary {
+fn link_summary(slave: &Slave, split: u64) -> crate::engine::outcome::LinkSummary {
     crate::engine::outcome::LinkSummary {
         streams: slave.streams() as u64,
+        files_split: split,
         rtt_ms: slave.client().handshake_rtt().as_secs_f64() * 1000.0,
     }
 }

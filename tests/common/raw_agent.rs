@@ -32,6 +32,18 @@ impl RawAgent {
     }
 
     fn try_start(root: &Path) -> Result<RawAgent, georep::protocol::WireError> {
+        RawAgent::start_with(
+            root,
+            Request::Hello {
+                version: georep::protocol::PROTOCOL_VERSION,
+                client: "test".into(),
+            },
+        )
+    }
+
+    /// Starts an agent whose first request is `hello` (e.g. a
+    /// `HelloStream` joining a stream group); its error if refused.
+    pub fn start_with(root: &Path, hello: Request) -> Result<RawAgent, georep::protocol::WireError> {
         let mut child = Command::new(super::georep_bin())
             .args(["agent", "--root"])
             .arg(root)
@@ -52,10 +64,7 @@ impl RawAgent {
         let mut banner = [0u8; 8];
         a.read_exact(&mut banner).expect("banner");
         assert_eq!(&banner, BANNER);
-        let r = a.call(Request::Hello {
-            version: georep::protocol::PROTOCOL_VERSION,
-            client: "test".into(),
-        });
+        let r = a.call(hello);
         match r.result {
             Ok(_) => Ok(a),
             Err(e) => {

@@ -187,12 +187,23 @@ impl Ctx {
 
     /// The measured `georep sync NAME --json`; wire bytes from its summary for local links.
     pub fn georep_sync(&self, home: &Path, name: &str, link: Link) -> anyhow::Result<Run> {
+        Ok(self.georep_sync_summary(home, name, link)?.0)
+    }
+
+    /// [`georep_sync`](Self::georep_sync), with the sync's JSON summary.
+    pub fn georep_sync_summary(
+        &self,
+        home: &Path,
+        name: &str,
+        link: Link,
+    ) -> anyhow::Result<(Run, serde_json::Value)> {
         let cmd = self.georep(home, &["sync", name, "--json"]);
-        let (run, _) = self.measure(link, cmd, |out| {
+        let (run, m) = self.measure(link, cmd, |out| {
             let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
             v["wire_bytes_out"].as_u64().unwrap_or(0) + v["wire_bytes_in"].as_u64().unwrap_or(0)
         })?;
-        Ok(run)
+        let v = serde_json::from_str(m.stdout.trim()).unwrap_or_default();
+        Ok((run, v))
     }
 
     /// The measured `rsync OPTS src/ dst/` (over ssh for SSH links).

@@ -9,6 +9,7 @@ mod data;
 mod procs;
 mod proxy;
 mod sshd;
+mod wan;
 mod workloads;
 
 use anyhow::Context;
@@ -169,7 +170,7 @@ fn main() -> anyhow::Result<()> {
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();
     type Runner = fn(&Ctx) -> anyhow::Result<Vec<Outcome>>;
-    let all: [(&str, Runner); 9] = [
+    let all: [(&str, Runner); 10] = [
         ("W1", |c| Ok(vec![workloads::w1(c)?])),
         // W2 reports two pairings: W2 (atomic publish) and W2i (in place).
         ("W2", workloads::w2),
@@ -180,6 +181,7 @@ fn main() -> anyhow::Result<()> {
         ("W6", |c| Ok(vec![workloads::w5(c, Link::Wan)?])),
         ("W7", |c| Ok(vec![workloads::w7(c)?])),
         ("W8", |c| Ok(vec![workloads::w8(c)?])),
+        ("W9", |c| Ok(vec![wan::w9(c)?])),
     ];
     for (id, run) in all {
         if !want(id) {

@@ -588,6 +588,9 @@ pub async fn sync_store(
         errors: out.failures,
         duration_ms: 0,
         catalog: Some(out.summary),
-        link: Default::default(),
+        link: crate::engine::outcome::LinkSummary {
+            files_split: s.files_split.load(Ordering::Relaxed),
+            ..Default::default()
+        },
     })
 }

@@ -343,16 +343,30 @@ impl Engine {
                         }
                     };
                     self.stats.dirs_created.fetch_add(1, Ordering::Relaxed);
+                    // Over several streams the children may go by another
+                    // stream than the mkdir: it must be done first.
+                    let pending = if self.slave.streams() > 1 {
+                        if let Err(e) = pending.wait().await {
+                            self.slave_err(&path, e);
+                            return false;
+                        }
+                        None
+                    } else {
+                        Some(pending)
+                    };
                     let below = self
                         .clone()
                         .visit(path.clone(), SlaveDir::Fresh, Some(m))
                         .await;
-                    match pending.wait().await {
-                        Ok(()) => below,
-                        Err(e) => {
-                            self.slave_err(&path, e);
-                            false
-                        }
+                    match pending {
+                        None => below,
+                        Some(p) => match p.wait().await {
+                            Ok(()) => below,
+                            Err(e) => {
+                                self.slave_err(&path, e);
+                                false
+                            }
+                        },
                     }
                 }
                 Action::Visit => {

@@ -19,15 +19,13 @@ use crate::protocol::{Hash32, ProtoError};
 use std::fs::File;
 use std::sync::Arc;
 
-/// Each segment is at least this big: below it one stream does.
-const SEGMENT_MIN: u64 = 64 << 20;
-
-/// How many segments a file of `size` bytes is cut into over `streams`.
+/// How many segments a file of `size` bytes is cut into over `streams`:
+/// one per stream, each of at least one window (4 MiB). Streams exist
+/// only on links whose round trip is long enough for one stream's window
+/// of 2 MiB to take longer than a round trip, so even one window per
+/// stream gains there.
 pub(super) fn count(streams: usize, size: u64) -> usize {
-    if streams <= 1 {
-        return 1;
-    }
-    ((size / SEGMENT_MIN) as usize).clamp(1, streams)
+    (size.div_ceil(WINDOW) as usize).clamp(1, streams.max(1))
 }
 
 /// The master file being sent.
@@ -181,6 +179,7 @@ pub(super) async fn shared(
         .wait()
         .await?;
     tracing::debug!(segments = nseg, "committed a shared file");
+    e.stats.files_split.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok((Shipped::Sent, digest))
 }
 
@@ -201,8 +200,9 @@ mod tests {
             }
         }
         assert_eq!(count(1, 10 << 30), 1);
-        assert_eq!(count(8, 100 << 20), 1);
+        assert_eq!(count(8, 4 << 20), 1);
+        assert_eq!(count(8, (4 << 20) + 1), 2);
         assert_eq!(count(8, 2 << 30), 8);
-        assert_eq!(count(4, 200 << 20), 3);
+        assert_eq!(count(4, 12 << 20), 3);
     }
 }
