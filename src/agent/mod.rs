@@ -392,6 +392,49 @@ impl Agent<'_> {
                 .files
                 .finish_segment(fid)
                 .map(|(roots, written)| Reply::SegmentRoots { roots, written }),
+            Request::ProbeFile {
+                path,
+                basis,
+                digest,
+                meta,
+                block,
+            } => {
+                self.flush_if(|p| p == &path || Some(p) == basis.as_ref());
+                match self
+                    .files
+                    .probe(&self.root, id, &path, basis.as_ref(), &digest, &meta, block)
+                {
+                    Ok(files::Probe::Same) => Ok(Reply::Done),
+                    Ok(files::Probe::Later) => return,
+                    Ok(files::Probe::Differs(sig)) => Ok(Reply::Probed {
+                        signature: sig.into(),
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            Request::PutDelta {
+                path,
+                basis,
+                size,
+                delta,
+                digest,
+                meta,
+            } => {
+                self.flush_if(|p| p == &path || Some(p) == basis.as_ref());
+                match self.files.put_delta(
+                    &self.root,
+                    id,
+                    &path,
+                    basis.as_ref(),
+                    size,
+                    &delta,
+                    &digest,
+                    &meta,
+                ) {
+                    Ok(()) => return,
+                    Err(e) => Err(e),
+                }
+            }
             Request::CommitShared {
                 fid,
                 digest,

@@ -549,3 +549,67 @@ impl Slave {
         .await
     }
 }
+
+/// What a probe of a small file found (see `Request::ProbeFile`).
+pub enum Probed {
+    /// The slave has this content: its metadata was applied (or a copy of
+    /// another basis was published at the path).
+    Same,
+    /// It differs: the rsync signature of the slave's file (empty: no basis).
+    Differs(Vec<u8>),
+}
+
+impl Slave {
+    /// Asks whether the slave has `digest` at `basis` (default: `path`).
+    pub async fn probe(
+        &self,
+        path: RelPath,
+        basis: Option<RelPath>,
+        digest: Hash32,
+        meta: Meta,
+        block: u32,
+    ) -> Result<Pending<Probed>, ProtoError> {
+        self.req(
+            Request::ProbeFile {
+                path,
+                basis,
+                digest,
+                meta,
+                block,
+            },
+            |mut r| match r.pop() {
+                Some(Reply::Done | Reply::Committed { .. }) if r.is_empty() => Ok(Probed::Same),
+                Some(Reply::Probed { signature }) if r.is_empty() => {
+                    Ok(Probed::Differs(signature.into_vec()))
+                }
+                other => Err(ProtoError::Violation(format!("unexpected reply {other:?}"))),
+            },
+        )
+        .await
+    }
+
+    /// Sends a small file as a delta against the slave's copy.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_delta(
+        &self,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+        delta: Vec<u8>,
+        digest: Hash32,
+        meta: Meta,
+    ) -> Result<Pending<u64>, ProtoError> {
+        self.req(
+            Request::PutDelta {
+                path,
+                basis,
+                size,
+                delta: ByteBuf::from(delta),
+                digest,
+                meta,
+            },
+            committed,
+        )
+        .await
+    }
+}

@@ -21,7 +21,8 @@ use std::io::{self, Read, Write};
 /// JournalExtents, AppendTail). 5: block hashes are BLAKE3 chaining values of
 /// 4 KiB blocks (see `blocktree`), OpenInPlace. 6: parallel streams
 /// (OpenStreams, HelloStream) and shared temporaries (OpenShared,
-/// OpenSegment, FinishSegment, CommitShared).
+/// OpenSegment, FinishSegment, CommitShared); small files compared by
+/// digest and sent as deltas (ProbeFile, PutDelta).
 pub const PROTOCOL_VERSION: u32 = 6;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.

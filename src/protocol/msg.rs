@@ -226,6 +226,31 @@ pub enum Request {
         meta: Meta,
         segments: Vec<(u64, Vec<Hash32>)>,
     },
+    /// A small file the slave may already have: the agent compares the
+    /// digest of its file at `basis` (default: `path`; at most `MAX_DATA`
+    /// bytes read) with `digest`. Same content: `meta` is applied (answered
+    /// `Done`), or with another `basis` a copy is published at `path`
+    /// (answered `Committed` once published). Otherwise answered `Probed`
+    /// with an rsync signature (blocks of `block` bytes) of that file, empty
+    /// when there is none; nothing is changed.
+    ProbeFile {
+        path: RelPath,
+        basis: Option<RelPath>,
+        digest: Hash32,
+        meta: Meta,
+        block: u32,
+    },
+    /// A whole small file as an rsync delta against the slave's file at
+    /// `basis` (default: `path`), producing `size` bytes (at most
+    /// `MAX_DATA`); verified against `digest` and published as `PutFile`.
+    PutDelta {
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+        delta: ByteBuf,
+        digest: Hash32,
+        meta: Meta,
+    },
 }
 
 impl Request {
@@ -233,7 +258,7 @@ impl Request {
     pub fn payload_len(&self) -> usize {
         match self {
             Request::Write { data, .. } | Request::PutFile { data, .. } => data.len(),
-            Request::Patch { delta, .. } => delta.len(),
+            Request::Patch { delta, .. } | Request::PutDelta { delta, .. } => delta.len(),
             _ => 0,
         }
     }
@@ -284,6 +309,10 @@ pub enum Reply {
     SegmentRoots {
         roots: Vec<Hash32>,
         written: u64,
+    },
+    /// The answer to a `ProbeFile` whose content differs.
+    Probed {
+        signature: ByteBuf,
     },
 }
 

@@ -14,7 +14,10 @@
 mod hashes;
 mod publish;
 mod shared;
+mod small;
 mod write;
+
+pub use small::Probe;
 
 use super::basis::BasisCache;
 use super::inplace::{self, InPlace};

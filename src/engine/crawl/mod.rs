@@ -8,7 +8,7 @@ pub mod plan;
 
 use crate::engine::context::{CrawlKind, Engine, Failure};
 use crate::engine::master::{reserved, MEntry, MasterError};
-use crate::engine::transfer::{self, FileError, Shipped};
+use crate::engine::transfer::{self, Basis, FileError, Shipped};
 use crate::fs::meta::{Entry, Kind, Meta};
 use crate::fs::relpath::RelPath;
 use crate::protocol::ProtoError;
@@ -234,7 +234,7 @@ impl Engine {
                     let slots = self.file_slots.clone();
                     async move {
                         let slot = match a {
-                            Action::Ship { .. } if m.entry.nlink <= 1 => {
+                            Action::Ship { .. } | Action::Moved { .. } if m.entry.nlink <= 1 => {
                                 Some(slots.acquire_owned().await.expect("never closed"))
                             }
                             _ => None,
@@ -265,6 +265,20 @@ impl Engine {
             ok &= results.iter().all(|&r| r);
             if !ok || self.stopped() {
                 return false;
+            }
+            // The sources of moves, now that their content is at the new names.
+            for name in &plan.remove_after {
+                let Ok(p) = dir.join(name) else { continue };
+                let res = async { self.slave.remove(p.clone()).await?.wait().await }.await;
+                match res {
+                    Ok(()) => {
+                        self.stats.deletes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        self.slave_err(&p, e);
+                        return false;
+                    }
+                }
             }
             // Directory metadata last: creating children changed its mtime.
             let meta = match mentry {
@@ -374,7 +388,16 @@ impl Engine {
                         .visit(path, SlaveDir::Existing(s), Some(m))
                         .await
                 }
-                Action::Ship { basis } => self.ship_file(&path, &m, s.as_ref(), basis).await,
+                Action::Ship { basis } => {
+                    let basis = if basis { Basis::Dest } else { Basis::None };
+                    self.ship_file(&path, &m, s.as_ref(), basis).await
+                }
+                Action::Moved { from } => {
+                    let Some(from) = path.parent().and_then(|d| d.join(&from).ok()) else {
+                        return false;
+                    };
+                    self.ship_file(&path, &m, s.as_ref(), Basis::Other(from)).await
+                }
                 Action::Symlink => {
                     let target = m
                         .entry
@@ -418,7 +441,7 @@ impl Engine {
         path: &RelPath,
         m: &MEntry,
         s: Option<&Entry>,
-        basis: bool,
+        basis: Basis,
     ) -> bool {
         if m.entry.nlink > 1 {
             return linked::ship_linked(self, path, m, basis).await;
@@ -432,11 +455,15 @@ impl Engine {
         path: &RelPath,
         m: &MEntry,
         s: Option<&Entry>,
-        basis: bool,
+        basis: Basis,
     ) -> bool {
         match transfer::ship(self, path, m.entry.size, basis).await {
             Ok(Shipped::Sent) => {
                 self.stats.files_synced.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Ok(Shipped::Updated) => {
+                self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Ok(Shipped::Unchanged) => {
