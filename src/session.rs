@@ -144,6 +144,16 @@ pub struct Config {
     /// connection). None: auto, from the round trip measured at the handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<u32>,
+    /// Bytes/s over all streams (None: no limit); applied live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
+    /// Rules overriding `bwlimit` by day and time, e.g.
+    /// `Mon-Fri 08:00-18:00 20M, * off` (see `engine::bandwidth`); applied live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit_schedule: Option<String>,
+    /// `off`, `zstd[:LEVEL]` or `auto` (None: auto); see `protocol::compress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 /// Most streams a session may configure.
@@ -189,6 +199,29 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
         "streams",
         "parallel streams to the slave: auto (from the round trip) or 1-16",
     ),
+    (
+        "bwlimit",
+        "bytes/s over all streams, e.g. 20M (MiB/s), or off; applied live",
+    ),
+    (
+        "bwlimit_schedule",
+        "limits by day and time, e.g. \"Mon-Fri 08:00-18:00 20M, * off\"; applied live",
+    ),
+    (
+        "compression",
+        "off | zstd[:LEVEL] | auto (compress where data shrinks)",
+    ),
+];
+
+/// Keys a running worker applies without a restart (bandwidth) or by
+/// reconnecting between crawls (the link's settings), keeping marker
+/// continuity: changing them never forces a full crawl.
+pub const LIVE_KEYS: &[&str] = &[
+    "bwlimit",
+    "bwlimit_schedule",
+    "streams",
+    "compression",
+    "keepalive_secs",
 ];
 
 /// Replication state kept between runs.

@@ -44,14 +44,19 @@ fn run_case(use_marks: bool, initial: &[mutate::Op], rounds: &[Vec<mutate::Op>],
     }
     if streams > 1 {
         // A file of several windows, so that segments are exercised.
-        let data: Vec<u8> = (0..(9u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..(9u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         std::fs::write(w.master.join("several-windows"), data).unwrap();
     }
     let first = w.sync("p");
     assert_eq!(first["crawl"], "full");
     assert_eq!(n(&first, "streams"), streams, "{first}");
     if streams > 1 {
-        assert!(n(&first, "files_split") >= 1, "no file went in segments: {first}");
+        assert!(
+            n(&first, "files_split") >= 1,
+            "no file went in segments: {first}"
+        );
     }
     tree::assert_same(&w.master, &w.slave);
     for (i, round) in rounds.iter().enumerate() {

@@ -57,7 +57,11 @@ fn a_stream_killed_mid_sync_fails_its_files_and_the_next_sync_converges() {
     std::fs::write(w.master.join("big.img"), data(99, 40 << 20)).unwrap();
     w.create("s", &[]);
     w.run_ok(&["config", "s", "set", "streams", "4"]);
-    let mut child = w.cmd(&["sync", "s", "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = w
+        .cmd(&["sync", "s", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait for the four agents, then kill one that joined the group.
     let deadline = Instant::now() + Duration::from_secs(30);
     let agents = loop {
@@ -69,8 +73,11 @@ fn a_stream_killed_mid_sync_fails_its_files_and_the_next_sync_converges() {
     };
     assert_eq!(agents.len(), 4, "four agents serve the slave root");
     std::thread::sleep(Duration::from_millis(30));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agents[2]), nix::sys::signal::SIGKILL)
-        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[2]),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
     let out = child.wait_with_output().unwrap();
     let s: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
@@ -137,7 +144,11 @@ fn an_agent_without_the_group_token_is_refused() {
         other => panic!("{other:?}"),
     };
     let e = common::raw_agent::RawAgent::start_with(&w.slave, join([7; 16])).err();
-    assert_eq!(e.map(|e| e.kind), Some(ErrorKind::Busy), "a wrong token is refused");
+    assert_eq!(
+        e.map(|e| e.kind),
+        Some(ErrorKind::Busy),
+        "a wrong token is refused"
+    );
     let mut member = common::raw_agent::RawAgent::start_with(&w.slave, join(token))
         .unwrap_or_else(|e| panic!("the group's token is admitted: {e:?}"));
     // A member cannot open another group, and works on the root.
@@ -146,5 +157,9 @@ fn an_agent_without_the_group_token_is_refused() {
     // Once the primary is gone, its token admits nobody.
     primary.finish();
     let e = common::raw_agent::RawAgent::start_with(&w.slave, join(token)).err();
-    assert_eq!(e.map(|e| e.kind), Some(ErrorKind::Busy), "a dead group's token is refused");
+    assert_eq!(
+        e.map(|e| e.kind),
+        Some(ErrorKind::Busy),
+        "a dead group's token is refused"
+    );
 }

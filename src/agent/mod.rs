@@ -392,6 +392,12 @@ impl Agent<'_> {
                 .files
                 .finish_segment(fid)
                 .map(|(roots, written)| Reply::SegmentRoots { roots, written }),
+            Request::Negotiate { compression } => Ok(Reply::Negotiated {
+                compression: match crate::protocol::compress::Mode::parse(&compression) {
+                    Some(m) => m.name(),
+                    None => "off".into(),
+                },
+            }),
             Request::ProbeFile {
                 path,
                 basis,

@@ -209,6 +209,9 @@ pub fn create(
         layout,
         inplace_min_size: opts.inplace_min_size,
         streams: None,
+        bwlimit: None,
+        bwlimit_schedule: None,
+        compression: None,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -325,7 +328,8 @@ pub fn config_get(session: &Session, key: &str) -> Result<String, UserError> {
     match value.get(key) {
         Some(toml::Value::String(s)) => Ok(s.clone()),
         Some(v) => Ok(v.to_string()),
-        None if key == "streams" => Ok("auto".into()),
+        None if key == "streams" || key == "compression" => Ok("auto".into()),
+        None if key == "bwlimit" || key == "bwlimit_schedule" => Ok("off".into()),
         None if CONFIG_KEYS.iter().any(|k| k.0 == key) => Ok(String::new()),
         None => Err(unknown_key(key)),
     }
@@ -426,6 +430,33 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                         .filter(|n| (1..=crate::session::MAX_STREAMS).contains(n))
                         .ok_or_else(|| bad("auto or a number of streams from 1 to 16"))?,
                 ),
+            }
+        }
+        "bwlimit" => {
+            c.bwlimit = match value {
+                None => None,
+                Some(v) => crate::engine::bandwidth::parse_limit(v)
+                    .ok_or_else(|| bad("a rate in bytes/s such as 20M, 500K, or off"))?,
+            }
+        }
+        "bwlimit_schedule" => {
+            c.bwlimit_schedule = match value {
+                None | Some("") | Some("off") => None,
+                Some(v) => {
+                    crate::engine::bandwidth::parse_schedule(v)
+                        .map_err(|e| user_err!("invalid value for bwlimit_schedule: {e}"))?;
+                    Some(v.to_string())
+                }
+            }
+        }
+        "compression" => {
+            c.compression = match value {
+                None => None,
+                Some(v) => {
+                    crate::protocol::compress::Mode::parse(v)
+                        .ok_or_else(|| bad("off, auto, zstd or zstd:LEVEL (1-19)"))?;
+                    Some(v.to_string())
+                }
             }
         }
         _ => return Err(unknown_key(key)),

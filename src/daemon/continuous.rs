@@ -58,7 +58,7 @@ struct Reporter {
 fn engine_progress(e: &Engine) -> (u64, u64, u64, u64) {
     let s = &e.stats;
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let wire = e.slave.client().stats();
+    let wire = e.slave.wire_totals();
     let progress = l(&s.entries_visited)
         + l(&s.files_synced)
         + l(&s.files_unchanged)
@@ -72,7 +72,7 @@ fn engine_progress(e: &Engine) -> (u64, u64, u64, u64) {
         + l(&s.stimes_written)
         + e.failure_count()
         // Every 64 KiB on the wire (keep-alive pings alone never move it).
-        + ((l(&wire.bytes_in) + l(&wire.bytes_out)) >> 16);
+        + ((wire.0 + wire.1) >> 16);
     (
         progress,
         e.failure_count(),

@@ -100,6 +100,13 @@ pub struct LinkSummary {
     pub files_split: u64,
     /// The round trip measured at the connection's handshake.
     pub rtt_ms: f64,
+    /// Wire bytes sent over what they were before compression (1: none).
+    pub compression_ratio: f64,
+    /// The bandwidth limit in force at the end, bytes/s (null: none).
+    pub bwlimit: Option<u64>,
+    /// Bytes charged to the limit during this sync (every frame sent while
+    /// a limit was in force).
+    pub bwlimit_bytes: u64,
 }
 
 /// Options of one sync.

@@ -126,6 +126,15 @@ impl Slave {
         })
     }
 
+    /// Bytes the frames sent so far had before compression, over every stream.
+    pub fn raw_out_total(&self) -> u64 {
+        self.group
+            .streams
+            .iter()
+            .map(|c| c.stats().raw_out.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Why the primary stream closed, if it did (the others may close
     /// without ending the pass: their files fail and are retried).
     pub fn closed(&self) -> Option<ProtoError> {

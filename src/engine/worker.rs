@@ -4,6 +4,7 @@
 use crate::engine::context::{CrawlKind, Engine};
 use crate::engine::continuity::full_reason;
 use crate::engine::crawl::CrawlError;
+use crate::engine::link::{LinkConfig, LinkState};
 use crate::engine::links::Links;
 use crate::engine::master::Master;
 use crate::engine::outcome::{Summary, SyncOptions, WorkerError};
@@ -21,7 +22,18 @@ use tokio_util::sync::CancellationToken;
 
 /// Opens a connection to the session's slave.
 pub async fn connect(session: &Session) -> Result<Connection, WorkerError> {
-    let keepalive = Duration::from_secs(session.config.keepalive_secs.max(3));
+    connect_with(
+        session,
+        Duration::from_secs(session.config.keepalive_secs.max(3)),
+    )
+    .await
+}
+
+/// Opens a connection to the session's slave with keep-alive `keepalive`.
+pub async fn connect_with(
+    session: &Session,
+    keepalive: Duration,
+) -> Result<Connection, WorkerError> {
     match session.slave_spec()? {
         SlaveSpec::Local(root) => {
             let exe = std::env::current_exe().map_err(|e| WorkerError::Master {
@@ -75,8 +87,52 @@ pub struct Worker<'a> {
     root: PathBuf,
     master_id: uuid::Uuid,
     conn: Option<Connection>,
+    /// The link settings `conn` was made with.
+    conn_cfg: Option<LinkConfig>,
     /// The engine of the crawl in progress, for live progress reports.
     pub live: Arc<Mutex<Option<Arc<Engine>>>>,
+    /// The link's live settings, limit and counters.
+    pub link: Arc<LinkState>,
+    /// Re-reads the config file for the live settings.
+    watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Worker<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.abort();
+        }
+    }
+}
+
+/// How often a worker re-reads its config for the live settings.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Re-reads `session`'s config file every [`CONFIG_POLL`] and applies
+/// its live settings (an unreadable or invalid file changes nothing).
+fn watch_config(session: &Session, link: Arc<LinkState>) -> Option<tokio::task::JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let path = session.config_path();
+    Some(handle.spawn(async move {
+        let mut seen: Option<Vec<u8>> = None;
+        loop {
+            tokio::time::sleep(CONFIG_POLL).await;
+            let Ok(text) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            // Re-evaluated each time even when unchanged: a schedule moves with the clock.
+            let parsed = String::from_utf8(text.clone())
+                .ok()
+                .and_then(|t| crate::session::parse_config(&path, &t).ok());
+            if let Some(c) = parsed {
+                if seen.as_ref() != Some(&text) {
+                    tracing::debug!("config re-read");
+                }
+                link.apply(&c);
+                seen = Some(text);
+            }
+        }
+    }))
 }
 
 impl<'a> Worker<'a> {
@@ -107,13 +163,18 @@ impl<'a> Worker<'a> {
             return Err(master_err(std::io::Error::other("not a directory")));
         }
         let master_id = xtime::ensure_master_id(&root).map_err(master_err)?;
+        let link = LinkState::new(&session.config);
+        let watch = watch_config(session, link.clone());
         Ok(Worker {
             session,
             _lock: lock,
             root,
             master_id,
             conn: None,
+            conn_cfg: None,
             live: Arc::default(),
+            link,
+            watch,
         })
     }
 
@@ -146,23 +207,45 @@ impl<'a> Worker<'a> {
         if self.conn.as_ref().is_some_and(|c| c.broken()) {
             self.conn = None;
         }
+        let cfg = self.link.config.lock().unwrap().clone();
+        if self.conn.is_some() && self.conn_cfg.as_ref() != Some(&cfg) {
+            // The link's settings changed: a new connection, same watcher.
+            tracing::info!(session = %session.name, "link settings changed: reconnecting");
+            if let Some(c) = self.conn.take() {
+                c.close(Duration::from_secs(30)).await;
+            }
+        }
         if self.conn.is_none() {
-            let mut conn = connect(session).await?;
-            let want = streams_for(session.config.streams, conn.client.handshake_rtt());
-            let keepalive = Duration::from_secs(session.config.keepalive_secs.max(3));
-            let got = conn.open_streams(want, keepalive).await;
+            let mut conn = connect_with(session, cfg.keepalive).await?;
+            let want = streams_for(cfg.streams, conn.client.handshake_rtt());
+            let got = conn.open_streams(want, cfg.keepalive).await;
+            let clients = conn.clients();
+            let mut compression = cfg.compression;
+            for c in &clients {
+                compression =
+                    c.negotiate(cfg.compression)
+                        .await
+                        .map_err(|e| WorkerError::Slave {
+                            slave: session.config.slave.clone(),
+                            source: e,
+                        })?;
+            }
+            self.link.connected(&clients);
             tracing::info!(
                 session = %session.name,
                 rtt_ms = conn.client.handshake_rtt().as_secs_f64() * 1000.0,
                 streams = got,
+                compression = %compression.name(),
                 "connected"
             );
             self.conn = Some(conn);
+            self.conn_cfg = Some(cfg);
         }
         let conn = self.conn.as_ref().expect("connected above");
         let agent_stderr = conn.stderr.clone();
         let slave = Slave::group(conn.clients());
         let wire_start = slave.wire_totals();
+        let link_start = LinkStart::now(&slave, &self.link);
         if session.config.layout == crate::session::Layout::Store {
             // Catalog mode: points and generations instead of the tree crawl.
             let res =
@@ -173,7 +256,7 @@ impl<'a> Worker<'a> {
             }
             return res.map(|summary| Summary {
                 duration_ms: started.elapsed().as_millis() as u64,
-                link: link_summary(&slave, summary.link.files_split),
+                link: link_start.summary(&slave, &self.link, summary.link.files_split),
                 ..summary
             });
         }
@@ -309,7 +392,7 @@ impl<'a> Worker<'a> {
             errors: outcome.failures,
             duration_ms: 0,
             catalog: None,
-            link: link_summary(&slave, s.files_split.load(Ordering::Relaxed)),
+            link: link_start.summary(&slave, &self.link, s.files_split.load(Ordering::Relaxed)),
         };
         Ok(Summary {
             duration_ms: started.elapsed().as_millis() as u64,
@@ -318,11 +401,43 @@ impl<'a> Worker<'a> {
     }
 }
 
-fn link_summary(slave: &Slave, split: u64) -> crate::engine::outcome::LinkSummary {
-    crate::engine::outcome::LinkSummary {
-        streams: slave.streams() as u64,
-        files_split: split,
-        rtt_ms: slave.client().handshake_rtt().as_secs_f64() * 1000.0,
+/// Counters of the link at the start of a sync, to report the sync's share.
+struct LinkStart {
+    wire_out: u64,
+    raw_out: u64,
+    limited: u64,
+}
+
+impl LinkStart {
+    fn now(slave: &Slave, link: &LinkState) -> LinkStart {
+        LinkStart {
+            wire_out: slave.wire_totals().0,
+            raw_out: slave.raw_out_total(),
+            limited: link.throttle.charged().1,
+        }
+    }
+
+    fn summary(
+        &self,
+        slave: &Slave,
+        link: &LinkState,
+        split: u64,
+    ) -> crate::engine::outcome::LinkSummary {
+        let wire = slave.wire_totals().0 - self.wire_out;
+        let raw = slave.raw_out_total() - self.raw_out;
+        let limit = link.throttle.rate();
+        crate::engine::outcome::LinkSummary {
+            streams: slave.streams() as u64,
+            files_split: split,
+            rtt_ms: slave.client().handshake_rtt().as_secs_f64() * 1000.0,
+            compression_ratio: if raw == 0 {
+                1.0
+            } else {
+                wire as f64 / raw as f64
+            },
+            bwlimit: (limit > 0).then_some(limit),
+            bwlimit_bytes: link.throttle.charged().1 - self.limited,
+        }
     }
 }
 

@@ -53,6 +53,8 @@ pub struct ClientStats {
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub frames_out: AtomicU64,
+    /// What `bytes_out` would have been without compression.
+    pub raw_out: AtomicU64,
 }
 
 type Slot = (oneshot::Sender<Result<Vec<Reply>, ProtoError>>, Vec<Reply>);
@@ -83,6 +85,10 @@ struct Inner {
     root: String,
     /// The handshake's round trip (the link's latency plus the agent's answer).
     rtt: Duration,
+    /// The worker's bandwidth limit, shared by its streams (`bwlimit`).
+    throttle: Mutex<Option<Arc<super::throttle::Throttle>>>,
+    /// How frames are compressed (see `compress`), once negotiated.
+    compression: Mutex<super::compress::Mode>,
 }
 
 impl Inner {
@@ -225,6 +231,8 @@ impl Client {
             agent: String::new(),
             root: String::new(),
             rtt: Duration::ZERO,
+            throttle: Mutex::new(None),
+            compression: Mutex::new(super::compress::Mode::Off),
         };
         // Handshake before the tasks exist, so the agent's identity is immutable afterwards.
         let mut writer = BufWriter::with_capacity(256 << 10, writer);
@@ -314,9 +322,21 @@ impl Client {
             .acquire_many_owned(want)
             .await
             .map_err(|_| ProtoError::Lost("client closed".into()))?;
-        let frame =
+        let mut frame =
             encode_frame_sized(&env, payload).map_err(|e| ProtoError::Violation(e.to_string()))?;
         drop(env);
+        self.inner
+            .stats
+            .raw_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let mode = *self.inner.compression.lock().unwrap();
+        if let Some(z) = super::compress::compress_frame(&frame, payload, mode) {
+            frame = z;
+        }
+        let throttle = self.inner.throttle.lock().unwrap().clone();
+        if let Some(t) = throttle {
+            t.take(frame.len() as u64).await;
+        }
         self.inner
             .stats
             .bytes_out
@@ -341,6 +361,12 @@ impl Client {
         &self.inner.stats
     }
 
+    /// The counters, to read after the client is gone (holding them does
+    /// not keep the connection open).
+    pub fn stats_handle(&self) -> Arc<ClientStats> {
+        self.inner.stats.clone()
+    }
+
     /// The agent's version string from the handshake.
     pub fn agent_version(&self) -> &str {
         &self.inner.agent
@@ -360,6 +386,38 @@ impl Client {
     /// busy this connection is (streams are picked by it).
     pub fn queued_bytes(&self) -> usize {
         self.inner.queued.load(Ordering::Relaxed)
+    }
+
+    /// Asks the agent to accept frames compressed as `mode`; from then on
+    /// frames are compressed as the agent accepted. Returns that mode.
+    pub async fn negotiate(
+        &self,
+        mode: super::compress::Mode,
+    ) -> Result<super::compress::Mode, ProtoError> {
+        use super::compress::Mode;
+        if mode == Mode::Off {
+            return Ok(Mode::Off);
+        }
+        let accepted = match self
+            .call(Request::Negotiate {
+                compression: mode.name(),
+            })
+            .await?
+        {
+            Reply::Negotiated { compression } => Mode::parse(&compression).unwrap_or(Mode::Off),
+            other => {
+                return Err(ProtoError::Violation(format!(
+                    "unexpected reply to Negotiate: {other:?}"
+                )))
+            }
+        };
+        *self.inner.compression.lock().unwrap() = accepted;
+        Ok(accepted)
+    }
+
+    /// Charges every frame sent from now on to `throttle` (see `bwlimit`).
+    pub fn set_throttle(&self, throttle: Arc<super::throttle::Throttle>) {
+        *self.inner.throttle.lock().unwrap() = Some(throttle);
     }
 
     /// The send budget, to be shared by the other streams of a group.

@@ -9,7 +9,9 @@
 //! file's `Commit`. A reply may span several frames (`last = false`).
 
 pub mod client;
+pub mod compress;
 pub mod msg;
+pub mod throttle;
 
 pub use client::{Client, ClientStats, Join, ProtoError, Ticket};
 pub use msg::*;
@@ -22,7 +24,8 @@ use std::io::{self, Read, Write};
 /// 4 KiB blocks (see `blocktree`), OpenInPlace. 6: parallel streams
 /// (OpenStreams, HelloStream) and shared temporaries (OpenShared,
 /// OpenSegment, FinishSegment, CommitShared); small files compared by
-/// digest and sent as deltas (ProbeFile, PutDelta).
+/// digest and sent as deltas (ProbeFile, PutDelta); compression
+/// (Negotiate, compressed frames: see `compress`).
 pub const PROTOCOL_VERSION: u32 = 6;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
@@ -56,7 +59,9 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>
             Err(e) => return Err(e),
         }
     }
-    let len = u32::from_le_bytes(len) as usize;
+    let len = u32::from_le_bytes(len);
+    let compressed = len & compress::COMPRESSED != 0;
+    let len = (len & !compress::COMPRESSED) as usize;
     if len > MAX_FRAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -67,6 +72,10 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>
     buf.resize(len, 0);
     r.read_exact(buf)
         .map_err(|e| io::Error::new(e.kind(), format!("truncated frame: {e}")))?;
+    if compressed {
+        let body = std::mem::take(buf);
+        compress::decompress_body(&body, buf)?;
+    }
     Ok(Some(()))
 }
 

@@ -251,6 +251,13 @@ pub enum Request {
         digest: Hash32,
         meta: Meta,
     },
+    /// Settles the link's options after the handshake: the compression the
+    /// worker wants to send with (`off`, `auto`, `zstd:LEVEL`). Answered by
+    /// `Negotiated` with what the agent accepts; the worker compresses only
+    /// if it was accepted.
+    Negotiate {
+        compression: String,
+    },
 }
 
 impl Request {
@@ -313,6 +320,10 @@ pub enum Reply {
     /// The answer to a `ProbeFile` whose content differs.
     Probed {
         signature: ByteBuf,
+    },
+    /// The answer to `Negotiate`: the compression accepted (`off` if none).
+    Negotiated {
+        compression: String,
     },
 }
 

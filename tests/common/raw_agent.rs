@@ -43,7 +43,10 @@ impl RawAgent {
 
     /// Starts an agent whose first request is `hello` (e.g. a
     /// `HelloStream` joining a stream group); its error if refused.
-    pub fn start_with(root: &Path, hello: Request) -> Result<RawAgent, georep::protocol::WireError> {
+    pub fn start_with(
+        root: &Path,
+        hello: Request,
+    ) -> Result<RawAgent, georep::protocol::WireError> {
         let mut child = Command::new(super::georep_bin())
             .args(["agent", "--root"])
             .arg(root)

@@ -89,7 +89,9 @@ impl Files {
         meta: &Meta,
     ) -> WResult<()> {
         if size > MAX_DATA as u64 {
-            return Err(invalid(format!("{path}: delta output above {MAX_DATA} bytes")));
+            return Err(invalid(format!(
+                "{path}: delta output above {MAX_DATA} bytes"
+            )));
         }
         let Some(base) = read_small(root, path, basis)? else {
             return Err(WireError::new(
@@ -103,7 +105,10 @@ impl Files {
         if out.len() as u64 != size {
             return Err(WireError::new(
                 ErrorKind::Mismatch,
-                format!("{path}: the delta made {} bytes, not {size}: the slave's copy changed", out.len()),
+                format!(
+                    "{path}: the delta made {} bytes, not {size}: the slave's copy changed",
+                    out.len()
+                ),
             ));
         }
         self.put_file(root, id, path, &out, want, meta)

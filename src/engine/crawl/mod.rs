@@ -396,7 +396,8 @@ impl Engine {
                     let Some(from) = path.parent().and_then(|d| d.join(&from).ok()) else {
                         return false;
                     };
-                    self.ship_file(&path, &m, s.as_ref(), Basis::Other(from)).await
+                    self.ship_file(&path, &m, s.as_ref(), Basis::Other(from))
+                        .await
                 }
                 Action::Symlink => {
                     let target = m

@@ -347,7 +347,12 @@ mod tests {
         assert_eq!(
             p.actions,
             vec![
-                (0, Action::Moved { from: b"old".to_vec() }),
+                (
+                    0,
+                    Action::Moved {
+                        from: b"old".to_vec()
+                    }
+                ),
                 (1, Action::Ship { basis: false }),
                 (2, Action::Ship { basis: false }),
             ]

@@ -247,7 +247,9 @@ async fn small(
     let block = probe_block(data.len());
     // Nothing held while the answer travels: a differing file is read again.
     drop((data, budget));
-    let probe = sl.probe(rel.clone(), other.clone(), digest, meta.clone(), block).await?;
+    let probe = sl
+        .probe(rel.clone(), other.clone(), digest, meta.clone(), block)
+        .await?;
     let sig = match probe.wait().await? {
         Probed::Same => return Ok((Shipped::Updated, digest)),
         Probed::Differs(sig) => sig,
@@ -259,14 +261,17 @@ async fn small(
     if sig.is_empty() {
         return put_whole(e, &sl, rel, data, digest, meta, budget).await;
     }
-    let (patch, data) = blocking(move || (crate::engine::delta::rolling_delta(&sig, &data), data)).await;
+    let (patch, data) =
+        blocking(move || (crate::engine::delta::rolling_delta(&sig, &data), data)).await;
     match patch {
         // A delta pays when it saves a tenth of the file (it costs the slave a read).
         Some(p) if p.len() + p.len() / 8 + 64 < data.len() * 9 / 10 => {
             let n = p.len() as u64;
             let size = data.len() as u64;
             drop((data, budget));
-            let pending = sl.put_delta(rel.clone(), other, size, p, digest, meta).await?;
+            let pending = sl
+                .put_delta(rel.clone(), other, size, p, digest, meta)
+                .await?;
             pending.wait().await?;
             e.stats.bytes_delta.fetch_add(n, Ordering::Relaxed);
             Ok((Shipped::Sent, digest))

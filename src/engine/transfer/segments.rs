@@ -179,7 +179,9 @@ pub(super) async fn shared(
         .wait()
         .await?;
     tracing::debug!(segments = nseg, "committed a shared file");
-    e.stats.files_split.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    e.stats
+        .files_split
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Ok((Shipped::Sent, digest))
 }
 
