@@ -32,4 +32,13 @@ pub struct WorkerReport {
     pub full_crawl_reason: Option<String>,
     /// Sent just before the worker exits because of this error.
     pub fatal: Option<String>,
+    /// The link: streams, limit in force and rate (bytes/s), compression ratio.
+    #[serde(default)]
+    pub streams: Option<u64>,
+    #[serde(default)]
+    pub bwlimit: Option<u64>,
+    #[serde(default)]
+    pub rate: Option<u64>,
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
 }

@@ -106,6 +106,18 @@ pub struct Status {
     /// Seconds since `last_synced`, computed by the reader (null when never synced).
     #[serde(default)]
     pub lag_seconds: Option<u64>,
+    /// Parallel streams of the worker's connection to the slave.
+    #[serde(default)]
+    pub streams: Option<u64>,
+    /// The bandwidth limit in force, bytes/s (null: none).
+    #[serde(default)]
+    pub bwlimit: Option<u64>,
+    /// Bytes/s the worker sent over the last few seconds.
+    #[serde(default)]
+    pub rate: Option<u64>,
+    /// Wire bytes over uncompressed bytes sent by this worker (null: nothing yet).
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
 }
 
 impl Status {
@@ -136,6 +148,10 @@ impl Status {
             full_crawl_reason: None,
             updated: None,
             lag_seconds: None,
+            streams: None,
+            bwlimit: None,
+            rate: None,
+            compression_ratio: None,
         }
     }
 

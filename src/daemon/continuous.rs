@@ -51,6 +51,8 @@ type Live = Arc<Mutex<Option<Arc<Engine>>>>;
 struct Reporter {
     state: Arc<Mutex<Reported>>,
     live: Live,
+    /// The worker's link (streams, bandwidth, compression).
+    link: Option<Arc<crate::engine::link::LinkState>>,
     watcher: Option<Arc<crate::daemon::watcher::Shared>>,
     shutdown: CancellationToken,
 }
@@ -115,6 +117,13 @@ impl Reporter {
         if let Some(w) = &self.watcher {
             (r.entry, r.data, r.meta) = w.pending.lock().unwrap().counts();
         }
+        if let Some(l) = &self.link {
+            let lr = l.report();
+            r.streams = (lr.streams > 0).then_some(lr.streams);
+            r.bwlimit = lr.bwlimit;
+            r.rate = Some(lr.rate);
+            r.compression_ratio = lr.compression_ratio;
+        }
         let line = serde_json::to_string(&r).expect("report serializes");
         let mut out = std::io::stdout().lock();
         if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
@@ -159,6 +168,7 @@ pub async fn run(session: &Session, shutdown: CancellationToken) -> Result<(), W
     let mut reporter = Reporter {
         state: Arc::default(),
         live: Arc::default(),
+        link: None,
         watcher: None,
         shutdown: shutdown.clone(),
     };
@@ -211,6 +221,7 @@ async fn run_loop(
     let root = session.config.master.clone();
     let master = worker.master_id();
     reporter.live = worker.live.clone();
+    reporter.link = Some(worker.link.clone());
     let watcher = if session.config.marker == MarkerPolicy::Auto {
         let r = root.clone();
         let w = tokio::task::spawn_blocking(move || Watcher::start(r, master))
@@ -317,6 +328,7 @@ async fn run_loop(
                     bytes_sent = summary.bytes_sent,
                     failures = summary.failures,
                     duration_ms = summary.duration_ms,
+                    streams = summary.link.streams,
                     "crawl done"
                 );
                 let synced = session.state().last_synced_xtime;
