@@ -154,6 +154,14 @@ pub struct Config {
     /// `off`, `zstd[:LEVEL]` or `auto` (None: auto); see `protocol::compress`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// Partial transfers kept on the slave for resuming are removed after
+    /// this many seconds without progress.
+    #[serde(default = "default_partial_max_age")]
+    pub partial_max_age_secs: u64,
+}
+
+fn default_partial_max_age() -> u64 {
+    3 * 86400
 }
 
 /// Most streams a session may configure.
@@ -210,6 +218,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     (
         "compression",
         "off | zstd[:LEVEL] | auto (compress where data shrinks)",
+    ),
+    (
+        "partial_max_age_secs",
+        "seconds a partial transfer is kept on the slave for resuming",
     ),
 ];
 

@@ -19,7 +19,7 @@ fn agents_of(root: &std::path::Path) -> Vec<i32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.get(1) == Some(&&b"agent"[..]) && args.iter().any(|a| *a == want.as_bytes()) {
+        if args.get(1) == Some(&&b"agent"[..]) && args.contains(&want.as_bytes()) {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let start = stat
                 .rsplit(')')
@@ -57,7 +57,7 @@ fn a_stream_killed_mid_sync_fails_its_files_and_the_next_sync_converges() {
     std::fs::write(w.master.join("big.img"), data(99, 40 << 20)).unwrap();
     w.create("s", &[]);
     w.run_ok(&["config", "s", "set", "streams", "4"]);
-    let mut child = w
+    let child = w
         .cmd(&["sync", "s", "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()

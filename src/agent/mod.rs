@@ -398,6 +398,26 @@ impl Agent<'_> {
                     None => "off".into(),
                 },
             }),
+            Request::OpenResumable {
+                fid,
+                path,
+                basis,
+                size,
+                key,
+            } => {
+                self.flush_if(|p| p == &path);
+                self.files
+                    .open_resumable(&self.root, fid, &path, basis.as_ref(), size, &key)
+                    .map(|(basis_size, resumed, roots)| Reply::OpenedResumable {
+                        basis_size,
+                        resumed,
+                        roots,
+                    })
+            }
+            Request::CleanPartials { max_age_secs } => self
+                .files
+                .clean_partials(&self.root, max_age_secs)
+                .map(|_| Reply::Done),
             Request::ProbeFile {
                 path,
                 basis,

@@ -154,7 +154,10 @@ impl Root {
                 continue;
             }
             if name.starts_with(TMP_PREFIX) {
-                if !in_use(name) && !(keep_young && young(dir.as_fd(), name)) {
+                // Partials are removed by their progress records' rules.
+                let partial = name.starts_with(crate::protocol::PARTIAL_PREFIX);
+                let keep = partial || in_use(name) || (keep_young && young(dir.as_fd(), name));
+                if !keep {
                     let _ = unlinkat(
                         dir.as_fd(),
                         OsStr::from_bytes(name),

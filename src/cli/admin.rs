@@ -212,6 +212,7 @@ pub fn create(
         bwlimit: None,
         bwlimit_schedule: None,
         compression: None,
+        partial_max_age_secs: 3 * 86400,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -431,6 +432,12 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                         .ok_or_else(|| bad("auto or a number of streams from 1 to 16"))?,
                 ),
             }
+        }
+        "partial_max_age_secs" => {
+            c.partial_max_age_secs = value
+                .map(|v| v.parse().map_err(|_| bad("a number of seconds")))
+                .transpose()?
+                .unwrap_or(3 * 86400)
         }
         "bwlimit" => {
             c.bwlimit = match value {

@@ -48,6 +48,8 @@ pub struct Stats {
     pub files_in_place: AtomicU64,
     /// Files sent in segments over several streams at once.
     pub files_split: AtomicU64,
+    /// Bytes not sent again because an interrupted transfer resumed.
+    pub bytes_resumed: AtomicU64,
     pub bytes_literal: AtomicU64,
     pub bytes_delta: AtomicU64,
     pub deletes: AtomicU64,

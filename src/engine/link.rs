@@ -53,6 +53,8 @@ pub struct LinkState {
     clients: Mutex<Vec<Arc<ClientStats>>>,
     /// (when, bytes charged then, rate computed then).
     meter: Mutex<(Instant, u64, u64)>,
+    /// The round trip measured when the connection was made.
+    rtt: Mutex<Duration>,
 }
 
 impl LinkState {
@@ -62,6 +64,7 @@ impl LinkState {
             config: Mutex::new(LinkConfig::of(config)),
             clients: Mutex::new(Vec::new()),
             meter: Mutex::new((Instant::now(), 0, 0)),
+            rtt: Mutex::new(Duration::ZERO),
         });
         s.apply(config);
         s
@@ -77,6 +80,14 @@ impl LinkState {
         }
         self.throttle.set_rate(rate);
         *self.config.lock().unwrap() = LinkConfig::of(config);
+    }
+
+    pub fn set_rtt(&self, rtt: Duration) {
+        *self.rtt.lock().unwrap() = rtt;
+    }
+
+    pub fn rtt(&self) -> Duration {
+        *self.rtt.lock().unwrap()
     }
 
     /// Records the streams of a new connection (for status) and makes them

@@ -98,6 +98,8 @@ pub struct LinkSummary {
     pub streams: u64,
     /// Files sent in segments over several streams at once.
     pub files_split: u64,
+    /// Bytes not sent again: the verified prefix of interrupted transfers.
+    pub bytes_resumed: u64,
     /// The round trip measured at the connection's handshake.
     pub rtt_ms: f64,
     /// Wire bytes sent over what they were before compression (1: none).

@@ -622,3 +622,43 @@ impl Slave {
         .await
     }
 }
+
+impl Slave {
+    /// Opens a resumable transfer (`Request::OpenResumable`): answers the
+    /// basis size, the kept prefix's length and its window hashes.
+    pub async fn open_resumable(
+        &self,
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+        key: Hash16,
+    ) -> Result<Pending<(Option<u64>, u64, Vec<Hash32>)>, ProtoError> {
+        self.req(
+            Request::OpenResumable {
+                fid,
+                path,
+                basis,
+                size,
+                key,
+            },
+            |mut r| match r.pop() {
+                Some(Reply::OpenedResumable {
+                    basis_size,
+                    resumed,
+                    roots,
+                }) if r.is_empty() => Ok((basis_size, resumed, roots)),
+                other => Err(ProtoError::Violation(format!("unexpected reply {other:?}"))),
+            },
+        )
+        .await
+    }
+
+    /// Removes the slave's partials older than `max_age_secs`.
+    pub async fn clean_partials(&self, max_age_secs: u64) -> Result<(), ProtoError> {
+        self.req(Request::CleanPartials { max_age_secs }, done)
+            .await?
+            .wait()
+            .await
+    }
+}

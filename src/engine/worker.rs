@@ -217,7 +217,13 @@ impl<'a> Worker<'a> {
         }
         if self.conn.is_none() {
             let mut conn = connect_with(session, cfg.keepalive).await?;
-            let want = streams_for(cfg.streams, conn.client.handshake_rtt());
+            let rtt = conn.measure_rtt().await;
+            self.link.set_rtt(rtt);
+            // Auto: a local slave has no window to fill.
+            let want = match (cfg.streams, conn.remote()) {
+                (None, false) => 1,
+                (c, _) => streams_for(c, rtt),
+            };
             let got = conn.open_streams(want, cfg.keepalive).await;
             let clients = conn.clients();
             let mut compression = cfg.compression;
@@ -233,7 +239,7 @@ impl<'a> Worker<'a> {
             self.link.connected(&clients);
             tracing::info!(
                 session = %session.name,
-                rtt_ms = conn.client.handshake_rtt().as_secs_f64() * 1000.0,
+                rtt_ms = rtt.as_secs_f64() * 1000.0,
                 streams = got,
                 compression = %compression.name(),
                 "connected"
@@ -246,6 +252,20 @@ impl<'a> Worker<'a> {
         let slave = Slave::group(conn.clients());
         let wire_start = slave.wire_totals();
         let link_start = LinkStart::now(&slave, &self.link);
+        // Partials of interrupted transfers too old to be worth resuming.
+        if let Err(e) = slave
+            .clean_partials(session.config.partial_max_age_secs)
+            .await
+        {
+            if e.is_fatal() {
+                self.conn = None;
+                return Err(WorkerError::Slave {
+                    slave: session.config.slave.clone(),
+                    source: e,
+                });
+            }
+            tracing::warn!(error = %e, "could not clean the slave's stale partial transfers");
+        }
         if session.config.layout == crate::session::Layout::Store {
             // Catalog mode: points and generations instead of the tree crawl.
             let res =
@@ -256,7 +276,11 @@ impl<'a> Worker<'a> {
             }
             return res.map(|summary| Summary {
                 duration_ms: started.elapsed().as_millis() as u64,
-                link: link_start.summary(&slave, &self.link, summary.link.files_split),
+                link: link_start.summary(
+                    &slave,
+                    &self.link,
+                    (summary.link.files_split, summary.link.bytes_resumed),
+                ),
                 ..summary
             });
         }
@@ -392,7 +416,14 @@ impl<'a> Worker<'a> {
             errors: outcome.failures,
             duration_ms: 0,
             catalog: None,
-            link: link_start.summary(&slave, &self.link, s.files_split.load(Ordering::Relaxed)),
+            link: link_start.summary(
+                &slave,
+                &self.link,
+                (
+                    s.files_split.load(Ordering::Relaxed),
+                    s.bytes_resumed.load(Ordering::Relaxed),
+                ),
+            ),
         };
         Ok(Summary {
             duration_ms: started.elapsed().as_millis() as u64,
@@ -421,7 +452,7 @@ impl LinkStart {
         &self,
         slave: &Slave,
         link: &LinkState,
-        split: u64,
+        (split, resumed): (u64, u64),
     ) -> crate::engine::outcome::LinkSummary {
         let wire = slave.wire_totals().0 - self.wire_out;
         let raw = slave.raw_out_total() - self.raw_out;
@@ -429,7 +460,8 @@ impl LinkStart {
         crate::engine::outcome::LinkSummary {
             streams: slave.streams() as u64,
             files_split: split,
-            rtt_ms: slave.client().handshake_rtt().as_secs_f64() * 1000.0,
+            bytes_resumed: resumed,
+            rtt_ms: link.rtt().as_secs_f64() * 1000.0,
             compression_ratio: if raw == 0 {
                 1.0
             } else {

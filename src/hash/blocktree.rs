@@ -286,8 +286,11 @@ pub struct FileDigest {
     window: Option<WindowDigest>,
     /// Start of the current window.
     base: u64,
-    /// A segment's window hashes, in order (see [`FileDigest::segment`]).
+    /// Window hashes kept, in order (see [`FileDigest::segment`] and
+    /// [`FileDigest::recording`]).
     roots: Option<Vec<Hash32>>,
+    /// A segment: the hashes are kept instead of making a file digest.
+    segment: bool,
 }
 
 impl FileDigest {
@@ -298,7 +301,22 @@ impl FileDigest {
             window: None,
             base: 0,
             roots: None,
+            segment: false,
         }
+    }
+
+    /// A file digest that also keeps the hash of every window fed (for a
+    /// resumable transfer's progress record).
+    pub fn recording(size: u64) -> FileDigest {
+        FileDigest {
+            roots: Some(Vec::new()),
+            ..FileDigest::new(size)
+        }
+    }
+
+    /// The window hashes kept so far (whole windows only).
+    pub fn roots(&self) -> &[Hash32] {
+        self.roots.as_deref().unwrap_or(&[])
     }
 
     /// The digest of a segment of a file of `size` bytes that starts at
@@ -309,6 +327,7 @@ impl FileDigest {
         FileDigest {
             base: start.min(size),
             roots: Some(Vec::new()),
+            segment: true,
             ..FileDigest::new(size)
         }
     }
@@ -320,11 +339,11 @@ impl FileDigest {
     }
 
     fn push_root(&mut self, h: &Hash32) {
-        match &mut self.roots {
-            Some(r) => r.push(*h),
-            None => {
-                self.outer.update(h);
-            }
+        if let Some(r) = &mut self.roots {
+            r.push(*h);
+        }
+        if !self.segment {
+            self.outer.update(h);
         }
     }
 

@@ -25,7 +25,8 @@ use std::io::{self, Read, Write};
 /// (OpenStreams, HelloStream) and shared temporaries (OpenShared,
 /// OpenSegment, FinishSegment, CommitShared); small files compared by
 /// digest and sent as deltas (ProbeFile, PutDelta); compression
-/// (Negotiate, compressed frames: see `compress`).
+/// (Negotiate, compressed frames: see `compress`); resumable transfers
+/// (OpenResumable, CleanPartials).
 pub const PROTOCOL_VERSION: u32 = 6;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
@@ -40,6 +41,10 @@ pub const STATE_DIR: &[u8] = b".georep";
 /// Prefix of the agent's temporary files: reserved like [`STATE_DIR`],
 /// hidden from listings, removed when stale.
 pub const TMP_PREFIX: &[u8] = b".georep-tmp-";
+/// Prefix of the temporaries of resumable transfers (a kind of
+/// [`TMP_PREFIX`]): kept across connections with a progress record in the
+/// state directory, removed when stale by age or superseded.
+pub const PARTIAL_PREFIX: &[u8] = b".georep-tmp-part-";
 
 /// Reads one frame; `Ok(None)` on a clean EOF between frames.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {

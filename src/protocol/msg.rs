@@ -258,6 +258,23 @@ pub enum Request {
     Negotiate {
         compression: String,
     },
+    /// As `OpenFile`, for a transfer that can resume: the temporary is kept
+    /// with a progress record when the connection ends, and a later
+    /// `OpenResumable` of the same `path` and `key` (the master file's
+    /// identity) continues after its verified durable prefix. Answered by
+    /// `OpenedResumable`. A partial of another key is removed.
+    OpenResumable {
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+        key: Hash16,
+    },
+    /// Removes the partials whose progress record is older than
+    /// `max_age_secs` (and partials without a temporary).
+    CleanPartials {
+        max_age_secs: u64,
+    },
 }
 
 impl Request {
@@ -324,6 +341,15 @@ pub enum Reply {
     /// The answer to `Negotiate`: the compression accepted (`off` if none).
     Negotiated {
         compression: String,
+    },
+    /// The answer to `OpenResumable`: the basis size, and the durable
+    /// prefix kept from an earlier attempt (bytes, window-aligned or the
+    /// whole file) with the hash of each of its windows, verified by reading
+    /// them again.
+    OpenedResumable {
+        basis_size: Option<u64>,
+        resumed: u64,
+        roots: Vec<Hash32>,
     },
 }
 

@@ -149,6 +149,25 @@ impl Connection {
         1 + self.streams.len()
     }
 
+    /// Whether the agent is reached over a network (SSH), not a local pipe.
+    pub fn remote(&self) -> bool {
+        self.link.is_some()
+    }
+
+    /// The round trip to the agent: the least of the handshake's and of a
+    /// few pings' (one slow answer of a starting agent is not the link).
+    pub async fn measure_rtt(&self) -> Duration {
+        let mut best = self.client.handshake_rtt();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            if self.client.call(Request::Ping).await.is_err() {
+                break;
+            }
+            best = best.min(t.elapsed());
+        }
+        best
+    }
+
     /// The clients of every stream, this connection's first.
     pub fn clients(&self) -> Vec<Client> {
         std::iter::once(self.client.clone())

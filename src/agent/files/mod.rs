@@ -12,6 +12,7 @@
 //! and hashed once per sync.
 
 mod hashes;
+mod partial;
 mod publish;
 mod shared;
 mod small;
@@ -77,6 +78,8 @@ struct OpenFile {
     /// A segment of another agent's shared temporary, ending here: never
     /// committed or removed by this agent (see `shared`).
     segment: Option<u64>,
+    /// A resumable transfer (see `partial`).
+    resume: Option<partial::Resume>,
 }
 
 impl OpenFile {
@@ -252,6 +255,7 @@ impl Files {
                 error: None,
                 written: 0,
                 segment: None,
+                resume: None,
             },
         );
         Ok((Some(old), true))
@@ -307,6 +311,7 @@ impl Files {
                 error: None,
                 written: 0,
                 segment: None,
+                resume: None,
             },
         );
         Ok(has_basis.then_some(basis_size))
@@ -325,6 +330,7 @@ impl Files {
             if f.segment.is_some() {
                 return; // the shared temporary is its owner's to remove
             }
+            Self::drop_record(&f);
             match f.target {
                 Target::Temp { tmp, .. } => {
                     let _ = nix::unistd::unlinkat(
@@ -342,10 +348,19 @@ impl Files {
         }
     }
 
+    /// Drops every file being assembled (the connection ended): resumable
+    /// ones are checkpointed and kept for the next connection.
     pub fn abort_all(&mut self) {
         let fids: Vec<u64> = self.open.keys().copied().collect();
         for fid in fids {
-            self.abort(fid);
+            match self.open.remove(&fid) {
+                Some(f) if f.resume.is_some() && f.error.is_none() => Self::keep_partial(f),
+                Some(f) => {
+                    self.open.insert(fid, f);
+                    self.abort(fid);
+                }
+                None => {}
+            }
         }
     }
 
@@ -375,6 +390,7 @@ impl Files {
                 f.path
             )));
         }
+        Self::drop_record(&f);
         let OpenFile {
             path,
             dir,
@@ -384,9 +400,30 @@ impl Files {
             mut digest,
             written,
             error,
+            resume,
             ..
         } = f;
         let (tmp, file) = match target {
+            // A resumable file's temporary becomes a plain one: a crash from
+            // here leaves a stale temporary, not a partial without a record.
+            Target::Temp { tmp, file } if resume.is_some() => {
+                let plain = tmp_name();
+                match rename_over(
+                    dir.as_fd(),
+                    OsStr::from_bytes(&tmp),
+                    OsStr::from_bytes(&plain),
+                ) {
+                    Ok(()) => (plain, file),
+                    Err(e) => {
+                        let _ = nix::unistd::unlinkat(
+                            dir.as_fd(),
+                            OsStr::from_bytes(&tmp),
+                            nix::unistd::UnlinkatFlags::NoRemoveDir,
+                        );
+                        return Err(errno_err(e, "rename the temporary of", &path));
+                    }
+                }
+            }
             Target::Temp { tmp, file } => (tmp, file),
             Target::InPlace(ip) if segments.is_empty() => {
                 return self.commit_in_place(*ip, &path, size, digest, error, want, meta);

@@ -150,6 +150,7 @@ impl Files {
                 error: None,
                 written: 0,
                 segment: Some(end),
+                resume: None,
             },
         );
         Ok(has_basis.then_some(basis_size))

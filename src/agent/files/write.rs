@@ -32,6 +32,7 @@ impl Files {
                 if let Err(e) = op(f, &mut buf) {
                     f.error = Some(e);
                 }
+                Self::checkpoint(f, false);
             }
             f.cache.evict_below(f.digest.position() / WINDOW);
         }

@@ -590,6 +590,7 @@ pub async fn sync_store(
         catalog: Some(out.summary),
         link: crate::engine::outcome::LinkSummary {
             files_split: s.files_split.load(Ordering::Relaxed),
+            bytes_resumed: s.bytes_resumed.load(Ordering::Relaxed),
             ..Default::default()
         },
     })

@@ -24,6 +24,7 @@
 //! slave are patched there in place (see `agent::inplace`); the exchange
 //! is the same.
 
+mod partial;
 mod read;
 mod segments;
 mod windows;

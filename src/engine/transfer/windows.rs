@@ -69,7 +69,14 @@ pub(super) async fn large(
         };
         return super::segments::shared(e, &sl, rel, src, basis, nseg).await;
     }
-    let fid = e.next_fid();
+    let mut fid = e.next_fid();
+    let other = match &basis {
+        Basis::Other(p) => Some(p.clone()),
+        _ => None,
+    };
+    // Windows kept from an interrupted attempt (resumable files), with the
+    // master's hashes of them.
+    let mut kept: Vec<Hash32> = Vec::new();
     let (basis_size, patched) = if in_place {
         let (b, p) = sl
             .open_in_place(fid, rel.clone(), size)
@@ -77,11 +84,42 @@ pub(super) async fn large(
             .wait()
             .await?;
         (b.unwrap_or(0), p)
-    } else {
-        let other = match &basis {
-            Basis::Other(p) => Some(p.clone()),
-            _ => None,
+    } else if size >= super::partial::RESUME_MIN {
+        let key = super::partial::key(&before);
+        let mut opened = sl
+            .open_resumable(fid, rel.clone(), other.clone(), size, key)
+            .await?
+            .wait()
+            .await?;
+        if !opened.2.is_empty() {
+            let own =
+                super::partial::master_roots(&file, &extents, size, opened.2.len(), &path).await?;
+            if own == opened.2 {
+                kept = own;
+            } else {
+                // Not this master file after all: start again from nothing.
+                sl.abort(fid).await?.wait().await?;
+                fid = e.next_fid();
+                opened = sl
+                    .open_resumable(fid, rel.clone(), other.clone(), size, key)
+                    .await?
+                    .wait()
+                    .await?;
+                opened.2.clear();
+            }
+        }
+        if !kept.is_empty() {
+            let bytes = (kept.len() as u64 * WINDOW).min(size);
+            e.stats.bytes_resumed.fetch_add(bytes, Ordering::Relaxed);
+            tracing::info!(path = %rel, resumed = bytes, "resuming an interrupted transfer");
+        }
+        let b = if basis != Basis::None {
+            opened.0.unwrap_or(0)
+        } else {
+            0
         };
+        (b, false)
+    } else {
         let opened = sl.open_file(fid, rel.clone(), other, size).await?;
         let b = if basis != Basis::None {
             opened.wait().await?.unwrap_or(0)
@@ -91,19 +129,26 @@ pub(super) async fn large(
         (b, false)
     };
     let gate = Shortcut::new(1);
-    let shortcut = (basis == Basis::Dest).then_some(&gate);
+    let shortcut = (basis == Basis::Dest && kept.is_empty()).then_some(&gate);
     let part = Part {
         sl: &sl,
         fid,
-        windows: 0..size.div_ceil(WINDOW) as usize,
+        windows: kept.len()..size.div_ceil(WINDOW) as usize,
         read_ahead: true,
     };
     let result = send_windows(
         e, &part, rel, &path, &file, &extents, size, basis_size, shortcut,
     )
-    .await;
+    .await
+    .map(|(r, same)| {
+        let mut all = std::mem::take(&mut kept);
+        all.extend(r);
+        (all, same)
+    });
     let (roots, unchanged) = match result {
         Ok(r) => r,
+        // Stopping: the agent keeps a resumable file for the next run.
+        Err(FileError::Interrupted) => return Err(FileError::Interrupted),
         Err(err) => {
             if let Ok(p) = sl.abort(fid).await {
                 let _ = p.wait().await;
