@@ -125,6 +125,8 @@ pub struct SyncOptions {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CatalogSummary {
     pub hosts: u64,
+    /// Hosts not read at all: unchanged since their stime (xtime crawls).
+    pub hosts_unchanged: u64,
     pub generations_published: u64,
     pub generations_deleted: u64,
     /// Images shipped as the master has them.

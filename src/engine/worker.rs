@@ -266,24 +266,6 @@ impl<'a> Worker<'a> {
             }
             tracing::warn!(error = %e, "could not clean the slave's stale partial transfers");
         }
-        if session.config.layout == crate::session::Layout::Store {
-            // Catalog mode: points and generations instead of the tree crawl.
-            let res =
-                crate::engine::catalog_mode::sync_store(session, &slave, &master_id, shutdown)
-                    .await;
-            if slave.any_closed() {
-                self.conn = None;
-            }
-            return res.map(|summary| Summary {
-                duration_ms: started.elapsed().as_millis() as u64,
-                link: link_start.summary(
-                    &slave,
-                    &self.link,
-                    (summary.link.files_split, summary.link.bytes_resumed),
-                ),
-                ..summary
-            });
-        }
         let slave_err = |source| WorkerError::Slave {
             slave: session.config.slave.clone(),
             source,
@@ -325,6 +307,35 @@ impl<'a> Worker<'a> {
             }
         }
         let root_xtime = xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)?;
+        if session.config.layout == crate::session::Layout::Store {
+            // Catalog mode: points and generations instead of the tree
+            // crawl, hosts pruned by xtime when continuity is proven.
+            let res = crate::engine::catalog_mode::sync_store(
+                session, &slave, &master_id, kind, shutdown,
+            )
+            .await;
+            if slave.any_closed() {
+                self.conn = None;
+            }
+            let summary = res?;
+            if summary.complete {
+                if let Err(e) = record_complete(session, &slave, kind, &mut state, root_xtime).await
+                {
+                    self.conn = None;
+                    return Err(e);
+                }
+            }
+            return Ok(Summary {
+                duration_ms: started.elapsed().as_millis() as u64,
+                full_reason: reason,
+                link: link_start.summary(
+                    &slave,
+                    &self.link,
+                    (summary.link.files_split, summary.link.bytes_resumed),
+                ),
+                ..summary
+            });
+        }
         let master = Master::new(root.clone(), &master_id, &session.config.session_id);
         let links = Links::load(session.dir.join("links.json"));
         let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
@@ -356,32 +367,9 @@ impl<'a> Worker<'a> {
         };
         let complete = outcome.complete && outcome.failure_count == 0;
         if complete {
-            if kind == CrawlKind::Full {
-                let epoch = state.epoch.expect("set above");
-                slave
-                    .set_identity(SlaveIdentity {
-                        session: session.config.session_id,
-                        epoch,
-                    })
-                    .await
-                    .map_err(|e| {
-                        self.conn = None;
-                        slave_err(e)
-                    })?;
-                state.full_pending = false;
-            }
-            state.last_complete_ns = Some(xtime::now_ns());
-            state.last_synced_xtime = Some(root_xtime);
-            if kind == CrawlKind::Full {
-                save_state(&state)?;
-            } else {
-                // Only the sync times changed: not worth a disk flush.
-                session
-                    .save_state_volatile(&state)
-                    .map_err(|source| WorkerError::State {
-                        path: session.dir.join("state.json"),
-                        source,
-                    })?;
+            if let Err(e) = record_complete(session, &slave, kind, &mut state, root_xtime).await {
+                self.conn = None;
+                return Err(e);
             }
         }
         let s = &engine.stats;
@@ -429,6 +417,44 @@ impl<'a> Worker<'a> {
             duration_ms: started.elapsed().as_millis() as u64,
             ..summary
         })
+    }
+}
+
+/// Records a complete pass: after a full one, the slave's identity (the
+/// slave now holds this epoch) and the end of the pending full crawl;
+/// then the sync times.
+async fn record_complete(
+    session: &Session,
+    slave: &Slave,
+    kind: CrawlKind,
+    state: &mut State,
+    root_xtime: u64,
+) -> Result<(), WorkerError> {
+    let state_err = |source| WorkerError::State {
+        path: session.dir.join("state.json"),
+        source,
+    };
+    if kind == CrawlKind::Full {
+        let epoch = state.epoch.expect("set when the full crawl started");
+        slave
+            .set_identity(SlaveIdentity {
+                session: session.config.session_id,
+                epoch,
+            })
+            .await
+            .map_err(|source| WorkerError::Slave {
+                slave: session.config.slave.clone(),
+                source,
+            })?;
+        state.full_pending = false;
+    }
+    state.last_complete_ns = Some(xtime::now_ns());
+    state.last_synced_xtime = Some(root_xtime);
+    if kind == CrawlKind::Full {
+        session.save_state(state).map_err(state_err)
+    } else {
+        // Only the sync times changed: not worth a disk flush.
+        session.save_state_volatile(state).map_err(state_err)
     }
 }
 
