@@ -59,6 +59,8 @@ pub struct Stats {
     pub meta_updates: AtomicU64,
     pub skipped: AtomicU64,
     pub stimes_written: AtomicU64,
+    /// Directories a full crawl found as recorded and did not compare.
+    pub dirs_unchanged: AtomicU64,
 }
 
 /// One entry that failed; retried by the next crawl.
@@ -84,6 +86,12 @@ pub struct Engine {
     links: Links,
     /// Directories completed and their new stimes, not yet written (see `engine::crawl`).
     pub(crate) stimes: Mutex<Vec<(RelPath, u64)>>,
+    /// Directories completed and their new entry digests, written with the stimes.
+    pub(crate) digests: Mutex<Vec<(RelPath, crate::hash::Hash16)>>,
+    /// Whether a full crawl may skip directories whose entry digest is the
+    /// one recorded (see `engine::crawl`): only when the slave is the one
+    /// last synced and only the marker's continuity is in doubt.
+    trust_digests: std::sync::atomic::AtomicBool,
     failures: Mutex<Vec<Failure>>,
     failure_count: AtomicU64,
     fatal: Mutex<Option<ProtoError>>,
@@ -112,12 +120,23 @@ impl Engine {
             fids: AtomicU64::new(1),
             links,
             stimes: Mutex::new(Vec::new()),
+            digests: Mutex::new(Vec::new()),
+            trust_digests: std::sync::atomic::AtomicBool::new(false),
             failures: Mutex::new(Vec::new()),
             failure_count: AtomicU64::new(0),
             fatal: Mutex::new(None),
             shutdown,
             inplace_min_size: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Lets this (full) crawl skip directories whose entries are as recorded.
+    pub fn set_trust_digests(&self, on: bool) {
+        self.trust_digests.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn trust_digests(&self) -> bool {
+        self.trust_digests.load(Ordering::Relaxed)
     }
 
     /// Patch files of at least `min` bytes in place on the slave (None: never).

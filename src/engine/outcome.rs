@@ -79,6 +79,8 @@ pub struct Summary {
     pub hardlinks: u64,
     pub meta_updates: u64,
     pub stimes_written: u64,
+    /// Directories a full crawl found as last synced (entry digest) and did not compare.
+    pub dirs_unchanged: u64,
     pub skipped: u64,
     pub failures: u64,
     pub errors: Vec<Failure>,

@@ -340,6 +340,7 @@ impl<'a> Worker<'a> {
         let links = Links::load(session.dir.join("links.json"));
         let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
         engine.set_inplace_min_size(session.config.inplace_min_size);
+        engine.set_trust_digests(reason.as_deref() == Some(crate::engine::continuity::MARKER_GAP));
         *self.live.lock().unwrap() = Some(engine.clone());
         let outcome = engine.run().await;
         *self.live.lock().unwrap() = None;
@@ -399,6 +400,7 @@ impl<'a> Worker<'a> {
             hardlinks: s.hardlinks.load(Ordering::Relaxed),
             meta_updates: s.meta_updates.load(Ordering::Relaxed),
             stimes_written: s.stimes_written.load(Ordering::Relaxed),
+            dirs_unchanged: s.dirs_unchanged.load(Ordering::Relaxed),
             skipped: s.skipped.load(Ordering::Relaxed),
             failures: outcome.failure_count,
             errors: outcome.failures,

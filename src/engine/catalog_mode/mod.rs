@@ -623,6 +623,7 @@ pub async fn sync_store(
         hardlinks: 0,
         meta_updates: 0,
         stimes_written: 0,
+        dirs_unchanged: 0,
         skipped: 0,
         failures,
         errors: out.failures,

@@ -31,6 +31,10 @@ enum SlaveDir {
     Fresh,
     /// Exists; its entry as listed in the parent (None for the root).
     Existing(Option<Entry>),
+    /// Exists with the master's metadata: its parent's entries were found
+    /// as recorded when last synced (see `Engine::visit`), so it is not
+    /// even listed by the parent.
+    Known,
 }
 
 /// Why a crawl could not finish.
@@ -102,10 +106,20 @@ impl Engine {
     /// directories completed so far (never before: an stime must not cover data the slave could still lose).
     pub async fn flush_stimes(&self) -> Result<(), ProtoError> {
         let batch: Vec<(RelPath, u64)> = std::mem::take(&mut *self.stimes.lock().unwrap());
-        if batch.is_empty() {
+        let digests = std::mem::take(&mut *self.digests.lock().unwrap());
+        if batch.is_empty() && digests.is_empty() {
             return Ok(());
         }
         self.slave.barrier().await?;
+        for (dir, d) in digests {
+            match self.master.set_digest(&dir, &d) {
+                Ok(()) => {}
+                Err(e) if e.vanished() => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir, error = %e, "could not record a directory's entry digest")
+                }
+            }
+        }
         for (dir, stamp) in batch {
             match self.master.set_stime(&dir, stamp) {
                 Ok(()) => {
@@ -142,9 +156,52 @@ impl Engine {
                     return false;
                 }
             };
-            let existing = matches!(slave, SlaveDir::Existing(_));
+            let existing = !matches!(slave, SlaveDir::Fresh);
             if self.kind == CrawlKind::Xtime && existing && xtl <= stime {
                 return true;
+            }
+            // The entries as the file system states them, before anything
+            // is listed or shipped: recorded once this visit succeeds. In
+            // a full crawl that only doubts the marker, entries found as
+            // recorded were on the slave when recorded and have not
+            // changed since (any change moves a ctime or an mtime): only
+            // the subdirectories are visited.
+            let light = {
+                let e = self.clone();
+                let d = dir.clone();
+                blocking(move || {
+                    let (digest, subdirs, n) = e.master.dir_digest(&d)?;
+                    Ok::<_, MasterError>((digest, subdirs, n, e.master.stored_digest(&d)))
+                })
+                .await
+            };
+            let light = match light {
+                Ok(l) => Some(l),
+                Err(e) if e.vanished() && !dir.is_root() => return true,
+                Err(_) => None,
+            };
+            if let Some((digest, subdirs, n, stored)) = &light {
+                if self.kind == CrawlKind::Full && existing && self.trust_digests() && stored.as_ref() == Some(digest) {
+                    self.stats.entries_visited.fetch_add(*n, Ordering::Relaxed);
+                    let mut visits = Vec::with_capacity(subdirs.len());
+                    for n in subdirs {
+                        if let Ok(p) = dir.join(n) {
+                            visits.push(self.clone().visit(p, SlaveDir::Known, None));
+                        }
+                    }
+                    let results: Vec<bool> = futures::stream::iter(visits)
+                        .buffer_unordered(DIR_CONCURRENCY)
+                        .collect()
+                        .await;
+                    if !results.iter().all(|&r| r) || self.stopped() {
+                        return false;
+                    }
+                    self.stats.dirs_unchanged.fetch_add(1, Ordering::Relaxed);
+                    if !self.dir_meta(&dir, mentry, &slave, false).await {
+                        return false;
+                    }
+                    return self.queue_stime(&dir, xtl, stime).await;
+                }
             }
             // List both sides; the slave listing is in flight while the master is read.
             let slave_list = if existing {
@@ -281,46 +338,69 @@ impl Engine {
                 }
             }
             // Directory metadata last: creating children changed its mtime.
-            let meta = match mentry {
-                Some(m) => m.entry.meta,
-                None => {
-                    let e = self.clone();
-                    let d = dir.clone();
-                    match blocking(move || e.master.stat(&d)).await {
-                        Ok(m) => m.entry.meta,
-                        Err(e) => {
-                            self.fail(&dir, e);
-                            return false;
-                        }
-                    }
-                }
-            };
-            let slave_meta = match &slave {
-                SlaveDir::Existing(Some(s)) => Some(&s.meta),
-                _ => None,
-            };
-            if dirty || slave_meta != Some(&meta) {
-                if let Err(e) = self.set_meta_wait(&dir, meta).await {
-                    self.slave_err(&dir, e);
-                    return false;
+            if !self.dir_meta(&dir, mentry, &slave, dirty).await {
+                return false;
+            }
+            if let Some((digest, _, _, stored)) = light {
+                if stored != Some(digest) {
+                    self.digests.lock().unwrap().push((dir.clone(), digest));
                 }
             }
-            if xtl > stime {
-                let full = {
-                    let mut q = self.stimes.lock().unwrap();
-                    q.push((dir.clone(), xtl));
-                    q.len() >= STIME_BATCH
-                };
-                if full {
-                    if let Err(e) = self.flush_stimes().await {
-                        self.set_fatal(e);
-                        return false;
-                    }
-                }
-            }
-            true
+            self.queue_stime(&dir, xtl, stime).await
         }
         .boxed()
+    }
+
+    /// Gives the slave directory the master's metadata when it differs
+    /// (or `dirty`: its entries changed, which moved its mtime).
+    async fn dir_meta(
+        &self,
+        dir: &RelPath,
+        mentry: Option<MEntry>,
+        slave: &SlaveDir,
+        dirty: bool,
+    ) -> bool {
+        let meta = match mentry {
+            Some(m) => m.entry.meta,
+            None => match self.master.stat(dir) {
+                Ok(m) => m.entry.meta,
+                Err(e) => {
+                    self.fail(dir, e);
+                    return false;
+                }
+            },
+        };
+        let slave_meta = match slave {
+            SlaveDir::Existing(Some(s)) => Some(&s.meta),
+            SlaveDir::Known => Some(&meta),
+            _ => None,
+        };
+        if dirty || slave_meta != Some(&meta) {
+            if let Err(e) = self.set_meta_wait(dir, meta).await {
+                self.slave_err(dir, e);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Queues the directory's new stime (written once the slave is durable,
+    /// in batches); false if flushing a full batch failed.
+    async fn queue_stime(&self, dir: &RelPath, xtl: u64, stime: u64) -> bool {
+        let full = {
+            let mut q = self.stimes.lock().unwrap();
+            if xtl > stime {
+                q.push((dir.clone(), xtl));
+            }
+            q.len() >= STIME_BATCH || self.digests.lock().unwrap().len() >= STIME_BATCH
+        };
+        if full {
+            if let Err(e) = self.flush_stimes().await {
+                self.set_fatal(e);
+                return false;
+            }
+        }
+        true
     }
 
     async fn set_meta_wait(&self, path: &RelPath, meta: Meta) -> Result<(), ProtoError> {
