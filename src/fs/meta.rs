@@ -95,13 +95,16 @@ pub fn read_xattrs(path: &std::path::Path) -> std::io::Result<Vec<(ByteBuf, Byte
     Ok(read_xattrs_and(path, "")?.0)
 }
 
+/// Replicated attributes as (name, value), sorted by name.
+pub type Xattrs = Vec<(ByteBuf, ByteBuf)>;
+
 /// [`read_xattrs`], and the value of attribute `also` (one of georep's
 /// own, e.g. an xtime) from the same listing: one `listxattr` for both,
 /// and no `getxattr` at all for a file without attributes.
 pub fn read_xattrs_and(
     path: &std::path::Path,
     also: &str,
-) -> std::io::Result<(Vec<(ByteBuf, ByteBuf)>, Option<Vec<u8>>)> {
+) -> std::io::Result<(Xattrs, Option<Vec<u8>>)> {
     use std::os::unix::ffi::OsStrExt;
     let mut out = Vec::new();
     let mut extra = None;
