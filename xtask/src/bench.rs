@@ -16,6 +16,8 @@ pub enum Link {
     Ssh,
     /// Over SSH through the proxy adding 50 ms each way.
     Wan,
+    /// As `Wan`, the proxy delivering at most 50 MB/s each way.
+    WanCapped,
 }
 
 pub struct Ctx {
@@ -27,6 +29,7 @@ pub struct Ctx {
     pub sshd: Sshd,
     pub lan: Proxy,
     pub wan: Proxy,
+    pub wan_capped: Proxy,
     /// Whether measured runs sample /proc (see [`Ctx::sampling`]).
     pub sample: std::sync::atomic::AtomicBool,
 }
@@ -99,6 +102,7 @@ impl Ctx {
             Link::Local => None,
             Link::Ssh => Some(&self.lan),
             Link::Wan => Some(&self.wan),
+            Link::WanCapped => Some(&self.wan_capped),
         }
     }
 
@@ -121,7 +125,7 @@ impl Ctx {
         let sample = self.sample.load(std::sync::atomic::Ordering::Relaxed);
         let m = procs::run(cmd, &self.marker, &self.dir, sample)?;
         // Let the proxy drain its queues before reading its counters.
-        if link == Link::Wan {
+        if matches!(link, Link::Wan | Link::WanCapped) {
             std::thread::sleep(Duration::from_millis(150));
         }
         let wire = match self.proxy(link) {
@@ -165,7 +169,7 @@ impl Ctx {
         let mut args: Vec<String> = vec!["create".into(), name.into(), m.into()];
         match link {
             Link::Local => args.push(slave_path.display().to_string()),
-            Link::Ssh | Link::Wan => {
+            Link::Ssh | Link::Wan | Link::WanCapped => {
                 let port = self.proxy(link).unwrap().port;
                 args.push(format!("root@127.0.0.1:{}", slave_path.display()));
                 args.extend([

@@ -156,6 +156,8 @@ fn main() -> anyhow::Result<()> {
     let sshd = sshd::Sshd::start(&dir.join("sshd")).context("starting the benchmark sshd")?;
     let lan = proxy::Proxy::start(sshd.port, Duration::ZERO)?;
     let wan = proxy::Proxy::start(sshd.port, Duration::from_millis(50))?;
+    let wan_capped =
+        proxy::Proxy::start_capped(sshd.port, Duration::from_millis(50), Some(wan::CAP))?;
     let ctx = Ctx {
         dir: dir.clone(),
         georep,
@@ -165,12 +167,13 @@ fn main() -> anyhow::Result<()> {
         sshd,
         lan,
         wan,
+        wan_capped,
         sample: Default::default(),
     };
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();
     type Runner = fn(&Ctx) -> anyhow::Result<Vec<Outcome>>;
-    let all: [(&str, Runner); 10] = [
+    let all: [(&str, Runner); 17] = [
         ("W1", |c| Ok(vec![workloads::w1(c)?])),
         // W2 reports two pairings: W2 (atomic publish) and W2i (in place).
         ("W2", workloads::w2),
@@ -182,6 +185,13 @@ fn main() -> anyhow::Result<()> {
         ("W7", |c| Ok(vec![workloads::w7(c)?])),
         ("W8", |c| Ok(vec![workloads::w8(c)?])),
         ("W9", |c| Ok(vec![wan::w9(c)?])),
+        ("W10", |c| Ok(vec![wan::w10(c)?])),
+        ("W11", |c| Ok(vec![wan::w11(c)?])),
+        ("W12", |c| Ok(vec![wan::w12(c)?])),
+        ("W13", |c| Ok(vec![wan::w13(c)?])),
+        ("W14", |c| Ok(vec![wan::w14(c)?])),
+        ("F1", |c| Ok(vec![wan::f1(c)?])),
+        ("C1", |c| Ok(vec![wan::c1(c)?])),
     ];
     for (id, run) in all {
         if !want(id) {
