@@ -161,6 +161,24 @@ pub struct Config {
     /// (default [`DEFAULT_SCRUB_PERIOD`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scrub_period: Option<u64>,
+    /// Parallel streams to the slave (agents over SSH channels of one
+    /// connection). None: auto, from the round trip measured at the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
+    /// Bytes/s over all streams (None: no limit); applied live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit: Option<u64>,
+    /// Rules overriding `bwlimit` by day and time, e.g.
+    /// `Mon-Fri 08:00-18:00 20M, * off` (see `engine::bandwidth`); applied live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bwlimit_schedule: Option<String>,
+    /// `off`, `zstd[:LEVEL]` or `auto` (None: auto); see `protocol::compress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// Partial transfers kept on the slave for resuming are removed after
+    /// this many seconds without progress.
+    #[serde(default = "default_partial_max_age")]
+    pub partial_max_age_secs: u64,
 }
 
 /// The scrub's period when `scrub_period` is not set: 30 days.
@@ -179,6 +197,13 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     };
     num.trim().parse::<u64>().ok()?.checked_mul(mul)
 }
+
+fn default_partial_max_age() -> u64 {
+    3 * 86400
+}
+
+/// Most streams a session may configure.
+pub const MAX_STREAMS: u32 = 16;
 
 fn default_interval() -> u64 {
     3600
@@ -251,6 +276,37 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
         "scrub_period",
         "the scrub verifies every byte at least once within this time (e.g. 30d; in seconds)",
     ),
+    (
+        "streams",
+        "parallel streams to the slave: auto (from the round trip) or 1-16",
+    ),
+    (
+        "bwlimit",
+        "bytes/s over all streams, e.g. 20M (MiB/s), or off; applied live",
+    ),
+    (
+        "bwlimit_schedule",
+        "limits by day and time, e.g. \"Mon-Fri 08:00-18:00 20M, * off\"; applied live",
+    ),
+    (
+        "compression",
+        "off | zstd[:LEVEL] | auto (compress where data shrinks)",
+    ),
+    (
+        "partial_max_age_secs",
+        "seconds a partial transfer is kept on the slave for resuming",
+    ),
+];
+
+/// Keys a running worker applies without a restart (bandwidth) or by
+/// reconnecting between crawls (the link's settings), keeping marker
+/// continuity: changing them never forces a full crawl.
+pub const LIVE_KEYS: &[&str] = &[
+    "bwlimit",
+    "bwlimit_schedule",
+    "streams",
+    "compression",
+    "keepalive_secs",
 ];
 
 /// Keys set by `georep create` that `config set` refuses.

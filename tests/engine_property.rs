@@ -7,26 +7,57 @@ mod common;
 use common::{mutate, n, tree, World};
 use proptest::prelude::*;
 
+/// How a case reaches its slave.
+enum Via<'a> {
+    Local,
+    Ssh(&'a common::sshd::Sshd),
+    /// Through a real sshd behind the latency proxy, with `streams = 4`.
+    Wan(&'a common::sshd::Sshd, &'a common::proxy::Proxy),
+}
+
 /// One case; with `ssh`, the slave is reached through a real sshd.
-fn run_case(
-    use_marks: bool,
-    initial: &[mutate::Op],
-    rounds: &[Vec<mutate::Op>],
-    ssh: Option<&common::sshd::Sshd>,
-) {
+fn run_case(use_marks: bool, initial: &[mutate::Op], rounds: &[Vec<mutate::Op>], via: Via) {
     let w = World::new();
     let marker = ["--marker", if use_marks { "mark" } else { "auto" }];
-    match ssh {
-        None => w.create("p", &marker),
-        Some(sshd) => {
-            w.create_ssh(sshd, "p", &marker);
+    let streams = match via {
+        Via::Local => {
+            w.create("p", &marker);
+            1
         }
-    }
+        Via::Ssh(sshd) => {
+            w.create_ssh(sshd, "p", &marker);
+            1
+        }
+        Via::Wan(sshd, proxy) => {
+            let mut args = common::sshd::create_args(sshd, "p", &w.master, &w.slave);
+            let i = args.iter().position(|a| a == "--ssh-port").unwrap();
+            args[i + 1] = proxy.port.to_string();
+            args.extend(marker.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            w.run_ok(&args);
+            w.run_ok(&["config", "p", "set", "streams", "4"]);
+            4
+        }
+    };
     for op in initial {
         mutate::apply(&w.master, op);
     }
+    if streams > 1 {
+        // A file of several windows, so that segments are exercised.
+        let data: Vec<u8> = (0..(9u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(w.master.join("several-windows"), data).unwrap();
+    }
     let first = w.sync("p");
     assert_eq!(first["crawl"], "full");
+    assert_eq!(n(&first, "streams"), streams, "{first}");
+    if streams > 1 {
+        assert!(
+            n(&first, "files_split") >= 1,
+            "no file went in segments: {first}"
+        );
+    }
     tree::assert_same(&w.master, &w.slave);
     for (i, round) in rounds.iter().enumerate() {
         for op in round {
@@ -69,7 +100,7 @@ proptest! {
         initial in prop::collection::vec(mutate::op(), 5..40),
         rounds in prop::collection::vec(prop::collection::vec(mutate::op(), 1..12), 1..5),
     ) {
-        run_case(use_marks, &initial, &rounds, None);
+        run_case(use_marks, &initial, &rounds, Via::Local);
     }
 }
 
@@ -89,6 +120,29 @@ proptest! {
         rounds in prop::collection::vec(prop::collection::vec(mutate::op(), 1..12), 1..4),
     ) {
         let sshd = common::sshd::Sshd::start();
-        run_case(use_marks, &initial, &rounds, Some(&sshd));
+        run_case(use_marks, &initial, &rounds, Via::Ssh(&sshd));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("GEOREP_PROPTEST_WAN_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3),
+        max_shrink_iters: 20,
+        failure_persistence: None,
+        .. ProptestConfig::default()
+    })]
+
+    /// The same property over SSH through a 20 ms-each-way proxy with four
+    /// streams: files and segments of large files spread over them, and
+    /// stimes advanced only once everything below is durable on all.
+    #[test]
+    fn slave_over_four_streams_through_latency_equals_master(
+        use_marks in any::<bool>(),
+        initial in prop::collection::vec(mutate::op(), 5..40),
+        rounds in prop::collection::vec(prop::collection::vec(mutate::op(), 1..12), 1..4),
+    ) {
+        let sshd = common::sshd::Sshd::start();
+        let proxy = common::proxy::Proxy::start(sshd.port, std::time::Duration::from_millis(20));
+        run_case(use_marks, &initial, &rounds, Via::Wan(&sshd, &proxy));
     }
 }

@@ -152,6 +152,17 @@ pub fn detail(s: &Status) -> String {
             opt(&s.checkpoint_completion_time),
         ),
         ("full crawl reason", opt(&s.full_crawl_reason)),
+        ("streams", s.streams.map_or("N/A".into(), |n| n.to_string())),
+        (
+            "bandwidth limit",
+            s.bwlimit.map_or("none".into(), |b| format!("{b} B/s")),
+        ),
+        ("rate", s.rate.map_or("N/A".into(), |r| format!("{r} B/s"))),
+        (
+            "compression ratio",
+            s.compression_ratio
+                .map_or("N/A".into(), |r| format!("{r:.3}")),
+        ),
         ("monitor pid", pid(s.monitor_pid)),
         ("worker pid", pid(s.worker_pid)),
         ("last error", opt(&s.last_error)),

@@ -45,4 +45,13 @@ pub struct WorkerReport {
     /// Catalog mode: per host, the newest complete point on the slave (None: not known yet).
     #[serde(default)]
     pub hosts: Option<Vec<HostPoint>>,
+    /// The link: streams, limit in force and rate (bytes/s), compression ratio.
+    #[serde(default)]
+    pub streams: Option<u64>,
+    #[serde(default)]
+    pub bwlimit: Option<u64>,
+    #[serde(default)]
+    pub rate: Option<u64>,
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
 }

@@ -188,6 +188,18 @@ pub struct Status {
     /// The paths of the latest mismatches (at most 10).
     #[serde(default)]
     pub verify_mismatch_paths: Vec<String>,
+    /// Parallel streams of the worker's connection to the slave.
+    #[serde(default)]
+    pub streams: Option<u64>,
+    /// The bandwidth limit in force, bytes/s (null: none).
+    #[serde(default)]
+    pub bwlimit: Option<u64>,
+    /// Bytes/s the worker sent over the last few seconds.
+    #[serde(default)]
+    pub rate: Option<u64>,
+    /// Wire bytes over uncompressed bytes sent by this worker (null: nothing yet).
+    #[serde(default)]
+    pub compression_ratio: Option<f64>,
 }
 
 impl Status {
@@ -228,6 +240,10 @@ impl Status {
             verify_mismatches: 0,
             verify_behind: false,
             verify_mismatch_paths: Vec::new(),
+            streams: None,
+            bwlimit: None,
+            rate: None,
+            compression_ratio: None,
         }
     }
 

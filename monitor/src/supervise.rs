@@ -78,6 +78,10 @@ pub struct Supervisor {
     pub detector: Mutex<Detector>,
     /// Started by [`Supervisor::run`].
     pub hooks: Option<Hooks>,
+    /// The part of the config file whose change needs a new worker; a
+    /// change elsewhere (settings the worker applies while it runs) leaves
+    /// the worker, and the continuity of its watcher, alone.
+    pub restart_key: fn(&[u8]) -> Vec<u8>,
 }
 
 struct Signals {
@@ -265,6 +269,12 @@ impl Supervisor {
         if now == *seen {
             return false;
         }
+        let key = |b: &Option<Vec<u8>>| b.as_deref().map(self.restart_key);
+        if seen.is_some() && key(&now) == key(seen) {
+            *seen = now;
+            tracing::info!(session = %self.identity.session, "configuration changed: applied by the running worker");
+            return false;
+        }
         *seen = now;
         match (self.reload)() {
             Ok((identity, settings)) => {
@@ -386,6 +396,10 @@ impl Supervisor {
             st.bytes_sent = base.1 + r.bytes_sent;
             st.files_synced = base.2 + r.files_synced;
             st.full_crawl_reason = r.full_crawl_reason.clone();
+            st.streams = r.streams;
+            st.bwlimit = r.bwlimit;
+            st.rate = r.rate;
+            st.compression_ratio = r.compression_ratio;
             if let Some(e) = &r.error {
                 if st.last_error.as_ref() != Some(e) {
                     st.set_error(e.clone());

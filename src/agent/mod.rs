@@ -12,7 +12,9 @@ mod queue;
 mod remove;
 mod root;
 mod settings;
+mod streams;
 mod sys;
+mod transfers;
 mod undo;
 mod verify;
 
@@ -74,6 +76,11 @@ struct Agent<'a> {
     out: &'a Replies,
     /// Verification requests, served on a thread of their own.
     verify: verify::Verifier,
+    /// Other agents of a stream group share the root: temporaries that
+    /// are not this agent's may be theirs.
+    grouped: bool,
+    /// Holds the root's lock (not an agent that joined a group).
+    primary: bool,
 }
 
 fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
@@ -93,12 +100,16 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
         Some(Incoming::Garbage(why)) => return Err(AgentError::Refused(why)),
         None => return Ok(()),
     };
-    let Request::Hello { version, .. } = first.body else {
-        send(
-            first.id,
-            Err(WireError::new(ErrorKind::Invalid, "expected Hello first")),
-        );
-        return Err(AgentError::Refused("no handshake".into()));
+    let (version, token) = match first.body {
+        Request::Hello { version, .. } => (version, None),
+        Request::HelloStream { version, token, .. } => (version, Some(token)),
+        _ => {
+            send(
+                first.id,
+                Err(WireError::new(ErrorKind::Invalid, "expected Hello first")),
+            );
+            return Err(AgentError::Refused("no handshake".into()));
+        }
     };
     if version != PROTOCOL_VERSION {
         let msg = format!(
@@ -113,8 +124,20 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     }
     // The state directory exists before any crawl, so creating it never
     // moves the root's mtime after the worker has set it; the slave's
-    // settings are in it.
-    let opened = open_root(&opts.root).and_then(|(mut r, l)| {
+    // settings are in it. A primary agent takes the root's lock; an agent
+    // joining a stream group shows the group's token instead.
+    let opened = match token {
+        None => open_root(&opts.root).map(|(r, l)| (r, Some(l))),
+        Some(t) => Root::open(&opts.root)
+            .map_err(|e| {
+                WireError::new(
+                    ErrorKind::NotFound,
+                    format!("slave root {}: {e}", opts.root.display()),
+                )
+            })
+            .and_then(|r| streams::check_token(&r, &t).map(|_| (r, None))),
+    }
+    .and_then(|(mut r, l)| {
         let state = r.state_dir()?;
         r.set_policy(Policy::load(std::os::fd::AsFd::as_fd(&state))?);
         Ok((r, l))
@@ -135,13 +158,21 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
         }),
     );
     // Interrupted in-place updates are rolled back before anything is served.
-    let files = Files::start(&root);
+    // A joining agent leaves that to the primary, which may be mid-update.
+    let primary = token.is_none();
+    let files = if primary {
+        Files::start(&root)
+    } else {
+        Files::default()
+    };
     conn.serving();
     let mut agent = Agent {
         root,
         files,
         out,
         verify: verify::Verifier::new(out.clone()),
+        grouped: !primary,
+        primary,
     };
     let result = loop {
         let msg = match conn.try_recv() {
@@ -173,6 +204,9 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     };
     agent.flush();
     agent.files.abort_all();
+    if agent.primary && agent.grouped {
+        streams::close_group(&agent.root);
+    }
     result
 }
 
@@ -242,7 +276,9 @@ impl Agent<'_> {
             self.files.recover(&self.root);
         }
         let result = match env.body {
-            Request::Hello { .. } => Err(WireError::new(ErrorKind::Invalid, "duplicate Hello")),
+            Request::Hello { .. } | Request::HelloStream { .. } => {
+                Err(WireError::new(ErrorKind::Invalid, "duplicate Hello"))
+            }
             Request::Ping => Ok(Reply::Pong),
             Request::GetIdentity => self.root.identity().map(Reply::Identity),
             Request::SetIdentity(ident) => {
@@ -415,6 +451,10 @@ impl Agent<'_> {
                 Ok(()) => return, // answered by the verification thread
                 Err(e) => Err(e),
             },
+            other => match self.handle_transfer(id, other) {
+                Some(r) => r,
+                None => return, // answered when published
+            },
         };
         self.reply(id, result);
     }
@@ -426,33 +466,35 @@ impl Agent<'_> {
         let mut chunk: Vec<crate::fs::meta::Entry> = Vec::new();
         let mut size = 0;
         let files = &self.files;
-        let res = self.root.list(path, &|n| files.in_use(n), &mut |e| {
-            let n = postcard::to_stdvec(&e).map_or(usize::MAX, |v| v.len());
-            if n > MAX_FRAME - (64 << 10) {
-                return Err(WireError::new(
-                    ErrorKind::Invalid,
-                    format!(
-                        "{}: its metadata takes {n} bytes, more than a frame carries",
-                        path.join(&e.name)
-                            .map_or_else(|_| path.to_string(), |p| p.to_string())
-                    ),
-                ));
-            }
-            if !chunk.is_empty() && size + n > FRAME_TARGET {
-                let sent = self.out.send(&Response {
-                    id,
-                    last: false,
-                    result: Ok(Reply::Entries(std::mem::take(&mut chunk))),
-                });
-                if !sent {
-                    return Err(WireError::new(ErrorKind::Io, "connection closed"));
+        let res = self
+            .root
+            .list(path, &|n| files.in_use(n), self.grouped, &mut |e| {
+                let n = postcard::to_stdvec(&e).map_or(usize::MAX, |v| v.len());
+                if n > MAX_FRAME - (64 << 10) {
+                    return Err(WireError::new(
+                        ErrorKind::Invalid,
+                        format!(
+                            "{}: its metadata takes {n} bytes, more than a frame carries",
+                            path.join(&e.name)
+                                .map_or_else(|_| path.to_string(), |p| p.to_string())
+                        ),
+                    ));
                 }
-                size = 0;
-            }
-            size += n;
-            chunk.push(e);
-            Ok(())
-        });
+                if !chunk.is_empty() && size + n > FRAME_TARGET {
+                    let sent = self.out.send(&Response {
+                        id,
+                        last: false,
+                        result: Ok(Reply::Entries(std::mem::take(&mut chunk))),
+                    });
+                    if !sent {
+                        return Err(WireError::new(ErrorKind::Io, "connection closed"));
+                    }
+                    size = 0;
+                }
+                size += n;
+                chunk.push(e);
+                Ok(())
+            });
         match res {
             Ok(()) => self.reply(id, Ok(Reply::Entries(chunk))),
             Err(e) => self.reply(id, Err(e)),

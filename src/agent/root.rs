@@ -172,11 +172,14 @@ impl Root {
     /// Lists `rel` in name order, one entry at a time into `sink` (so that
     /// the metadata of a large directory is never all in memory), hiding
     /// georep's own files and removing stale temporaries (`in_use` says
-    /// which temporaries belong to files being assembled).
+    /// which temporaries belong to files being assembled; with
+    /// `keep_young`, those changed in the last hour are kept too: they may
+    /// be another agent's of the same stream group).
     pub fn list(
         &self,
         rel: &RelPath,
         in_use: &dyn Fn(&[u8]) -> bool,
+        keep_young: bool,
         sink: &mut dyn FnMut(Entry) -> WResult<()>,
     ) -> WResult<()> {
         check_reserved(rel)?;
@@ -192,7 +195,10 @@ impl Root {
                 continue;
             }
             if name.starts_with(TMP_PREFIX) {
-                if !in_use(name) {
+                // Partials are removed by their progress records' rules.
+                let partial = name.starts_with(crate::protocol::PARTIAL_PREFIX);
+                let keep = partial || in_use(name) || (keep_young && young(dir.as_fd(), name));
+                if !keep {
                     let _ = unlinkat(
                         dir.as_fd(),
                         OsStr::from_bytes(name),
@@ -429,6 +435,18 @@ impl Root {
             Err(e) => return Err(errno_err(e, "mkdir", &".georep")),
         }
         open_nofollow(self.fd.as_fd(), name, true).map_err(|e| errno_err(e, "open", &".georep"))
+    }
+}
+
+/// Whether entry `name` of `dir` changed within the last hour.
+fn young(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+    match nix::sys::stat::fstatat(
+        dir,
+        OsStr::from_bytes(name),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(st) => crate::fs::xtime::now_ns() / 1_000_000_000 < st.st_mtime as u64 + 3600,
+        Err(_) => false,
     }
 }
 

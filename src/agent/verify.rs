@@ -129,7 +129,7 @@ impl Tree for SlaveTree<'_> {
     fn list(&mut self, dir: &RelPath) -> WResult<Vec<Entry>> {
         // Temporaries count as in use: verification never removes anything.
         let mut v = Vec::new();
-        match self.root.list(dir, &|_| true, &mut |e| {
+        match self.root.list(dir, &|_| true, false, &mut |e| {
             v.push(e);
             Ok(())
         }) {

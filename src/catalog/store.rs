@@ -356,6 +356,15 @@ pub fn load_host(root: &Path, host: &str) -> Result<Host, CatalogError> {
     Ok(h)
 }
 
+/// The names of a local store's hosts (nothing of them read).
+pub fn host_names(root: &Path) -> Result<Vec<String>, CatalogError> {
+    check_store(root)?;
+    Ok(list_names(&root.join(record::HOSTS))?
+        .into_iter()
+        .filter(|h| record::valid_name(h))
+        .collect())
+}
+
 /// Loads every host of a local store.
 pub fn load(root: &Path) -> Result<Catalog, CatalogError> {
     check_store(root)?;

@@ -214,6 +214,11 @@ pub fn create(
         persistent_failure_crawls: crate::session::default_persistent_failure_crawls(),
         scrub_rate: None,
         scrub_period: None,
+        streams: None,
+        bwlimit: None,
+        bwlimit_schedule: None,
+        compression: None,
+        partial_max_age_secs: 3 * 86400,
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -341,6 +346,8 @@ pub fn config_get(session: &Session, key: &str) -> Result<String, UserError> {
     match value.get(key) {
         Some(toml::Value::String(s)) => Ok(s.clone()),
         Some(v) => Ok(v.to_string()),
+        None if key == "streams" || key == "compression" => Ok("auto".into()),
+        None if key == "bwlimit" || key == "bwlimit_schedule" => Ok("off".into()),
         None if CONFIG_KEYS.iter().any(|k| k.0 == key) => Ok(String::new()),
         None => Err(unknown_key(key)),
     }
@@ -495,6 +502,50 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                         .filter(|&n| n > 0)
                         .ok_or_else(|| bad("a duration, e.g. 30d, 12h or 3600 (seconds)"))?,
                 ),
+            }
+        }
+        "streams" => {
+            c.streams = match value {
+                None | Some("auto") => None,
+                Some(v) => Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=crate::session::MAX_STREAMS).contains(n))
+                        .ok_or_else(|| bad("auto or a number of streams from 1 to 16"))?,
+                ),
+            }
+        }
+        "partial_max_age_secs" => {
+            c.partial_max_age_secs = value
+                .map(|v| v.parse().map_err(|_| bad("a number of seconds")))
+                .transpose()?
+                .unwrap_or(3 * 86400)
+        }
+        "bwlimit" => {
+            c.bwlimit = match value {
+                None => None,
+                Some(v) => crate::engine::bandwidth::parse_limit(v)
+                    .ok_or_else(|| bad("a rate in bytes/s such as 20M, 500K, or off"))?,
+            }
+        }
+        "bwlimit_schedule" => {
+            c.bwlimit_schedule = match value {
+                None | Some("") | Some("off") => None,
+                Some(v) => {
+                    crate::engine::bandwidth::parse_schedule(v)
+                        .map_err(|e| user_err!("invalid value for bwlimit_schedule: {e}"))?;
+                    Some(v.to_string())
+                }
+            }
+        }
+        "compression" => {
+            c.compression = match value {
+                None => None,
+                Some(v) => {
+                    crate::protocol::compress::Mode::parse(v)
+                        .ok_or_else(|| bad("off, auto, zstd or zstd:LEVEL (1-19)"))?;
+                    Some(v.to_string())
+                }
             }
         }
         _ => return Err(unknown_key(key)),

@@ -178,7 +178,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Config { session, op } => {
             let mut s = Session::load(&session)?;
-            let changes = matches!(op, Some(ConfigOp::Set { .. } | ConfigOp::Reset { .. }));
+            let changes = match &op {
+                Some(ConfigOp::Set { key, .. } | ConfigOp::Reset { key }) => Some(key.clone()),
+                _ => None,
+            };
             match op {
                 None => crate::out!("{}", std::fs::read_to_string(s.config_path())?),
                 Some(ConfigOp::Get { key }) => {
@@ -189,8 +192,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Some(ConfigOp::Reset { key }) => crate::cli::admin::config_set(&mut s, &key, None)?,
             }
-            if changes {
-                crate::daemon::note_config_change(&s);
+            if let Some(key) = changes {
+                crate::daemon::note_config_change(&s, &key);
             }
             Ok(exit::OK)
         }

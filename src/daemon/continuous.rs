@@ -63,6 +63,8 @@ struct Pace {
 struct Reporter {
     state: Arc<Mutex<Reported>>,
     live: Live,
+    /// The worker's link (streams, bandwidth, compression).
+    link: Option<Arc<crate::engine::link::LinkState>>,
     watcher: Option<Arc<crate::daemon::watcher::Shared>>,
     shutdown: CancellationToken,
     pause: tokio::sync::watch::Receiver<bool>,
@@ -72,7 +74,7 @@ struct Reporter {
 fn engine_progress(e: &Engine) -> (u64, u64, u64) {
     let s = &e.stats;
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let wire = e.slave.client().stats();
+    let wire = e.slave.wire_totals();
     let progress = l(&s.entries_visited)
         + l(&s.files_synced)
         + l(&s.files_unchanged)
@@ -86,7 +88,7 @@ fn engine_progress(e: &Engine) -> (u64, u64, u64) {
         + l(&s.stimes_written)
         + e.failure_count()
         // Every 64 KiB on the wire (keep-alive pings alone never move it).
-        + ((l(&wire.bytes_in) + l(&wire.bytes_out)) >> 16);
+        + ((wire.0 + wire.1) >> 16);
     (
         progress,
         l(&s.bytes_literal) + l(&s.bytes_delta),
@@ -139,6 +141,13 @@ impl Reporter {
         }
         if *self.pause.borrow() && r.status != Some(WorkerStatus::Stopped) {
             r.status = Some(WorkerStatus::Paused);
+        }
+        if let Some(l) = &self.link {
+            let lr = l.report();
+            r.streams = (lr.streams > 0).then_some(lr.streams);
+            r.bwlimit = lr.bwlimit;
+            r.rate = Some(lr.rate);
+            r.compression_ratio = lr.compression_ratio;
         }
         let line = serde_json::to_string(&r).expect("report serializes");
         let mut out = std::io::stdout().lock();
@@ -205,6 +214,7 @@ pub async fn run(
     let mut reporter = Reporter {
         state: Arc::default(),
         live: Arc::default(),
+        link: None,
         watcher: None,
         shutdown: shutdown.clone(),
         pause,
@@ -262,6 +272,7 @@ async fn run_loop(
     let root = session.config.master.clone();
     let master = worker.master_id();
     reporter.live = worker.live.clone();
+    reporter.link = Some(worker.link.clone());
     let watcher = if session.config.marker == MarkerPolicy::Auto {
         let r = root.clone();
         let w = tokio::task::spawn_blocking(move || Watcher::start(r, master))
@@ -420,6 +431,7 @@ async fn run_loop(
                             bytes_sent = summary.bytes_sent,
                             failures = summary.failures,
                             duration_ms = summary.duration_ms,
+                            streams = summary.link.streams,
                             "crawl done"
                         )
                     };

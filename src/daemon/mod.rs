@@ -55,6 +55,21 @@ fn settings(s: &Session) -> Settings {
     }
 }
 
+/// The config without the keys a running worker applies itself
+/// (`session::LIVE_KEYS`): what must change for the monitor to restart it.
+fn restart_key(config: &[u8]) -> Vec<u8> {
+    let Some(mut table) = std::str::from_utf8(config)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+    else {
+        return config.to_vec();
+    };
+    for k in crate::session::LIVE_KEYS {
+        table.remove(*k);
+    }
+    table.to_string().into_bytes()
+}
+
 fn live(path: &std::path::Path) -> Option<PidRecord> {
     PidRecord::read_live(path).ok().flatten()
 }
@@ -162,6 +177,7 @@ pub fn run_monitor(name: &str, detach: bool) -> anyhow::Result<i32> {
         last_synced_ns: s.state().last_synced_xtime,
         detector: Default::default(),
         hooks: None,
+        restart_key,
     };
     let on_ready: Box<dyn FnOnce() + Send> = Box::new(move || {
         if detach {
@@ -254,13 +270,19 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
 }
 
 /// After `config set`: tells whether the running monitor picks the change up.
-pub fn note_config_change(s: &Session) {
+pub fn note_config_change(s: &Session, key: &str) {
     if let Some(r) = live(&s.monitor_pid_path()) {
-        crate::outln!(
-            "session {} is running: its monitor (pid {}) restarts the worker with the new settings",
-            s.name,
-            r.pid
-        );
+        if crate::session::LIVE_KEYS.contains(&key) {
+            crate::outln!(
+                "session {} is running: its worker applies the new {key} without a restart (bandwidth within seconds, link settings from its next crawl)",
+                s.name
+            );
+        } else {
+            crate::outln!(
+                "session {} is running: its monitor (pid {}) restarts the worker with the new settings",
+                s.name, r.pid
+            );
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub enum CrawlKind {
 pub const READ_BUDGET: usize = 8 << 20;
 /// Large files transferred at once (each holds a few windows in memory).
 const LARGE_FILES: usize = 2;
+/// Segments of shared large files in flight at once over all streams
+/// (each holds one window in memory; see `engine::transfer::segments`).
+const SEGMENT_SLOTS: usize = 8;
 /// Plain files being shipped at once across the whole crawl. Directories
 /// are visited concurrently, each with up to `DIR_CONCURRENCY` actions, so
 /// without this bound an initial sync of 200 directories of 100 files had
@@ -60,6 +63,10 @@ pub struct Stats {
     pub files_unchanged: AtomicU64,
     /// Files patched in place on the slave (`inplace_min_size`).
     pub files_in_place: AtomicU64,
+    /// Files sent in segments over several streams at once.
+    pub files_split: AtomicU64,
+    /// Bytes not sent again because an interrupted transfer resumed.
+    pub bytes_resumed: AtomicU64,
     pub bytes_literal: AtomicU64,
     pub bytes_delta: AtomicU64,
     pub deletes: AtomicU64,
@@ -69,6 +76,8 @@ pub struct Stats {
     pub meta_updates: AtomicU64,
     pub skipped: AtomicU64,
     pub stimes_written: AtomicU64,
+    /// Directories a full crawl found as recorded and did not compare.
+    pub dirs_unchanged: AtomicU64,
 }
 
 /// One entry that failed; retried by the next crawl.
@@ -91,12 +100,20 @@ pub struct Engine {
     pub started: std::time::Instant,
     pub read_budget: Semaphore,
     pub large_files: Semaphore,
+    /// See [`SEGMENT_SLOTS`].
+    pub segment_slots: Semaphore,
     /// See [`FILE_SLOTS`].
     pub(crate) file_slots: Arc<Semaphore>,
     fids: AtomicU64,
     links: Links,
     /// Directories completed and their new stimes, not yet written (see `engine::crawl`).
     pub(crate) stimes: Mutex<Vec<(RelPath, u64)>>,
+    /// Directories completed and their new entry digests, written with the stimes.
+    pub(crate) digests: Mutex<Vec<(RelPath, crate::hash::Hash16)>>,
+    /// Whether a full crawl may skip directories whose entry digest is the
+    /// one recorded (see `engine::crawl`): only when the slave is the one
+    /// last synced and only the marker's continuity is in doubt.
+    trust_digests: std::sync::atomic::AtomicBool,
     failures: Mutex<Vec<Failure>>,
     /// Distinct failing paths (the first [`FAILED_PATHS`]) with their error.
     failed: Mutex<std::collections::HashMap<String, String>>,
@@ -129,10 +146,13 @@ impl Engine {
             started: std::time::Instant::now(),
             read_budget: Semaphore::new(READ_BUDGET),
             large_files: Semaphore::new(LARGE_FILES),
+            segment_slots: Semaphore::new(SEGMENT_SLOTS),
             file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),
             fids: AtomicU64::new(1),
             links,
             stimes: Mutex::new(Vec::new()),
+            digests: Mutex::new(Vec::new()),
+            trust_digests: std::sync::atomic::AtomicBool::new(false),
             failures: Mutex::new(Vec::new()),
             failed: Mutex::default(),
             failure_count: AtomicU64::new(0),
@@ -142,6 +162,15 @@ impl Engine {
             shutdown,
             inplace_min_size: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Lets this (full) crawl skip directories whose entries are as recorded.
+    pub fn set_trust_digests(&self, on: bool) {
+        self.trust_digests.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn trust_digests(&self) -> bool {
+        self.trust_digests.load(Ordering::Relaxed)
     }
 
     /// Patch files of at least `min` bytes in place on the slave (None: never).
@@ -227,7 +256,11 @@ impl Engine {
     /// entry. A full slave stops the crawl too (every further write would
     /// fail the same way), reported once, not per file.
     pub(crate) fn slave_err(&self, path: &RelPath, e: ProtoError) {
-        if e.is_fatal() {
+        // A stream other than the first that was lost fails only the files
+        // it carried (retried by the next crawl, which connects again).
+        let other_stream = matches!(e, ProtoError::Lost(_) | ProtoError::Timeout(_))
+            && self.slave.closed().is_none();
+        if e.is_fatal() && !other_stream {
             self.set_fatal(e);
         } else if matches!(&e, ProtoError::Remote(w) if w.kind == crate::protocol::ErrorKind::NoSpace)
         {

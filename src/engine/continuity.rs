@@ -38,7 +38,12 @@ pub fn full_reason(
         _ => {}
     }
     if session.config.marker == MarkerPolicy::Auto && !opts.marker_continuous {
-        return Some("no marker watched the master since the last crawl (marker = auto)".into());
+        return Some(MARKER_GAP.into());
     }
     None
 }
+
+/// The reason of a full crawl needed only because no marker ran: the
+/// slave is the one last synced, so directories whose entries are as
+/// recorded then need no comparison (see `Master::dir_digest`).
+pub const MARKER_GAP: &str = "no marker watched the master since the last crawl (marker = auto)";

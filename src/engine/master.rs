@@ -3,6 +3,7 @@
 use crate::fs::meta::{read_xattrs, Entry, Kind, Meta};
 use crate::fs::relpath::RelPath;
 use crate::fs::xtime;
+use crate::hash::Hash16;
 use serde_bytes::ByteBuf;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -60,6 +61,7 @@ pub struct Master {
     xtime_attr: String,
     stime_attr: String,
     dirmark_attr: String,
+    digest_attr: String,
 }
 
 fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MasterError + 'a {
@@ -84,6 +86,7 @@ impl Master {
             xtime_attr: xtime::xtime_attr(master_id),
             stime_attr: xtime::stime_attr(session_id),
             dirmark_attr: xtime::dirmark_attr(master_id),
+            digest_attr: xtime::digest_attr(session_id),
         }
     }
 
@@ -116,6 +119,71 @@ impl Master {
         xtime::write(&p, &self.stime_attr, stamp).map_err(err("write stime of", &p))
     }
 
+    /// A digest of a directory's entries as the file system states them:
+    /// name, type, inode, size, mode, owner, link count, mtime, and the
+    /// ctime of every non-directory (which any change of content, metadata
+    /// or attributes moves); for subdirectories, whose ctime georep's own
+    /// stamps move, their replicated attributes instead. Read with one
+    /// stat per entry (relative to the directory) and no attribute reads
+    /// of files. Also returns the subdirectories' names and the number of entries.
+    pub fn dir_digest(&self, rel: &RelPath) -> Result<(Hash16, Vec<Vec<u8>>, u64), MasterError> {
+        let dir = self.path(rel);
+        let mut rows = Vec::new();
+        for de in std::fs::read_dir(&dir).map_err(err("list", &dir))? {
+            let de = de.map_err(err("list", &dir))?;
+            let md = match de.metadata() {
+                Ok(md) => md,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(err("stat", &de.path())(e)),
+            };
+            rows.push((de.file_name().as_bytes().to_vec(), md, de.path()));
+        }
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let count = rows.len() as u64;
+        let mut h = blake3::Hasher::new();
+        let mut dirs = Vec::new();
+        for (name, md, path) in rows {
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(&name);
+            for v in [
+                md.mode() as u64,
+                md.ino(),
+                md.dev(),
+                md.len(),
+                md.uid() as u64,
+                md.gid() as u64,
+                md.nlink(),
+                md.mtime() as u64,
+                md.mtime_nsec() as u64,
+            ] {
+                h.update(&v.to_le_bytes());
+            }
+            if md.is_dir() {
+                let x = read_xattrs(&path).map_err(err("read xattrs of", &path))?;
+                h.update(&postcard::to_stdvec(&x).unwrap_or_default());
+                dirs.push(name);
+            } else {
+                h.update(&(md.ctime() as u64).to_le_bytes());
+                h.update(&(md.ctime_nsec() as u64).to_le_bytes());
+            }
+        }
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        Ok((d, dirs, count))
+    }
+
+    /// The entry digest recorded when the directory was last synced completely.
+    pub fn stored_digest(&self, rel: &RelPath) -> Option<Hash16> {
+        let v = xattr::get(self.path(rel), &self.digest_attr).ok()??;
+        v.try_into().ok()
+    }
+
+    /// Records a directory's entry digest (after its entries are durable on the slave).
+    pub fn set_digest(&self, rel: &RelPath, d: &Hash16) -> Result<(), MasterError> {
+        let p = self.path(rel);
+        xattr::set(&p, &self.digest_attr, d).map_err(err("write the entry digest of", &p))
+    }
+
     pub fn stat(&self, rel: &RelPath) -> Result<MEntry, MasterError> {
         let p = self.path(rel);
         self.entry(&p, rel.name().unwrap_or(b"").to_vec())
@@ -123,12 +191,23 @@ impl Master {
 
     fn entry(&self, p: &Path, name: Vec<u8>) -> Result<MEntry, MasterError> {
         let md = std::fs::symlink_metadata(p).map_err(err("stat", p))?;
+        self.entry_of(p, name, md)
+    }
+
+    /// The entry of `p` whose (no-follow) metadata is `md`.
+    fn entry_of(
+        &self,
+        p: &Path,
+        name: Vec<u8>,
+        md: std::fs::Metadata,
+    ) -> Result<MEntry, MasterError> {
         let kind = Kind::of(&md);
         let (xattrs, xt, target) = match kind {
             Kind::File | Kind::Dir => {
-                let xattrs = read_xattrs(p).map_err(err("read xattrs of", p))?;
-                let xt = xtime::read(p, &self.xtime_attr).map_err(err("read xtime of", p))?;
-                (xattrs, xt, None)
+                // One listing gives the replicated attributes and the xtime.
+                let (xattrs, xt) = crate::fs::meta::read_xattrs_and(p, &self.xtime_attr)
+                    .map_err(err("read xattrs of", p))?;
+                (xattrs, xtime::decode_stamp(xt.as_deref()), None)
             }
             Kind::Symlink => {
                 let t = std::fs::read_link(p).map_err(err("readlink", p))?;
@@ -165,7 +244,12 @@ impl Master {
         for de in std::fs::read_dir(&dir).map_err(err("list", &dir))? {
             let de = de.map_err(err("list", &dir))?;
             let name = de.file_name().as_bytes().to_vec();
-            match self.entry(&de.path(), name.clone()) {
+            // Stat relative to the open directory (no walk of the whole path).
+            let res = de
+                .metadata()
+                .map_err(err("stat", &de.path()))
+                .and_then(|md| self.entry_of(&de.path(), name.clone(), md));
+            match res {
                 Ok(e) => out.entries.push(e),
                 Err(e) if e.vanished() => {}
                 Err(e) => out.unreadable.push((name, e)),

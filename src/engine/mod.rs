@@ -5,11 +5,13 @@
 //! the data durable. Uses `transport`, `protocol`, `catalog`, `session`
 //! and the layers below; never `daemon` or `cli`.
 
+pub mod bandwidth;
 pub mod catalog_mode;
 pub mod context;
 pub mod continuity;
 pub mod crawl;
 pub mod delta;
+pub mod link;
 pub mod links;
 pub mod master;
 pub mod outcome;

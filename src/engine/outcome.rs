@@ -82,6 +82,8 @@ pub struct Summary {
     pub hardlinks: u64,
     pub meta_updates: u64,
     pub stimes_written: u64,
+    /// Directories a full crawl found as last synced (entry digest) and did not compare.
+    pub dirs_unchanged: u64,
     pub skipped: u64,
     pub failures: u64,
     pub errors: Vec<Failure>,
@@ -96,6 +98,9 @@ pub struct Summary {
     /// Every distinct failing entry (up to 10,000), for persistent-failure tracking.
     #[serde(skip)]
     pub failed: Vec<Failure>,
+    /// The link to the slave: streams, round trip.
+    #[serde(flatten)]
+    pub link: LinkSummary,
 }
 
 impl Summary {
@@ -114,6 +119,26 @@ impl Summary {
     }
 }
 
+/// How the worker reached the slave during a sync.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LinkSummary {
+    /// Parallel streams in use (see `streams` in the config).
+    pub streams: u64,
+    /// Files sent in segments over several streams at once.
+    pub files_split: u64,
+    /// Bytes not sent again: the verified prefix of interrupted transfers.
+    pub bytes_resumed: u64,
+    /// The round trip measured at the connection's handshake.
+    pub rtt_ms: f64,
+    /// Wire bytes sent over what they were before compression (1: none).
+    pub compression_ratio: f64,
+    /// The bandwidth limit in force at the end, bytes/s (null: none).
+    pub bwlimit: Option<u64>,
+    /// Bytes charged to the limit during this sync (every frame sent while
+    /// a limit was in force).
+    pub bwlimit_bytes: u64,
+}
+
 /// Options of one sync.
 #[derive(Debug, Clone, Default)]
 pub struct SyncOptions {
@@ -128,6 +153,8 @@ pub struct SyncOptions {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CatalogSummary {
     pub hosts: u64,
+    /// Hosts not read at all: unchanged since their stime (xtime crawls).
+    pub hosts_unchanged: u64,
     pub generations_published: u64,
     pub generations_deleted: u64,
     /// Images shipped as the master has them.

@@ -4,6 +4,7 @@
 use crate::engine::context::{CrawlKind, Engine};
 use crate::engine::continuity::full_reason;
 use crate::engine::crawl::CrawlError;
+use crate::engine::link::{LinkConfig, LinkState};
 use crate::engine::links::Links;
 use crate::engine::master::Master;
 use crate::engine::outcome::{Summary, SyncOptions, WorkerError};
@@ -21,7 +22,18 @@ use tokio_util::sync::CancellationToken;
 
 /// Opens a connection to the session's slave.
 pub async fn connect(session: &Session) -> Result<Connection, WorkerError> {
-    let keepalive = Duration::from_secs(session.config.keepalive_secs.max(3));
+    connect_with(
+        session,
+        Duration::from_secs(session.config.keepalive_secs.max(3)),
+    )
+    .await
+}
+
+/// Opens a connection to the session's slave with keep-alive `keepalive`.
+pub async fn connect_with(
+    session: &Session,
+    keepalive: Duration,
+) -> Result<Connection, WorkerError> {
     match session.slave_spec()? {
         SlaveSpec::Local(root) => {
             let exe = std::env::current_exe().map_err(|e| WorkerError::Master {
@@ -83,10 +95,54 @@ pub struct Worker<'a> {
     root: PathBuf,
     master_id: uuid::Uuid,
     conn: Option<Connection>,
+    /// The link settings `conn` was made with.
+    conn_cfg: Option<LinkConfig>,
     /// The engine of the crawl in progress, for live progress reports.
     pub live: Arc<Mutex<Option<Arc<Engine>>>>,
     /// `georep pause`: crawls wait while it says true.
     pub pause: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The link's live settings, limit and counters.
+    pub link: Arc<LinkState>,
+    /// Re-reads the config file for the live settings.
+    watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Worker<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.abort();
+        }
+    }
+}
+
+/// How often a worker re-reads its config for the live settings.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Re-reads `session`'s config file every [`CONFIG_POLL`] and applies
+/// its live settings (an unreadable or invalid file changes nothing).
+fn watch_config(session: &Session, link: Arc<LinkState>) -> Option<tokio::task::JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let path = session.config_path();
+    Some(handle.spawn(async move {
+        let mut seen: Option<Vec<u8>> = None;
+        loop {
+            tokio::time::sleep(CONFIG_POLL).await;
+            let Ok(text) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            // Re-evaluated each time even when unchanged: a schedule moves with the clock.
+            let parsed = String::from_utf8(text.clone())
+                .ok()
+                .and_then(|t| crate::session::parse_config(&path, &t).ok());
+            if let Some(c) = parsed {
+                if seen.as_ref() != Some(&text) {
+                    tracing::debug!("config re-read");
+                }
+                link.apply(&c);
+                seen = Some(text);
+            }
+        }
+    }))
 }
 
 impl<'a> Worker<'a> {
@@ -117,14 +173,19 @@ impl<'a> Worker<'a> {
             return Err(master_err(std::io::Error::other("not a directory")));
         }
         let master_id = xtime::ensure_master_id(&root).map_err(master_err)?;
+        let link = LinkState::new(&session.config);
+        let watch = watch_config(session, link.clone());
         Ok(Worker {
             session,
             _lock: lock,
             root,
             master_id,
             conn: None,
+            conn_cfg: None,
             live: Arc::default(),
             pause: None,
+            link,
+            watch,
         })
     }
 
@@ -151,7 +212,7 @@ impl<'a> Worker<'a> {
     /// Resolves when the kept connection is lost (never while there is
     /// none), so that an idle worker notices a dead agent at once.
     pub fn connection_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let lost = self.conn.as_ref().map(|c| c.client.lost());
+        let lost = self.conn.as_ref().map(|c| c.lost());
         async move {
             match lost {
                 Some(l) => {
@@ -165,7 +226,7 @@ impl<'a> Worker<'a> {
     /// If the kept connection was lost: drops it and returns the error
     /// that says why (see [`Worker::lost`]).
     pub async fn take_lost(&mut self) -> Option<WorkerError> {
-        let e = self.conn.as_ref()?.client.closed()?;
+        let e = self.conn.as_ref()?.closed_error()?;
         let source = self.lost(e).await;
         Some(WorkerError::Slave {
             slave: self.session.config.slave.clone(),
@@ -201,6 +262,21 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Drops the connection after `e` (recording a complete pass failed);
+    /// a slave error is completed with what is known of why the link ended.
+    async fn lost_worker(&mut self, e: WorkerError) -> WorkerError {
+        match e {
+            WorkerError::Slave { slave, source } => WorkerError::Slave {
+                slave,
+                source: self.lost(source).await,
+            },
+            other => {
+                self.conn = None;
+                other
+            }
+        }
+    }
+
     /// Runs one crawl to its end over the kept connection.
     pub async fn crawl(
         &mut self,
@@ -216,49 +292,66 @@ impl<'a> Worker<'a> {
             source,
         };
         let mut state = session.state();
-        if self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.client.closed().is_some())
-        {
+        if self.conn.as_ref().is_some_and(|c| c.broken()) {
             self.conn = None;
         }
+        let cfg = self.link.config.lock().unwrap().clone();
+        if self.conn.is_some() && self.conn_cfg.as_ref() != Some(&cfg) {
+            // The link's settings changed: a new connection, same watcher.
+            tracing::info!(session = %session.name, "link settings changed: reconnecting");
+            if let Some(c) = self.conn.take() {
+                c.close(Duration::from_secs(30)).await;
+            }
+        }
         if self.conn.is_none() {
-            self.conn = Some(connect(session).await?);
+            let mut conn = connect_with(session, cfg.keepalive).await?;
+            let rtt = conn.measure_rtt().await;
+            self.link.set_rtt(rtt);
+            // Auto: a local slave has no window to fill.
+            let want = match (cfg.streams, conn.remote()) {
+                (None, false) => 1,
+                (c, _) => streams_for(c, rtt),
+            };
+            let got = conn.open_streams(want, cfg.keepalive).await;
+            let clients = conn.clients();
+            let mut compression = cfg.compression;
+            for c in &clients {
+                compression =
+                    c.negotiate(cfg.compression)
+                        .await
+                        .map_err(|e| WorkerError::Slave {
+                            slave: session.config.slave.clone(),
+                            source: e,
+                        })?;
+            }
+            self.link.connected(&clients);
+            tracing::info!(
+                session = %session.name,
+                rtt_ms = rtt.as_secs_f64() * 1000.0,
+                streams = got,
+                compression = %compression.name(),
+                "connected"
+            );
+            self.conn = Some(conn);
+            self.conn_cfg = Some(cfg);
         }
         let conn = self.conn.as_ref().expect("connected above");
-        let slave = Slave::new(conn.client.clone());
-        let wire_start = {
-            let w = slave.client().stats();
-            (
-                w.bytes_out.load(Ordering::Relaxed),
-                w.bytes_in.load(Ordering::Relaxed),
-            )
-        };
-        if session.config.layout == crate::session::Layout::Store {
-            let catalog_started = xtime::now_ns();
-            // Catalog mode: points and generations instead of the tree crawl.
-            let res =
-                crate::engine::catalog_mode::sync_store(session, &slave, &master_id, shutdown)
-                    .await;
-            if let Some(e) = slave.client().closed() {
-                drop(slave);
+        let slave = Slave::group(conn.clients());
+        let wire_start = slave.wire_totals();
+        let link_start = LinkStart::now(&slave, &self.link);
+        // Partials of interrupted transfers too old to be worth resuming.
+        if let Err(e) = slave
+            .clean_partials(session.config.partial_max_age_secs)
+            .await
+        {
+            if e.is_fatal() {
                 let e = self.lost(e).await;
                 return Err(WorkerError::Slave {
                     slave: session.config.slave.clone(),
                     source: e,
                 });
             }
-            let res = res.map(|summary| summary.with_duration(started.elapsed()));
-            if let Ok(s) = &res {
-                if s.complete {
-                    // Everything the store held when this sync started is on the slave.
-                    state.last_complete_ns = Some(xtime::now_ns());
-                    state.last_synced_xtime = Some(catalog_started);
-                    let _ = session.save_state_volatile(&state);
-                }
-            }
-            return res;
+            tracing::warn!(error = %e, "could not clean the slave's stale partial transfers");
         }
         let slave_err = |source| WorkerError::Slave {
             slave: session.config.slave.clone(),
@@ -302,6 +395,47 @@ impl<'a> Worker<'a> {
             }
         }
         let root_xtime = xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)?;
+        if session.config.layout == crate::session::Layout::Store {
+            let catalog_started = xtime::now_ns();
+            // Catalog mode: points and generations instead of the tree
+            // crawl, hosts pruned by xtime when continuity is proven.
+            let res = crate::engine::catalog_mode::sync_store(
+                session, &slave, &master_id, kind, shutdown,
+            )
+            .await;
+            if let Some(e) = slave.closed_error() {
+                drop(slave);
+                let e = self.lost(e).await;
+                return Err(WorkerError::Slave {
+                    slave: session.config.slave.clone(),
+                    source: e,
+                });
+            }
+            let summary = res?;
+            if summary.complete {
+                if let Err(e) = record_complete(session, &slave, kind, &mut state, root_xtime).await
+                {
+                    drop(slave);
+                    return Err(self.lost_worker(e).await);
+                }
+                // Everything the store held when this sync started is on the slave.
+                state.last_synced_xtime = Some(catalog_started.max(root_xtime));
+                let _ = session.save_state_volatile(&state);
+            }
+            let wire = slave.wire_totals();
+            return Ok(Summary {
+                full_reason: reason,
+                wire_bytes_out: wire.0 - wire_start.0,
+                wire_bytes_in: wire.1 - wire_start.1,
+                link: link_start.summary(
+                    &slave,
+                    &self.link,
+                    (summary.link.files_split, summary.link.bytes_resumed),
+                ),
+                ..summary
+            }
+            .with_duration(started.elapsed()));
+        }
         let master = Master::new(root.clone(), &master_id, &session.config.session_id);
         let links = Links::load(session.dir.join("links.json"));
         let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
@@ -309,6 +443,7 @@ impl<'a> Worker<'a> {
         if let Some(p) = &self.pause {
             engine.set_pause(p.clone());
         }
+        engine.set_trust_digests(reason.as_deref() == Some(crate::engine::continuity::MARKER_GAP));
         *self.live.lock().unwrap() = Some(engine.clone());
         let outcome = engine.run().await;
         *self.live.lock().unwrap() = None;
@@ -333,38 +468,14 @@ impl<'a> Worker<'a> {
         };
         let complete = outcome.complete && outcome.failure_count == 0;
         if complete {
-            if kind == CrawlKind::Full {
-                let epoch = state.epoch.expect("set above");
-                let set = slave
-                    .set_identity(SlaveIdentity {
-                        session: session.config.session_id,
-                        epoch,
-                    })
-                    .await;
-                if let Err(e) = set {
-                    drop(engine);
-                    drop(slave);
-                    let e = self.lost(e).await;
-                    return Err(slave_err(e));
-                }
-                state.full_pending = false;
-            }
-            state.last_complete_ns = Some(xtime::now_ns());
-            state.last_synced_xtime = Some(root_xtime);
-            if kind == CrawlKind::Full {
-                save_state(&state)?;
-            } else {
-                // Only the sync times changed: not worth a disk flush.
-                session
-                    .save_state_volatile(&state)
-                    .map_err(|source| WorkerError::State {
-                        path: session.dir.join("state.json"),
-                        source,
-                    })?;
+            if let Err(e) = record_complete(session, &slave, kind, &mut state, root_xtime).await {
+                drop(engine);
+                drop(slave);
+                return Err(self.lost_worker(e).await);
             }
         }
         let s = &engine.stats;
-        let wire = slave.client().stats();
+        let wire = slave.wire_totals();
         let summary = Summary {
             session: session.name.clone(),
             crawl: if kind == CrawlKind::Full {
@@ -382,19 +493,28 @@ impl<'a> Worker<'a> {
                 + s.bytes_delta.load(Ordering::Relaxed),
             bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
             bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
-            wire_bytes_out: wire.bytes_out.load(Ordering::Relaxed) - wire_start.0,
-            wire_bytes_in: wire.bytes_in.load(Ordering::Relaxed) - wire_start.1,
+            wire_bytes_out: wire.0 - wire_start.0,
+            wire_bytes_in: wire.1 - wire_start.1,
             deletes: s.deletes.load(Ordering::Relaxed),
             dirs_created: s.dirs_created.load(Ordering::Relaxed),
             symlinks: s.symlinks.load(Ordering::Relaxed),
             hardlinks: s.hardlinks.load(Ordering::Relaxed),
             meta_updates: s.meta_updates.load(Ordering::Relaxed),
             stimes_written: s.stimes_written.load(Ordering::Relaxed),
+            dirs_unchanged: s.dirs_unchanged.load(Ordering::Relaxed),
             skipped: s.skipped.load(Ordering::Relaxed),
             failures: outcome.failure_count,
             errors: outcome.failures,
             duration_ms: 0,
             catalog: None,
+            link: link_start.summary(
+                &slave,
+                &self.link,
+                (
+                    s.files_split.load(Ordering::Relaxed),
+                    s.bytes_resumed.load(Ordering::Relaxed),
+                ),
+            ),
             bytes_processed: engine.work.bytes_done.load(Ordering::Relaxed),
             throughput_bytes_per_sec: 0.0,
             failed: engine.failed_entries(),
@@ -402,6 +522,103 @@ impl<'a> Worker<'a> {
         Ok(summary.with_duration(started.elapsed()))
     }
 }
+
+/// Records a complete pass: after a full one, the slave's identity (the
+/// slave now holds this epoch) and the end of the pending full crawl;
+/// then the sync times.
+async fn record_complete(
+    session: &Session,
+    slave: &Slave,
+    kind: CrawlKind,
+    state: &mut State,
+    root_xtime: u64,
+) -> Result<(), WorkerError> {
+    let state_err = |source| WorkerError::State {
+        path: session.dir.join("state.json"),
+        source,
+    };
+    if kind == CrawlKind::Full {
+        let epoch = state.epoch.expect("set when the full crawl started");
+        slave
+            .set_identity(SlaveIdentity {
+                session: session.config.session_id,
+                epoch,
+            })
+            .await
+            .map_err(|source| WorkerError::Slave {
+                slave: session.config.slave.clone(),
+                source,
+            })?;
+        state.full_pending = false;
+    }
+    state.last_complete_ns = Some(xtime::now_ns());
+    state.last_synced_xtime = Some(root_xtime);
+    if kind == CrawlKind::Full {
+        session.save_state(state).map_err(state_err)
+    } else {
+        // Only the sync times changed: not worth a disk flush.
+        session.save_state_volatile(state).map_err(state_err)
+    }
+}
+
+/// Counters of the link at the start of a sync, to report the sync's share.
+struct LinkStart {
+    wire_out: u64,
+    raw_out: u64,
+    limited: u64,
+}
+
+impl LinkStart {
+    fn now(slave: &Slave, link: &LinkState) -> LinkStart {
+        LinkStart {
+            wire_out: slave.wire_totals().0,
+            raw_out: slave.raw_out_total(),
+            limited: link.throttle.charged().1,
+        }
+    }
+
+    fn summary(
+        &self,
+        slave: &Slave,
+        link: &LinkState,
+        (split, resumed): (u64, u64),
+    ) -> crate::engine::outcome::LinkSummary {
+        let wire = slave.wire_totals().0 - self.wire_out;
+        let raw = slave.raw_out_total() - self.raw_out;
+        let limit = link.throttle.rate();
+        crate::engine::outcome::LinkSummary {
+            streams: slave.streams() as u64,
+            files_split: split,
+            bytes_resumed: resumed,
+            rtt_ms: link.rtt().as_secs_f64() * 1000.0,
+            compression_ratio: if raw == 0 {
+                1.0
+            } else {
+                wire as f64 / raw as f64
+            },
+            bwlimit: (limit > 0).then_some(limit),
+            bwlimit_bytes: link.throttle.charged().1 - self.limited,
+        }
+    }
+}
+
+/// Streams wanted for a link of round trip `rtt`: `configured`, or (auto)
+/// enough for OpenSSH's fixed 2 MiB channel window to carry
+/// [`AUTO_TARGET_RATE`] at that round trip, at most [`MAX_AUTO_STREAMS`].
+pub fn streams_for(configured: Option<u32>, rtt: Duration) -> usize {
+    if let Some(n) = configured {
+        return n.clamp(1, crate::session::MAX_STREAMS) as usize;
+    }
+    let per_stream = CHANNEL_WINDOW as f64 / rtt.as_secs_f64().max(1e-6);
+    ((AUTO_TARGET_RATE / per_stream).ceil() as usize).clamp(1, MAX_AUTO_STREAMS)
+}
+
+/// What `streams = auto` aims to fill: 1 Gbit/s.
+pub const AUTO_TARGET_RATE: f64 = 125e6;
+/// `streams = auto` opens at most this many.
+pub const MAX_AUTO_STREAMS: usize = 8;
+/// OpenSSH's window per channel: one stream carries at most this per round trip.
+const CHANNEL_WINDOW: u64 = 2 << 20;
 
 /// The runtime a worker runs on. Blocking master reads are few at a time by
 /// design (budgets in the crawl), so a small blocking pool bounds thread
@@ -411,4 +628,21 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .max_blocking_threads(8)
         .enable_all()
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_streams_follow_the_round_trip() {
+        let ms = Duration::from_millis;
+        assert_eq!(streams_for(None, Duration::from_micros(200)), 1);
+        assert_eq!(streams_for(None, ms(5)), 1);
+        assert_eq!(streams_for(None, ms(20)), 2);
+        assert_eq!(streams_for(None, ms(100)), 6);
+        assert_eq!(streams_for(None, ms(400)), MAX_AUTO_STREAMS);
+        assert_eq!(streams_for(Some(4), ms(0)), 4);
+        assert_eq!(streams_for(Some(0), ms(100)), 1);
+    }
 }

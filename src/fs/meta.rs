@@ -92,10 +92,28 @@ pub fn replicated_xattr(name: &[u8]) -> bool {
 
 /// Reads the replicated xattrs of `path` without following a final symlink.
 pub fn read_xattrs(path: &std::path::Path) -> std::io::Result<Vec<(ByteBuf, ByteBuf)>> {
+    Ok(read_xattrs_and(path, "")?.0)
+}
+
+/// Replicated attributes as (name, value), sorted by name.
+pub type Xattrs = Vec<(ByteBuf, ByteBuf)>;
+
+/// [`read_xattrs`], and the value of attribute `also` (one of georep's
+/// own, e.g. an xtime) from the same listing: one `listxattr` for both,
+/// and no `getxattr` at all for a file without attributes.
+pub fn read_xattrs_and(
+    path: &std::path::Path,
+    also: &str,
+) -> std::io::Result<(Xattrs, Option<Vec<u8>>)> {
     use std::os::unix::ffi::OsStrExt;
     let mut out = Vec::new();
+    let mut extra = None;
     for name in xattr::list(path)? {
         let n = name.as_bytes();
+        if !also.is_empty() && n == also.as_bytes() {
+            extra = xattr::get(path, &name)?;
+            continue;
+        }
         if !replicated_xattr(n) {
             continue;
         }
@@ -104,5 +122,5 @@ pub fn read_xattrs(path: &std::path::Path) -> std::io::Result<Vec<(ByteBuf, Byte
         }
     }
     out.sort();
-    Ok(out)
+    Ok((out, extra))
 }

@@ -40,6 +40,12 @@ pub fn dirmark_attr(master: &Uuid) -> String {
     format!("user.georep.{master}.dirmark")
 }
 
+/// The attribute holding a directory's entry digest for a session (see
+/// `engine::master::Master::dir_digest`).
+pub fn digest_attr(session: &Uuid) -> String {
+    format!("user.georep.{session}.entries")
+}
+
 /// Decodes a stamp; anything malformed reads as absent (0), which only
 /// makes the crawl look at more, never at less.
 pub fn decode(v: &[u8]) -> Option<u64> {
@@ -53,6 +59,11 @@ pub fn read(path: &Path, attr: &str) -> io::Result<u64> {
         Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(0),
         Err(e) => Err(e),
     }
+}
+
+/// A stamp's value as stored (0 when absent or malformed).
+pub fn decode_stamp(v: Option<&[u8]>) -> u64 {
+    v.and_then(decode).unwrap_or(0)
 }
 
 pub fn write(path: &Path, attr: &str, stamp: u64) -> io::Result<()> {

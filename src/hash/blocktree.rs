@@ -286,6 +286,11 @@ pub struct FileDigest {
     window: Option<WindowDigest>,
     /// Start of the current window.
     base: u64,
+    /// Window hashes kept, in order (see [`FileDigest::segment`] and
+    /// [`FileDigest::recording`]).
+    roots: Option<Vec<Hash32>>,
+    /// A segment: the hashes are kept instead of making a file digest.
+    segment: bool,
 }
 
 impl FileDigest {
@@ -295,6 +300,50 @@ impl FileDigest {
             outer: blake3::Hasher::new(),
             window: None,
             base: 0,
+            roots: None,
+            segment: false,
+        }
+    }
+
+    /// A file digest that also keeps the hash of every window fed (for a
+    /// resumable transfer's progress record).
+    pub fn recording(size: u64) -> FileDigest {
+        FileDigest {
+            roots: Some(Vec::new()),
+            ..FileDigest::new(size)
+        }
+    }
+
+    /// The window hashes kept so far (whole windows only).
+    pub fn roots(&self) -> &[Hash32] {
+        self.roots.as_deref().unwrap_or(&[])
+    }
+
+    /// The digest of a segment of a file of `size` bytes that starts at
+    /// window boundary `start`: fed from there, it yields the hash of each
+    /// of its windows ([`FileDigest::take_roots`]) instead of a file digest.
+    pub fn segment(size: u64, start: u64) -> FileDigest {
+        debug_assert_eq!(start % WINDOW, 0);
+        FileDigest {
+            base: start.min(size),
+            roots: Some(Vec::new()),
+            segment: true,
+            ..FileDigest::new(size)
+        }
+    }
+
+    /// The window hashes a segment digest was fed (whole windows only).
+    pub fn take_roots(&mut self) -> Vec<Hash32> {
+        self.close_if_full();
+        self.roots.take().unwrap_or_default()
+    }
+
+    fn push_root(&mut self, h: &Hash32) {
+        if let Some(r) = &mut self.roots {
+            r.push(*h);
+        }
+        if !self.segment {
+            self.outer.update(h);
         }
     }
 
@@ -316,7 +365,8 @@ impl FileDigest {
             if w.position() == w.len() {
                 let w = self.window.take().expect("window");
                 self.base += w.len();
-                self.outer.update(&w.finish());
+                let h = w.finish();
+                self.push_root(&h);
             }
         }
     }
@@ -337,7 +387,7 @@ impl FileDigest {
     /// Feeds the whole next window by its hash (`len`: that window's length).
     pub fn feed_window_hash(&mut self, h: &Hash32, len: u64) {
         debug_assert!(self.window.is_none() && len == self.window_len());
-        self.outer.update(h);
+        self.push_root(h);
         self.base += len;
     }
 
@@ -355,7 +405,7 @@ impl FileDigest {
         while n > 0 {
             if self.window.is_none() && n >= self.window_len() {
                 let len = self.window_len();
-                self.outer.update(&digest::zero_hash(len));
+                self.push_root(&digest::zero_hash(len));
                 self.base += len;
                 n -= len;
                 continue;

@@ -131,6 +131,16 @@ impl Digester {
     }
 }
 
+/// The digest of a file of `size` bytes from the hashes of its windows.
+pub fn of_window_hashes(roots: &[[u8; 32]], size: u64) -> [u8; 32] {
+    let mut outer = blake3::Hasher::new();
+    for r in roots {
+        outer.update(r);
+    }
+    outer.update(&size.to_le_bytes());
+    *outer.finalize().as_bytes()
+}
+
 /// The digest of a whole in-memory file.
 pub fn digest_of(data: &[u8]) -> [u8; 32] {
     let mut d = Digester::new();

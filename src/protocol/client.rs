@@ -2,13 +2,13 @@
 //! flight over one byte stream, replies matched by id.
 
 use super::{
-    encode_frame, encode_frame_sized, Envelope, Reply, Request, Response, WireError, BANNER,
-    MAX_FRAME, PROTOCOL_VERSION,
+    encode_frame, encode_frame_sized, Envelope, Hash16, Reply, Request, Response, WireError,
+    BANNER, MAX_FRAME, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,6 +53,8 @@ pub struct ClientStats {
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub frames_out: AtomicU64,
+    /// What `bytes_out` would have been without compression.
+    pub raw_out: AtomicU64,
 }
 
 type Slot = (oneshot::Sender<Result<Vec<Reply>, ProtoError>>, Vec<Reply>);
@@ -64,8 +66,22 @@ type Frame = (Vec<u8>, Option<OwnedSemaphorePermit>);
 /// progress is seen on a slow link even while one large frame is written.
 const WRITE_PIECE: usize = 64 << 10;
 
+/// Writes one queued frame and releases its share of the budget.
+async fn write_one<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    (frame, permit): Frame,
+    inner: &Inner,
+) -> std::io::Result<()> {
+    write_pieces(w, &frame, inner).await?;
+    drop(permit);
+    inner.queued.fetch_sub(frame.len(), Ordering::Relaxed);
+    Ok(())
+}
+
 struct Inner {
     budget: Arc<Semaphore>,
+    /// Bytes of frames this client queued and the writer has not written.
+    queued: AtomicUsize,
     pending: Mutex<HashMap<u64, Slot>>,
     closed: Mutex<Option<ProtoError>>,
     /// Woken when `closed` is set.
@@ -77,6 +93,12 @@ struct Inner {
     stats: Arc<ClientStats>,
     agent: String,
     root: String,
+    /// The handshake's round trip (the link's latency plus the agent's answer).
+    rtt: Duration,
+    /// The worker's bandwidth limit, shared by its streams (`bwlimit`).
+    throttle: Mutex<Option<Arc<super::throttle::Throttle>>>,
+    /// How frames are compressed (see `compress`), once negotiated.
+    compression: Mutex<super::compress::Mode>,
 }
 
 impl Inner {
@@ -131,6 +153,14 @@ pub struct Client {
     tx: Arc<mpsc::UnboundedSender<Frame>>,
 }
 
+/// How an agent joins a stream group: the group's token, and the send
+/// budget all its streams share (so memory does not grow with streams).
+#[derive(Clone)]
+pub struct Join {
+    pub token: Hash16,
+    pub budget: Arc<Semaphore>,
+}
+
 /// A reply on its way; await it when the answer is needed.
 pub struct Ticket {
     rx: oneshot::Receiver<Result<Vec<Reply>, ProtoError>>,
@@ -170,6 +200,21 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        Client::connect_as(reader, writer, keepalive, None).await
+    }
+
+    /// As [`connect`](Self::connect); with `token`, the agent joins the
+    /// stream group of that token (`HelloStream`) instead of taking the root.
+    pub async fn connect_as<R, W>(
+        reader: R,
+        writer: W,
+        keepalive: Duration,
+        join: Option<Join>,
+    ) -> Result<Client, ProtoError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut reader = BufReader::with_capacity(256 << 10, reader);
         let mut banner = [0u8; 8];
         let n = read_up_to(&mut reader, &mut banner).await;
@@ -198,8 +243,13 @@ impl Client {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(ClientStats::default());
+        let (token, budget) = match join {
+            Some(j) => (Some(j.token), j.budget),
+            None => (None, Arc::new(Semaphore::new(SEND_BUDGET))),
+        };
         let mut inner = Inner {
-            budget: Arc::new(Semaphore::new(SEND_BUDGET)),
+            budget,
+            queued: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
             on_close: tokio::sync::Notify::new(),
@@ -209,20 +259,30 @@ impl Client {
             stats: stats.clone(),
             agent: String::new(),
             root: String::new(),
+            rtt: Duration::ZERO,
+            throttle: Mutex::new(None),
+            compression: Mutex::new(super::compress::Mode::Off),
         };
         // Handshake before the tasks exist, so the agent's identity is immutable afterwards.
         let mut writer = BufWriter::with_capacity(256 << 10, writer);
-        let hello = Envelope {
-            id: 1,
-            body: Request::Hello {
+        let body = match token {
+            None => Request::Hello {
                 version: PROTOCOL_VERSION,
                 client: client_name(),
             },
+            Some(token) => Request::HelloStream {
+                version: PROTOCOL_VERSION,
+                client: client_name(),
+                token,
+            },
         };
+        let hello = Envelope { id: 1, body };
         let frame = encode_frame(&hello).map_err(|e| ProtoError::Violation(e.to_string()))?;
+        let sent = std::time::Instant::now();
         writer.write_all(&frame).await.map_err(lost)?;
         writer.flush().await.map_err(lost)?;
         let resp = read_response(&mut reader, &stats).await?;
+        inner.rtt = sent.elapsed();
         match resp.result {
             Ok(Reply::HelloOk { version, agent, root }) if version == PROTOCOL_VERSION => {
                 inner.agent = agent;
@@ -296,14 +356,27 @@ impl Client {
             .acquire_many_owned(want)
             .await
             .map_err(|_| self.closed_error())?;
-        let frame =
+        let mut frame =
             encode_frame_sized(&env, payload).map_err(|e| ProtoError::Violation(e.to_string()))?;
         drop(env);
+        self.inner
+            .stats
+            .raw_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let mode = *self.inner.compression.lock().unwrap();
+        if let Some(z) = super::compress::compress_frame(&frame, payload, mode) {
+            frame = z;
+        }
+        let throttle = self.inner.throttle.lock().unwrap().clone();
+        if let Some(t) = throttle {
+            t.take(frame.len() as u64).await;
+        }
         self.inner
             .stats
             .bytes_out
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.inner.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.inner.queued.fetch_add(frame.len(), Ordering::Relaxed);
         self.tx
             .send((frame, Some(permit)))
             .map_err(|_| self.closed_error())
@@ -319,6 +392,7 @@ impl Client {
             .bytes_out
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.inner.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.inner.queued.fetch_add(frame.len(), Ordering::Relaxed);
         self.tx.send((frame, None)).map_err(|_| self.closed_error())
     }
 
@@ -335,6 +409,12 @@ impl Client {
         &self.inner.stats
     }
 
+    /// The counters, to read after the client is gone (holding them does
+    /// not keep the connection open).
+    pub fn stats_handle(&self) -> Arc<ClientStats> {
+        self.inner.stats.clone()
+    }
+
     /// The agent's version string from the handshake.
     pub fn agent_version(&self) -> &str {
         &self.inner.agent
@@ -343,6 +423,54 @@ impl Client {
     /// The slave root as the agent names it.
     pub fn agent_root(&self) -> &str {
         &self.inner.root
+    }
+
+    /// The round trip time measured at the handshake.
+    pub fn handshake_rtt(&self) -> Duration {
+        self.inner.rtt
+    }
+
+    /// Bytes of frames queued for the transport and not yet written: how
+    /// busy this connection is (streams are picked by it).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.queued.load(Ordering::Relaxed)
+    }
+
+    /// Asks the agent to accept frames compressed as `mode`; from then on
+    /// frames are compressed as the agent accepted. Returns that mode.
+    pub async fn negotiate(
+        &self,
+        mode: super::compress::Mode,
+    ) -> Result<super::compress::Mode, ProtoError> {
+        use super::compress::Mode;
+        if mode == Mode::Off {
+            return Ok(Mode::Off);
+        }
+        let accepted = match self
+            .call(Request::Negotiate {
+                compression: mode.name(),
+            })
+            .await?
+        {
+            Reply::Negotiated { compression } => Mode::parse(&compression).unwrap_or(Mode::Off),
+            other => {
+                return Err(ProtoError::Violation(format!(
+                    "unexpected reply to Negotiate: {other:?}"
+                )))
+            }
+        };
+        *self.inner.compression.lock().unwrap() = accepted;
+        Ok(accepted)
+    }
+
+    /// Charges every frame sent from now on to `throttle` (see `bwlimit`).
+    pub fn set_throttle(&self, throttle: Arc<super::throttle::Throttle>) {
+        *self.inner.throttle.lock().unwrap() = Some(throttle);
+    }
+
+    /// The send budget, to be shared by the other streams of a group.
+    pub fn budget(&self) -> Arc<Semaphore> {
+        self.inner.budget.clone()
     }
 
     /// The reason the connection closed, if it did.
@@ -414,12 +542,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     inner: Arc<Inner>,
 ) {
     let res: std::io::Result<()> = async {
-        while let Some((frame, permit)) = rx.recv().await {
-            write_pieces(&mut w, &frame, &inner).await?;
-            drop(permit);
-            while let Ok((frame, permit)) = rx.try_recv() {
-                write_pieces(&mut w, &frame, &inner).await?;
-                drop(permit);
+        while let Some(f) = rx.recv().await {
+            write_one(&mut w, f, &inner).await?;
+            while let Ok(f) = rx.try_recv() {
+                write_one(&mut w, f, &inner).await?;
             }
             w.flush().await?;
             inner.moved();
@@ -521,3 +647,61 @@ async fn keepalive_loop(
 
 #[cfg(test)]
 mod stall_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{write_frame, ErrorKind};
+
+    /// A peer of protocol 5 (before compression and streams) is refused
+    /// with a message naming the fix; nothing is sent to it uncompressed
+    /// or otherwise.
+    #[tokio::test]
+    async fn an_older_agent_is_refused_at_the_handshake() {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(ours);
+        let agent = tokio::spawn(async move {
+            let (mut tr, mut tw) = tokio::io::split(theirs);
+            let mut out = BANNER.to_vec();
+            write_frame(
+                &mut out,
+                &Response {
+                    id: 1,
+                    last: true,
+                    result: Ok(Reply::HelloOk {
+                        version: 5,
+                        agent: "0.0.5".into(),
+                        root: "/r".into(),
+                    }),
+                },
+            )
+            .unwrap();
+            tw.write_all(&out).await.unwrap();
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), tr.read_to_end(&mut got)).await;
+            got
+        });
+        let err = match Client::connect(r, w, Duration::from_secs(30)).await {
+            Err(e) => e,
+            Ok(_) => panic!("a protocol-5 agent was accepted"),
+        };
+        match &err {
+            ProtoError::Remote(e) => {
+                assert_eq!(e.kind, ErrorKind::Version);
+                assert!(e.message.contains("install the same georep version"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Only the Hello went out.
+        let sent = agent.await.unwrap();
+        let hello = encode_frame(&Envelope {
+            id: 1,
+            body: Request::Hello {
+                version: PROTOCOL_VERSION,
+                client: client_name(),
+            },
+        })
+        .unwrap();
+        assert_eq!(sent, hello);
+    }
+}

@@ -9,9 +9,11 @@
 //! file's `Commit`. A reply may span several frames (`last = false`).
 
 pub mod client;
+pub mod compress;
 pub mod msg;
+pub mod throttle;
 
-pub use client::{Client, ClientStats, ProtoError, Ticket};
+pub use client::{Client, ClientStats, Join, ProtoError, Ticket};
 pub use msg::*;
 
 use std::io::{self, Read, Write};
@@ -22,7 +24,13 @@ use std::io::{self, Read, Write};
 /// 4 KiB blocks (see `blocktree`), OpenInPlace. 6: verification
 /// (VerifyCaps, VerifyRange, VerifyItems, VerifyBlocks, VerifyJournal; see
 /// `hash::stream`).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: parallel streams
+/// (OpenStreams, HelloStream) and shared temporaries (OpenShared,
+/// OpenSegment, FinishSegment, CommitShared); small files compared by
+/// digest and sent as deltas (ProbeFile, PutDelta); compression
+/// (Negotiate, compressed frames: see `compress`); resumable transfers
+/// (OpenResumable, CleanPartials).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
 pub const BANNER: &[u8; 8] = b"GEOREP1\n";
@@ -36,6 +44,10 @@ pub const STATE_DIR: &[u8] = b".georep";
 /// Prefix of the agent's temporary files: reserved like [`STATE_DIR`],
 /// hidden from listings, removed when stale.
 pub const TMP_PREFIX: &[u8] = b".georep-tmp-";
+/// Prefix of the temporaries of resumable transfers (a kind of
+/// [`TMP_PREFIX`]): kept across connections with a progress record in the
+/// state directory, removed when stale by age or superseded.
+pub const PARTIAL_PREFIX: &[u8] = b".georep-tmp-part-";
 
 /// Reads one frame; `Ok(None)` on a clean EOF between frames.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
@@ -55,7 +67,9 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>
             Err(e) => return Err(e),
         }
     }
-    let len = u32::from_le_bytes(len) as usize;
+    let len = u32::from_le_bytes(len);
+    let compressed = len & compress::COMPRESSED != 0;
+    let len = (len & !compress::COMPRESSED) as usize;
     if len > MAX_FRAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -66,6 +80,10 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>
     buf.resize(len, 0);
     r.read_exact(buf)
         .map_err(|e| io::Error::new(e.kind(), format!("truncated frame: {e}")))?;
+    if compressed {
+        let body = std::mem::take(buf);
+        compress::decompress_body(&body, buf)?;
+    }
     Ok(Some(()))
 }
 

@@ -223,6 +223,103 @@ pub enum Request {
         length: u64,
         rate: u64,
     },
+    /// Opens a group of parallel streams on this (primary) agent: writes a
+    /// fresh token to the slave's state directory and answers it
+    /// (`StreamToken`); further agents join with `HelloStream`.
+    OpenStreams,
+    /// The first request of an agent joining a stream group instead of
+    /// `Hello`: admitted without the root's exclusive lock when `token`
+    /// equals the one the group's primary agent wrote.
+    HelloStream {
+        version: u32,
+        client: String,
+        token: Hash16,
+    },
+    /// As `OpenFile`, for a file whose later windows other streams write
+    /// (`OpenSegment`): answered by `OpenedShared` with the temporary's
+    /// name. This agent writes `[0, s)`; `CommitShared` names the rest.
+    OpenShared {
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+    },
+    /// Writes windows `[start, end)` (window-aligned) of the shared
+    /// temporary `tmp` (a `.georep-tmp-` file in `path`'s directory that
+    /// another agent of the group created with `OpenShared`). Answered by
+    /// `Opened`; finished by `FinishSegment`.
+    OpenSegment {
+        fid: u64,
+        path: RelPath,
+        tmp: ByteBuf,
+        basis: Option<RelPath>,
+        size: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Ends a segment: answered by `SegmentRoots`, the BLAKE3 of each of
+    /// its windows as this agent wrote them.
+    FinishSegment {
+        fid: u64,
+    },
+    /// As `Commit` for a shared file: `segments` are the other streams'
+    /// `(start, window roots)` as their agents answered `FinishSegment`,
+    /// tiling the file from where this agent's data ends.
+    CommitShared {
+        fid: u64,
+        digest: Hash32,
+        meta: Meta,
+        segments: Vec<(u64, Vec<Hash32>)>,
+    },
+    /// A small file the slave may already have: the agent compares the
+    /// digest of its file at `basis` (default: `path`; at most `MAX_DATA`
+    /// bytes read) with `digest`. Same content: `meta` is applied (answered
+    /// `Done`), or with another `basis` a copy is published at `path`
+    /// (answered `Committed` once published). Otherwise answered `Probed`
+    /// with an rsync signature (blocks of `block` bytes) of that file, empty
+    /// when there is none; nothing is changed.
+    ProbeFile {
+        path: RelPath,
+        basis: Option<RelPath>,
+        digest: Hash32,
+        meta: Meta,
+        block: u32,
+    },
+    /// A whole small file as an rsync delta against the slave's file at
+    /// `basis` (default: `path`), producing `size` bytes (at most
+    /// `MAX_DATA`); verified against `digest` and published as `PutFile`.
+    PutDelta {
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+        delta: ByteBuf,
+        digest: Hash32,
+        meta: Meta,
+    },
+    /// Settles the link's options after the handshake: the compression the
+    /// worker wants to send with (`off`, `auto`, `zstd:LEVEL`). Answered by
+    /// `Negotiated` with what the agent accepts; the worker compresses only
+    /// if it was accepted.
+    Negotiate {
+        compression: String,
+    },
+    /// As `OpenFile`, for a transfer that can resume: the temporary is kept
+    /// with a progress record when the connection ends, and a later
+    /// `OpenResumable` of the same `path` and `key` (the master file's
+    /// identity) continues after its verified durable prefix. Answered by
+    /// `OpenedResumable`. A partial of another key is removed.
+    OpenResumable {
+        fid: u64,
+        path: RelPath,
+        basis: Option<RelPath>,
+        size: u64,
+        key: Hash16,
+    },
+    /// Removes the partials whose progress record is older than
+    /// `max_age_secs` (and partials without a temporary).
+    CleanPartials {
+        max_age_secs: u64,
+    },
 }
 
 impl Request {
@@ -230,7 +327,7 @@ impl Request {
     pub fn payload_len(&self) -> usize {
         match self {
             Request::Write { data, .. } | Request::PutFile { data, .. } => data.len(),
-            Request::Patch { delta, .. } => delta.len(),
+            Request::Patch { delta, .. } | Request::PutDelta { delta, .. } => delta.len(),
             _ => 0,
         }
     }
@@ -296,6 +393,35 @@ pub enum Reply {
         start: u64,
         base: u64,
         base_name: String,
+    },
+    /// A stream group's token (see `Request::OpenStreams`).
+    StreamToken(Hash16),
+    /// The answer to `OpenShared`: the basis size and the temporary's name.
+    OpenedShared {
+        basis_size: Option<u64>,
+        tmp: ByteBuf,
+    },
+    /// The answer to `FinishSegment`.
+    SegmentRoots {
+        roots: Vec<Hash32>,
+        written: u64,
+    },
+    /// The answer to a `ProbeFile` whose content differs.
+    Probed {
+        signature: ByteBuf,
+    },
+    /// The answer to `Negotiate`: the compression accepted (`off` if none).
+    Negotiated {
+        compression: String,
+    },
+    /// The answer to `OpenResumable`: the basis size, and the durable
+    /// prefix kept from an earlier attempt (bytes, window-aligned or the
+    /// whole file) with the hash of each of its windows, verified by reading
+    /// them again.
+    OpenedResumable {
+        basis_size: Option<u64>,
+        resumed: u64,
+        roots: Vec<Hash32>,
     },
 }
 

@@ -15,6 +15,20 @@ pub async fn local_child(
     root: &Path,
     keepalive: Duration,
 ) -> Result<Connection, TransportError> {
+    let conn = child_agent(exe, root, keepalive, None).await?;
+    let (exe, root) = (exe.to_path_buf(), root.to_path_buf());
+    Ok(conn.spawning(std::sync::Arc::new(move |join, keepalive| {
+        let (exe, root) = (exe.clone(), root.clone());
+        Box::pin(async move { child_agent(&exe, &root, keepalive, Some(join)).await })
+    })))
+}
+
+async fn child_agent(
+    exe: &Path,
+    root: &Path,
+    keepalive: Duration,
+    join: Option<crate::protocol::Join>,
+) -> Result<Connection, TransportError> {
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("agent")
         .arg("--root")
@@ -33,7 +47,7 @@ pub async fn local_child(
     let stdout = child.stdout.take().expect("piped");
     let stderr = StderrTail::default();
     stderr.collect(child.stderr.take().expect("piped"), "local agent");
-    connect(stdout, stdin, keepalive, stderr, Some(child), None).await
+    connect(stdout, stdin, keepalive, stderr, Some(child), None, join).await
 }
 
 /// Runs the agent on a thread of this process over a socket pair: the
@@ -65,7 +79,16 @@ pub async fn in_process(root: PathBuf, keepalive: Duration) -> Result<Connection
         source,
     })?;
     let (r, w) = ours.into_split();
-    connect(r, w, keepalive, StderrTail::default(), None, Some(thread)).await
+    connect(
+        r,
+        w,
+        keepalive,
+        StderrTail::default(),
+        None,
+        Some(thread),
+        None,
+    )
+    .await
 }
 
 async fn connect<R, W>(
@@ -75,19 +98,14 @@ async fn connect<R, W>(
     stderr: StderrTail,
     child: Option<tokio::process::Child>,
     thread: Option<std::thread::JoinHandle<()>>,
+    join: Option<crate::protocol::Join>,
 ) -> Result<Connection, TransportError>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match Client::connect(r, w, keepalive).await {
-        Ok(client) => Ok(Connection {
-            client,
-            stderr,
-            child,
-            thread,
-            link: None,
-        }),
+    match Client::connect_as(r, w, keepalive, join).await {
+        Ok(client) => Ok(Connection::new(client, stderr, child, thread)),
         Err(error) => {
             // Give the child a moment to print why it failed.
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -42,6 +42,27 @@ impl RawAgent {
         root: &Path,
         nofile: Option<u64>,
     ) -> Result<RawAgent, georep::protocol::WireError> {
+        RawAgent::start_hello(
+            root,
+            Request::Hello {
+                version: georep::protocol::PROTOCOL_VERSION,
+                client: "test".into(),
+            },
+            nofile,
+        )
+    }
+
+    /// Starts an agent whose first request is `hello` (e.g. a
+    /// `HelloStream` joining a stream group); its error if refused.
+    pub fn start_as(root: &Path, hello: Request) -> Result<RawAgent, georep::protocol::WireError> {
+        RawAgent::start_hello(root, hello, None)
+    }
+
+    fn start_hello(
+        root: &Path,
+        hello: Request,
+        nofile: Option<u64>,
+    ) -> Result<RawAgent, georep::protocol::WireError> {
         let mut cmd = Command::new(super::georep_bin());
         cmd.args(["agent", "--root"])
             .arg(root)
@@ -78,10 +99,7 @@ impl RawAgent {
         let mut banner = [0u8; 8];
         a.read_exact(&mut banner).expect("banner");
         assert_eq!(&banner, BANNER);
-        let r = a.call(Request::Hello {
-            version: georep::protocol::PROTOCOL_VERSION,
-            client: "test".into(),
-        });
+        let r = a.call(hello);
         match r.result {
             Ok(_) => Ok(a),
             Err(e) => {

@@ -16,6 +16,8 @@ pub enum Link {
     Ssh,
     /// Over SSH through the proxy adding 50 ms each way.
     Wan,
+    /// As `Wan`, the proxy delivering at most 50 MB/s each way.
+    WanCapped,
 }
 
 pub struct Ctx {
@@ -27,6 +29,7 @@ pub struct Ctx {
     pub sshd: Sshd,
     pub lan: Proxy,
     pub wan: Proxy,
+    pub wan_capped: Proxy,
     /// Whether measured runs sample /proc (see [`Ctx::sampling`]).
     pub sample: std::sync::atomic::AtomicBool,
 }
@@ -99,6 +102,7 @@ impl Ctx {
             Link::Local => None,
             Link::Ssh => Some(&self.lan),
             Link::Wan => Some(&self.wan),
+            Link::WanCapped => Some(&self.wan_capped),
         }
     }
 
@@ -132,7 +136,7 @@ impl Ctx {
         let sample = self.sample.load(std::sync::atomic::Ordering::Relaxed);
         let m = procs::run_allowing(cmd, &self.marker, &self.dir, sample, ok)?;
         // Let the proxy drain its queues before reading its counters.
-        if link == Link::Wan {
+        if matches!(link, Link::Wan | Link::WanCapped) {
             std::thread::sleep(Duration::from_millis(150));
         }
         let wire = match self.proxy(link) {
@@ -176,7 +180,7 @@ impl Ctx {
         let mut args: Vec<String> = vec!["create".into(), name.into(), m.into()];
         match link {
             Link::Local => args.push(slave_path.display().to_string()),
-            Link::Ssh | Link::Wan => {
+            Link::Ssh | Link::Wan | Link::WanCapped => {
                 let port = self.proxy(link).unwrap().port;
                 args.push(format!("root@127.0.0.1:{}", slave_path.display()));
                 args.extend([
@@ -198,12 +202,23 @@ impl Ctx {
 
     /// The measured `georep sync NAME --json`; wire bytes from its summary for local links.
     pub fn georep_sync(&self, home: &Path, name: &str, link: Link) -> anyhow::Result<Run> {
+        Ok(self.georep_sync_summary(home, name, link)?.0)
+    }
+
+    /// [`georep_sync`](Self::georep_sync), with the sync's JSON summary.
+    pub fn georep_sync_summary(
+        &self,
+        home: &Path,
+        name: &str,
+        link: Link,
+    ) -> anyhow::Result<(Run, serde_json::Value)> {
         let cmd = self.georep(home, &["sync", name, "--json"]);
-        let (run, _) = self.measure(link, cmd, |out| {
+        let (run, m) = self.measure(link, cmd, |out| {
             let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
             v["wire_bytes_out"].as_u64().unwrap_or(0) + v["wire_bytes_in"].as_u64().unwrap_or(0)
         })?;
-        Ok(run)
+        let v = serde_json::from_str(m.stdout.trim()).unwrap_or_default();
+        Ok((run, v))
     }
 
     /// The measured `rsync OPTS src/ dst/` (over ssh for SSH links).

@@ -135,3 +135,87 @@ pub fn bump_mtime(path: &Path, secs: i64) -> std::io::Result<()> {
     )?;
     Ok(())
 }
+
+/// An image of typical guest content, in 64 KiB runs: zeros (free space),
+/// text (logs, configuration), binary with structure (code, tables) and
+/// random (compressed or encrypted data).
+pub fn guest_image(path: &Path, len: u64, seed: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    const WORDS: [&str; 16] = [
+        "kernel",
+        "error",
+        "connection",
+        "user",
+        "session",
+        "2026-11-22",
+        "INFO",
+        "disk",
+        "warning",
+        "/var/log",
+        "started",
+        "service",
+        "=",
+        "0x7f3a",
+        "ok",
+        "\n",
+    ];
+    let mut rng = Rng::new(seed);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut done = 0;
+    while done < len {
+        let n = chunk.len().min((len - done) as usize);
+        let c = &mut chunk[..n];
+        match rng.below(100) {
+            0..=34 => c.fill(0),
+            35..=64 => {
+                let mut i = 0;
+                while i < n {
+                    let w = WORDS[rng.below(16) as usize].as_bytes();
+                    let k = w.len().min(n - i);
+                    c[i..i + k].copy_from_slice(&w[..k]);
+                    i += k;
+                    if i < n {
+                        c[i] = b' ';
+                        i += 1;
+                    }
+                }
+            }
+            65..=84 => {
+                let mut pattern = [0u8; 256];
+                rng.fill(&mut pattern);
+                for (i, b) in c.iter_mut().enumerate() {
+                    *b = pattern[i % 256] ^ if i % 97 == 0 { rng.next() as u8 } else { 0 };
+                }
+            }
+            _ => rng.fill(c),
+        }
+        f.write_all(c)?;
+        done += n as u64;
+    }
+    f.flush()
+}
+
+/// Text files of 1..=64 KiB (lines of words) over `dirs` directories.
+pub fn text_files(root: &Path, dirs: usize, files: usize, seed: u64) -> std::io::Result<u64> {
+    let mut rng = Rng::new(seed);
+    let mut total = 0;
+    for d in 0..dirs {
+        std::fs::create_dir_all(root.join(format!("d{d:03}")))?;
+    }
+    for i in 0..files {
+        let len = 1024 + rng.below(63 << 10) as usize;
+        let mut s = String::with_capacity(len + 80);
+        while s.len() < len {
+            s.push_str(&format!(
+                "line {} of file {i}: value {:x}\n",
+                s.len(),
+                rng.next()
+            ));
+        }
+        s.truncate(len);
+        std::fs::write(root.join(format!("d{:03}/f{i:05}", i % dirs)), s.as_bytes())?;
+        total += len as u64;
+    }
+    Ok(total)
+}

@@ -15,6 +15,7 @@ mod procs;
 mod proxy;
 mod sshd;
 mod verify;
+mod wan;
 mod workloads;
 
 use anyhow::Context;
@@ -225,6 +226,8 @@ fn main() -> anyhow::Result<()> {
     let sshd = sshd::Sshd::start(&dir.join("sshd")).context("starting the benchmark sshd")?;
     let lan = proxy::Proxy::start(sshd.port, Duration::ZERO)?;
     let wan = proxy::Proxy::start(sshd.port, Duration::from_millis(50))?;
+    let wan_capped =
+        proxy::Proxy::start_capped(sshd.port, Duration::from_millis(50), Some(wan::CAP))?;
     let ctx = Ctx {
         dir: dir.clone(),
         georep,
@@ -234,12 +237,13 @@ fn main() -> anyhow::Result<()> {
         sshd,
         lan,
         wan,
+        wan_capped,
         sample: Default::default(),
     };
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();
     type Runner = fn(&Ctx) -> anyhow::Result<Vec<Outcome>>;
-    let all: [(&str, Runner); 10] = [
+    let all: [(&str, Runner); 18] = [
         ("W1", |c| Ok(vec![workloads::w1(c)?])),
         // W2 reports two pairings: W2 (atomic publish) and W2i (in place).
         ("W2", workloads::w2),
@@ -252,6 +256,14 @@ fn main() -> anyhow::Result<()> {
         ("W8", |c| Ok(vec![workloads::w8(c)?])),
         // V1 reports V1 (equal trees) and V1r (rotted files, then repair).
         ("V1", verify::v1),
+        ("W9", |c| Ok(vec![wan::w9(c)?])),
+        ("W10", |c| Ok(vec![wan::w10(c)?])),
+        ("W11", |c| Ok(vec![wan::w11(c)?])),
+        ("W12", |c| Ok(vec![wan::w12(c)?])),
+        ("W13", |c| Ok(vec![wan::w13(c)?])),
+        ("W14", |c| Ok(vec![wan::w14(c)?])),
+        ("F1", |c| Ok(vec![wan::f1(c)?])),
+        ("C1", |c| Ok(vec![wan::c1(c)?])),
     ];
     for (id, run) in all {
         if !want(id) {

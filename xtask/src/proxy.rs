@@ -19,6 +19,12 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on 127.0.0.1 (a free port) and forwards to `127.0.0.1:target`.
     pub fn start(target: u16, delay: Duration) -> std::io::Result<Proxy> {
+        Proxy::start_capped(target, delay, None)
+    }
+
+    /// As [`start`](Proxy::start), delivering at most `cap` bytes/s in
+    /// each direction over all connections (a link of that bandwidth).
+    pub fn start_capped(target: u16, delay: Duration, cap: Option<u64>) -> std::io::Result<Proxy> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         listener.set_nonblocking(true)?;
@@ -29,6 +35,8 @@ impl Proxy {
         );
         {
             let (up, down, stop) = (up.clone(), down.clone(), stop.clone());
+            let pace_up: Pace = Arc::default();
+            let pace_down: Pace = Arc::default();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -44,8 +52,15 @@ impl Proxy {
                                 server.try_clone().unwrap(),
                                 delay,
                                 up.clone(),
+                                cap.map(|c| (c, pace_up.clone())),
                             );
-                            pipe(server, client, delay, down.clone());
+                            pipe(
+                                server,
+                                client,
+                                delay,
+                                down.clone(),
+                                cap.map(|c| (c, pace_down.clone())),
+                            );
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
@@ -79,8 +94,18 @@ impl Drop for Proxy {
     }
 }
 
-/// Copies `from` to `to`, each chunk delivered `delay` after it was read.
-fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, count: Arc<AtomicU64>) {
+/// When the link is next free, shared by the connections of one direction.
+type Pace = Arc<std::sync::Mutex<Option<Instant>>>;
+
+/// Copies `from` to `to`, each chunk delivered `delay` after it was read,
+/// and with `cap`, no faster than `cap.0` bytes/s.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay: Duration,
+    count: Arc<AtomicU64>,
+    cap: Option<(u64, Pace)>,
+) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 << 10];
@@ -104,6 +129,17 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, count: Arc<Atom
             let now = Instant::now();
             if at > now {
                 std::thread::sleep(at - now);
+            }
+            if let Some((rate, pace)) = &cap {
+                let wait = {
+                    let mut next = pace.lock().unwrap();
+                    let now = Instant::now();
+                    let start = next.map_or(now, |n| n.max(now));
+                    let done = start + Duration::from_secs_f64(data.len() as f64 / *rate as f64);
+                    *next = Some(done);
+                    done.saturating_duration_since(now)
+                };
+                std::thread::sleep(wait);
             }
             if to.write_all(&data).is_err() {
                 break;

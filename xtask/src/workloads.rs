@@ -25,7 +25,7 @@ pub(crate) fn at_most(what: &str, value: f64, limit: f64) -> Check {
     }
 }
 
-fn at_least(what: &str, value: f64, limit: f64) -> Check {
+pub(crate) fn at_least(what: &str, value: f64, limit: f64) -> Check {
     Check {
         what: what.into(),
         value,
@@ -44,7 +44,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn tool(&self, name: &str) -> &ToolResult {
+    pub(crate) fn tool(&self, name: &str) -> &ToolResult {
         self.tools
             .iter()
             .find(|t| t.tool == name)

@@ -13,8 +13,13 @@
 //! master's digest.
 
 mod hashes;
+mod partial;
 mod publish;
+mod shared;
+mod small;
 mod write;
+
+pub use small::Probe;
 
 use super::basis::{BasisCache, Budget};
 use super::inplace::{self, InPlace};
@@ -76,6 +81,11 @@ struct OpenFile {
     cache: BasisCache,
     error: Option<WireError>,
     written: u64,
+    /// A segment of another agent's shared temporary, ending here: never
+    /// committed or removed by this agent (see `shared`).
+    segment: Option<u64>,
+    /// A resumable transfer (see `partial`).
+    resume: Option<partial::Resume>,
 }
 
 impl OpenFile {
@@ -263,6 +273,8 @@ impl Files {
                 cache: BasisCache::new(&self.budget),
                 error: None,
                 written: 0,
+                segment: None,
+                resume: None,
             },
         );
         Ok((Some(old), true))
@@ -326,6 +338,8 @@ impl Files {
                 cache: BasisCache::new(&self.budget),
                 error: None,
                 written: 0,
+                segment: None,
+                resume: None,
             },
         );
         Ok(has_basis.then_some(basis_size))
@@ -341,6 +355,10 @@ impl Files {
     /// file rolled back.
     pub fn abort(&mut self, fid: u64) {
         if let Some(f) = self.open.remove(&fid) {
+            if f.segment.is_some() {
+                return; // the shared temporary is its owner's to remove
+            }
+            Self::drop_record(&f);
             match f.target {
                 Target::Temp { tmp, .. } => {
                     let _ = nix::unistd::unlinkat(
@@ -358,20 +376,49 @@ impl Files {
         }
     }
 
+    /// Drops every file being assembled (the connection ended): resumable
+    /// ones are checkpointed and kept for the next connection.
     pub fn abort_all(&mut self) {
         let fids: Vec<u64> = self.open.keys().copied().collect();
         for fid in fids {
-            self.abort(fid);
+            match self.open.remove(&fid) {
+                Some(f) if f.resume.is_some() && f.error.is_none() => Self::keep_partial(f),
+                Some(f) => {
+                    self.open.insert(fid, f);
+                    self.abort(fid);
+                }
+                None => {}
+            }
         }
     }
 
     /// Verifies and finishes file `fid`: a temporary is published by the
     /// next [`flush`](Self::flush); an in-place file is done at once.
     pub fn commit(&mut self, id: u64, fid: u64, want: &Hash32, meta: &Meta) -> WResult<Committed> {
+        self.commit_with(id, fid, want, meta, &[])
+    }
+
+    /// [`commit`](Self::commit), with the window hashes of the segments
+    /// other agents wrote (see `shared`).
+    fn commit_with(
+        &mut self,
+        id: u64,
+        fid: u64,
+        want: &Hash32,
+        meta: &Meta,
+        segments: &[(u64, Vec<Hash32>)],
+    ) -> WResult<Committed> {
         let f = self
             .open
             .remove(&fid)
             .ok_or_else(|| invalid(format!("unknown file id {fid}")))?;
+        if f.segment.is_some() {
+            return Err(invalid(format!(
+                "{}: a segment is finished, not committed",
+                f.path
+            )));
+        }
+        Self::drop_record(&f);
         let OpenFile {
             path,
             dir,
@@ -381,12 +428,37 @@ impl Files {
             mut digest,
             written,
             error,
+            resume,
             ..
         } = f;
         let (tmp, file) = match target {
+            // A resumable file's temporary becomes a plain one: a crash from
+            // here leaves a stale temporary, not a partial without a record.
+            Target::Temp { tmp, file } if resume.is_some() => {
+                let plain = tmp_name();
+                match rename_over(
+                    dir.as_fd(),
+                    OsStr::from_bytes(&tmp),
+                    OsStr::from_bytes(&plain),
+                ) {
+                    Ok(()) => (plain, file),
+                    Err(e) => {
+                        let _ = nix::unistd::unlinkat(
+                            dir.as_fd(),
+                            OsStr::from_bytes(&tmp),
+                            nix::unistd::UnlinkatFlags::NoRemoveDir,
+                        );
+                        return Err(errno_err(e, "rename the temporary of", &path));
+                    }
+                }
+            }
             Target::Temp { tmp, file } => (tmp, file),
-            Target::InPlace(ip) => {
+            Target::InPlace(ip) if segments.is_empty() => {
                 return self.commit_in_place(*ip, &path, size, digest, error, want, meta);
+            }
+            Target::InPlace(ip) => {
+                let _ = ip.rollback();
+                return Err(invalid(format!("{path}: an in-place file is not shared")));
             }
         };
         let pending = Pending {
@@ -402,8 +474,10 @@ impl Files {
             pending.discard();
             return Err(e);
         }
-        let pos = digest.position();
-        digest.feed_zeros(size - pos);
+        if let Err(e) = shared::feed_segments(&mut digest, size, segments, &pending.path) {
+            pending.discard();
+            return Err(e);
+        }
         self.finish(pending, &digest.finish(), want, meta)
             .map(|_| Committed::Later)
     }

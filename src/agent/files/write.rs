@@ -10,7 +10,8 @@ impl Files {
     /// in place).
     fn advance(f: &mut OpenFile, offset: u64, len: u64) -> WResult<()> {
         let pos = f.digest.position();
-        if offset < pos || offset.checked_add(len).is_none_or(|e| e > f.size) {
+        let end = f.segment.unwrap_or(f.size);
+        if offset < pos || offset.checked_add(len).is_none_or(|e| e > end) {
             return Err(invalid(format!(
                 "{}: data at {offset}+{len} out of order or beyond the size {}",
                 f.path, f.size
@@ -31,6 +32,7 @@ impl Files {
                 if let Err(e) = op(f, &mut buf) {
                     f.error = Some(e);
                 }
+                Self::checkpoint(f, false);
             }
             f.cache.evict_below(f.digest.position() / WINDOW);
         }

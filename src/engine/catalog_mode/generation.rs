@@ -213,7 +213,7 @@ impl Run {
         let (shipped, digest) = transfer::ship_from(&self.e, src, &rel(dest)?, size, basis).await?;
         match shipped {
             Shipped::Sent => self.e.stats.files_synced.fetch_add(1, Ordering::Relaxed),
-            Shipped::Unchanged => {
+            Shipped::Unchanged | Shipped::Updated => {
                 self.sum.images_unchanged += 1;
                 self.e.stats.files_unchanged.fetch_add(1, Ordering::Relaxed)
             }

@@ -208,26 +208,67 @@ impl Run {
             .await
             .map_err(RunError::Catalog)? as u64;
         let root = self.root.clone();
-        let master = blocking(move || store::load(&root))
+        let on_master: BTreeSet<String> = blocking(move || store::host_names(&root))
             .await
-            .map_err(RunError::Catalog)?;
+            .map_err(RunError::Catalog)?
+            .into_iter()
+            .collect();
         self.ensure_store().await?;
-        let mut hosts: BTreeSet<String> = master.hosts.keys().cloned().collect();
-        hosts.extend(self.slave_hosts().await.map_err(RunError::Slave)?);
-        for host in hosts {
+        let on_slave: BTreeSet<String> = self
+            .slave_hosts()
+            .await
+            .map_err(RunError::Slave)?
+            .into_iter()
+            .collect();
+        // Hosts synced completely, with the xtime read before: their stimes.
+        let mut synced: Vec<(RelPath, u64)> = Vec::new();
+        for host in on_master.union(&on_slave) {
             if self.shutdown.is_cancelled() {
                 return Err(RunError::Shutdown);
             }
             self.sum.hosts += 1;
-            if let Err(e) = self.sync_host(&host).await {
+            // A host unchanged since its stime is not read at all (as the
+            // tree crawl prunes a directory), when xtimes can be trusted.
+            let stamps = match rel(&record::host_dir(host)) {
+                Ok(dir) if on_master.contains(host) => {
+                    let e = self.e.clone();
+                    let d = dir.clone();
+                    blocking(move || Some((e.master.xtime(&d).ok()?, e.master.stime(&d).ok()?)))
+                        .await
+                        .map(|s| (dir, s))
+                }
+                _ => None,
+            };
+            if let Some((_, (xt, st))) = &stamps {
+                if self.e.kind == CrawlKind::Xtime && on_slave.contains(host) && xt <= st {
+                    self.sum.hosts_unchanged += 1;
+                    continue;
+                }
+            }
+            let failures = self.failures.len();
+            if let Err(e) = self.sync_host(host).await {
                 match e.fatal() {
                     Some(p) => return Err(RunError::Slave(p)),
-                    None => self.fail(&host, e),
+                    None => self.fail(host, e),
+                }
+            }
+            if let Some((dir, (xt, st))) = stamps {
+                if self.failures.len() == failures && xt > st && !self.shutdown.is_cancelled() {
+                    synced.push((dir, xt));
                 }
             }
         }
         if self.shutdown.is_cancelled() {
             return Err(RunError::Shutdown);
+        }
+        // Host stimes only once everything is durable on the slave.
+        if !synced.is_empty() {
+            self.e.slave.barrier().await.map_err(RunError::Slave)?;
+            for (dir, stamp) in synced {
+                if let Err(e) = self.e.master.set_stime(&dir, stamp) {
+                    tracing::warn!(host = %dir, error = %e, "could not record the host's stime");
+                }
+            }
         }
         Ok(Outcome {
             summary: self.sum,
@@ -459,19 +500,14 @@ pub async fn sync_store(
     session: &crate::session::Session,
     slave: &crate::engine::slave::Slave,
     master_id: &uuid::Uuid,
+    kind: CrawlKind,
     shutdown: CancellationToken,
 ) -> Result<Summary, WorkerError> {
     let root = session.config.master.clone();
     let master =
         crate::engine::master::Master::new(root.clone(), master_id, &session.config.session_id);
     let links = crate::engine::links::Links::load(session.dir.join("links.json"));
-    let engine = Engine::new(
-        master,
-        slave.clone(),
-        CrawlKind::Full,
-        links,
-        shutdown.clone(),
-    );
+    let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
     let run = Run::new(
         engine.clone(),
         &session.name,
@@ -501,11 +537,15 @@ pub async fn sync_store(
         }
     };
     let s = &engine.stats;
-    let wire = slave.client().stats();
+    let wire = slave.wire_totals();
     let failures = out.failures.len() as u64;
     Ok(Summary {
         session: session.name.clone(),
-        crawl: "catalog",
+        crawl: if kind == CrawlKind::Full {
+            "catalog"
+        } else {
+            "catalog-xtime"
+        },
         full_reason: None,
         complete: failures == 0,
         entries_visited: out.records_read,
@@ -515,14 +555,15 @@ pub async fn sync_store(
         bytes_sent: s.bytes_literal.load(Ordering::Relaxed) + s.bytes_delta.load(Ordering::Relaxed),
         bytes_literal: s.bytes_literal.load(Ordering::Relaxed),
         bytes_delta: s.bytes_delta.load(Ordering::Relaxed),
-        wire_bytes_out: wire.bytes_out.load(Ordering::Relaxed),
-        wire_bytes_in: wire.bytes_in.load(Ordering::Relaxed),
+        wire_bytes_out: wire.0,
+        wire_bytes_in: wire.1,
         deletes: out.summary.generations_deleted + out.summary.files_removed,
         dirs_created: 0,
         symlinks: 0,
         hardlinks: 0,
         meta_updates: 0,
         stimes_written: 0,
+        dirs_unchanged: 0,
         skipped: 0,
         failures,
         failed: out.failures.clone(),
@@ -531,6 +572,11 @@ pub async fn sync_store(
         catalog: Some(out.summary),
         bytes_processed: engine.work.bytes_done.load(Ordering::Relaxed),
         throughput_bytes_per_sec: 0.0,
+        link: crate::engine::outcome::LinkSummary {
+            files_split: s.files_split.load(Ordering::Relaxed),
+            bytes_resumed: s.bytes_resumed.load(Ordering::Relaxed),
+            ..Default::default()
+        },
     })
 }
 

@@ -11,7 +11,12 @@ use std::sync::Arc;
 /// Ships a multiply-linked file: the first of its names in this crawl
 /// ships the content and re-links the other remembered names; later names
 /// become links to it.
-pub(super) async fn ship_linked(e: &Arc<Engine>, path: &RelPath, m: &MEntry, basis: bool) -> bool {
+pub(super) async fn ship_linked(
+    e: &Arc<Engine>,
+    path: &RelPath,
+    m: &MEntry,
+    basis: crate::engine::transfer::Basis,
+) -> bool {
     let key = (m.entry.dev, m.entry.ino);
     let cell = e.links().cell(key);
     let first = cell

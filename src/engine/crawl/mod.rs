@@ -8,7 +8,7 @@ pub mod plan;
 
 use crate::engine::context::{CrawlKind, Engine, Failure};
 use crate::engine::master::{reserved, MEntry, MasterError};
-use crate::engine::transfer::{self, FileError, Shipped};
+use crate::engine::transfer::{self, Basis, FileError, Shipped};
 use crate::fs::meta::{Entry, Kind, Meta};
 use crate::fs::relpath::RelPath;
 use crate::protocol::ProtoError;
@@ -31,6 +31,10 @@ enum SlaveDir {
     Fresh,
     /// Exists; its entry as listed in the parent (None for the root).
     Existing(Option<Entry>),
+    /// Exists with the master's metadata: its parent's entries were found
+    /// as recorded when last synced (see `Engine::visit`), so it is not
+    /// even listed by the parent.
+    Known,
 }
 
 /// Why a crawl could not finish.
@@ -130,10 +134,20 @@ impl Engine {
     /// directories completed so far (never before: an stime must not cover data the slave could still lose).
     pub async fn flush_stimes(&self, barrier_anyway: bool) -> Result<(), ProtoError> {
         let batch: Vec<(RelPath, u64)> = std::mem::take(&mut *self.stimes.lock().unwrap());
-        if batch.is_empty() && !barrier_anyway {
+        let digests = std::mem::take(&mut *self.digests.lock().unwrap());
+        if batch.is_empty() && digests.is_empty() && !barrier_anyway {
             return Ok(());
         }
         self.slave.barrier().await?;
+        for (dir, d) in digests {
+            match self.master.set_digest(&dir, &d) {
+                Ok(()) => {}
+                Err(e) if e.vanished() => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir, error = %e, "could not record a directory's entry digest")
+                }
+            }
+        }
         for (dir, stamp) in batch {
             match self.master.set_stime(&dir, stamp) {
                 Ok(()) => {
@@ -183,9 +197,55 @@ impl Engine {
             // Compared in full, the subtree is on the slave as of the
             // dirmark too, even if that mark was killed before its xtime.
             let xtl = if by_dirmark { xtl.max(dirmark) } else { xtl };
-            let existing = matches!(slave, SlaveDir::Existing(_));
+            let existing = !matches!(slave, SlaveDir::Fresh);
             if kind == CrawlKind::Xtime && existing && xtl <= stime {
                 return true;
+            }
+            // The entries as the file system states them, before anything
+            // is listed or shipped: recorded once this visit succeeds. In
+            // a full crawl that only doubts the marker, entries found as
+            // recorded were on the slave when recorded and have not
+            // changed since (any change moves a ctime or an mtime): only
+            // the subdirectories are visited.
+            let light = {
+                let e = self.clone();
+                let d = dir.clone();
+                blocking(move || {
+                    let (digest, subdirs, n) = e.master.dir_digest(&d)?;
+                    Ok::<_, MasterError>((digest, subdirs, n, e.master.stored_digest(&d)))
+                })
+                .await
+            };
+            let light = match light {
+                Ok(l) => Some(l),
+                Err(e) if e.vanished() && !dir.is_root() => return true,
+                Err(_) => None,
+            };
+            if let Some((digest, subdirs, n, stored)) = &light {
+                // Not below a dirmark: the digest was recorded under the old name.
+                if kind == CrawlKind::Full && !by_dirmark && existing && self.trust_digests() && stored.as_ref() == Some(digest) {
+                    self.stats.entries_visited.fetch_add(*n, Ordering::Relaxed);
+                    let mut visits = Vec::with_capacity(subdirs.len());
+                    for n in subdirs {
+                        if let Ok(p) = dir.join(n) {
+                            visits.push(self.clone().visit(p, SlaveDir::Known, None, kind));
+                        }
+                    }
+                    let results: Vec<bool> = futures::stream::iter(visits)
+                        .buffer_unordered(DIR_CONCURRENCY)
+                        .collect()
+                        .await;
+                    if !results.iter().all(|&r| r) || self.stopped() {
+                        return false;
+                    }
+                    self.stats.dirs_unchanged.fetch_add(1, Ordering::Relaxed);
+                    match self.dir_meta(&dir, &slave, false).await {
+                        Some(true) => {}
+                        Some(false) => return false,
+                        None => return true,
+                    }
+                    return self.queue_stime(&dir, xtl, stime).await;
+                }
             }
             // List both sides; the slave listing is in flight while the master is read.
             let slave_list = if existing {
@@ -231,8 +291,9 @@ impl Engine {
                 self.fail(&dir.join(name).unwrap_or_else(|_| dir.clone()), e);
             }
             plan.remove.retain(|r| !unreadable.iter().any(|(name, _)| name == r));
+            plan.remove_after.retain(|r| !unreadable.iter().any(|(name, _)| name == r));
             for (i, a) in &plan.actions {
-                if let Action::Ship { .. } = a {
+                if let Action::Ship { .. } | Action::Moved { .. } = a {
                     self.work.files_found.fetch_add(1, Ordering::Relaxed);
                     self.work.bytes_found.fetch_add(mlist[*i].entry.size, Ordering::Relaxed);
                 }
@@ -287,7 +348,7 @@ impl Engine {
                     let slots = self.file_slots.clone();
                     async move {
                         let slot = match a {
-                            Action::Ship { .. } if m.entry.nlink <= 1 => {
+                            Action::Ship { .. } | Action::Moved { .. } if m.entry.nlink <= 1 => {
                                 Some(slots.acquire_owned().await.expect("never closed"))
                             }
                             _ => None,
@@ -319,49 +380,92 @@ impl Engine {
             if !ok || self.stopped() {
                 return false;
             }
-            // Directory metadata last: creating children changed its mtime.
-            // Read now, not from the parent's listing: that was read before
-            // this directory's xtime, so a change in between (an entry made
-            // and marked) would leave a stale mtime under the new stime.
-            let _ = mentry;
-            let meta = {
-                let e = self.clone();
-                let d = dir.clone();
-                match blocking(move || e.master.stat(&d)).await {
-                    Ok(m) => m.entry.meta,
-                    Err(e) if e.vanished() && !dir.is_root() => return true,
+            // The sources of moves, now that their content is at the new names.
+            for name in &plan.remove_after {
+                let Ok(p) = dir.join(name) else { continue };
+                let res = async { self.slave.remove(p.clone()).await?.wait().await }.await;
+                match res {
+                    Ok(()) => {
+                        self.stats.deletes.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) => {
-                        self.fail(&dir, e);
-                        return false;
-                    }
-                }
-            };
-            let slave_meta = match &slave {
-                SlaveDir::Existing(Some(s)) => Some(&s.meta),
-                _ => None,
-            };
-            if dirty || slave_meta != Some(&meta) {
-                if let Err(e) = self.set_meta_wait(&dir, meta).await {
-                    self.slave_err(&dir, e);
-                    return false;
-                }
-            }
-            if xtl > stime {
-                let full = {
-                    let mut q = self.stimes.lock().unwrap();
-                    q.push((dir.clone(), xtl));
-                    q.len() >= STIME_BATCH
-                };
-                if full {
-                    if let Err(e) = self.flush_stimes(false).await {
-                        self.set_fatal(e);
+                        self.slave_err(&p, e);
                         return false;
                     }
                 }
             }
-            true
+            // Directory metadata last: creating children changed its mtime.
+            let _ = mentry;
+            match self.dir_meta(&dir, &slave, dirty).await {
+                Some(true) => {}
+                Some(false) => return false,
+                None => return true,
+            }
+            if let Some((digest, _, _, stored)) = light {
+                if stored != Some(digest) {
+                    self.digests.lock().unwrap().push((dir.clone(), digest));
+                }
+            }
+            self.queue_stime(&dir, xtl, stime).await
         }
         .boxed()
+    }
+
+    /// Gives the slave directory the master's metadata when it differs
+    /// (or `dirty`: its entries changed, which moved its mtime). The
+    /// metadata is read now, not from the parent's listing: that was read
+    /// before this directory's xtime, so a change in between (an entry
+    /// made and marked) would leave a stale mtime under the new stime.
+    /// None: the directory vanished from the master.
+    async fn dir_meta(
+        self: &Arc<Self>,
+        dir: &RelPath,
+        slave: &SlaveDir,
+        dirty: bool,
+    ) -> Option<bool> {
+        let meta = {
+            let e = self.clone();
+            let d = dir.clone();
+            match blocking(move || e.master.stat(&d)).await {
+                Ok(m) => m.entry.meta,
+                Err(e) if e.vanished() && !dir.is_root() => return None,
+                Err(e) => {
+                    self.fail(dir, e);
+                    return Some(false);
+                }
+            }
+        };
+        let slave_meta = match slave {
+            SlaveDir::Existing(Some(s)) => Some(&s.meta),
+            SlaveDir::Known => Some(&meta),
+            _ => None,
+        };
+        if dirty || slave_meta != Some(&meta) {
+            if let Err(e) = self.set_meta_wait(dir, meta).await {
+                self.slave_err(dir, e);
+                return Some(false);
+            }
+        }
+        Some(true)
+    }
+
+    /// Queues the directory's new stime (written once the slave is durable,
+    /// in batches); false if flushing a full batch failed.
+    async fn queue_stime(&self, dir: &RelPath, xtl: u64, stime: u64) -> bool {
+        let full = {
+            let mut q = self.stimes.lock().unwrap();
+            if xtl > stime {
+                q.push((dir.clone(), xtl));
+            }
+            q.len() >= STIME_BATCH || self.digests.lock().unwrap().len() >= STIME_BATCH
+        };
+        if full {
+            if let Err(e) = self.flush_stimes(false).await {
+                self.set_fatal(e);
+                return false;
+            }
+        }
+        true
     }
 
     async fn set_meta_wait(&self, path: &RelPath, meta: Meta) -> Result<(), ProtoError> {
@@ -400,16 +504,30 @@ impl Engine {
                         }
                     };
                     self.stats.dirs_created.fetch_add(1, Ordering::Relaxed);
+                    // Over several streams the children may go by another
+                    // stream than the mkdir: it must be done first.
+                    let pending = if self.slave.streams() > 1 {
+                        if let Err(e) = pending.wait().await {
+                            self.slave_err(&path, e);
+                            return false;
+                        }
+                        None
+                    } else {
+                        Some(pending)
+                    };
                     let below = self
                         .clone()
                         .visit(path.clone(), SlaveDir::Fresh, Some(m), kind)
                         .await;
-                    match pending.wait().await {
-                        Ok(()) => below,
-                        Err(e) => {
-                            self.slave_err(&path, e);
-                            false
-                        }
+                    match pending {
+                        None => below,
+                        Some(p) => match p.wait().await {
+                            Ok(()) => below,
+                            Err(e) => {
+                                self.slave_err(&path, e);
+                                false
+                            }
+                        },
                     }
                 }
                 Action::Visit => {
@@ -417,7 +535,17 @@ impl Engine {
                         .visit(path, SlaveDir::Existing(s), Some(m), kind)
                         .await
                 }
-                Action::Ship { basis } => self.ship_file(&path, &m, s.as_ref(), basis).await,
+                Action::Ship { basis } => {
+                    let basis = if basis { Basis::Dest } else { Basis::None };
+                    self.ship_file(&path, &m, s.as_ref(), basis).await
+                }
+                Action::Moved { from } => {
+                    let Some(from) = path.parent().and_then(|d| d.join(&from).ok()) else {
+                        return false;
+                    };
+                    self.ship_file(&path, &m, s.as_ref(), Basis::Other(from))
+                        .await
+                }
                 Action::Symlink => {
                     let target = m
                         .entry
@@ -461,7 +589,7 @@ impl Engine {
         path: &RelPath,
         m: &MEntry,
         s: Option<&Entry>,
-        basis: bool,
+        basis: Basis,
     ) -> bool {
         if m.entry.nlink > 1 {
             return linked::ship_linked(self, path, m, basis).await;
@@ -475,11 +603,15 @@ impl Engine {
         path: &RelPath,
         m: &MEntry,
         s: Option<&Entry>,
-        basis: bool,
+        basis: Basis,
     ) -> bool {
         match transfer::ship(self, path, m.entry.size, basis).await {
             Ok(Shipped::Sent) => {
                 self.stats.files_synced.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Ok(Shipped::Updated) => {
+                self.stats.files_unchanged.fetch_add(1, Ordering::Relaxed);
                 true
             }
             Ok(Shipped::Unchanged) => {

@@ -15,6 +15,10 @@ pub enum Action {
     Visit,
     /// Ship file content; `basis` when the slave has a regular file there.
     Ship { basis: bool },
+    /// Ship a new file diffed against slave file `from` of the same
+    /// directory and size, removed afterwards (a rename: usually nothing
+    /// but metadata travels).
+    Moved { from: Vec<u8> },
     /// (Re)create the symlink.
     Symlink,
     /// Only metadata differs.
@@ -25,6 +29,8 @@ pub enum Action {
 pub struct DirPlan {
     /// Slave names to remove first (absent on the master, or of another type).
     pub remove: Vec<Vec<u8>>,
+    /// Slave names to remove after the actions: the sources of `Moved`.
+    pub remove_after: Vec<Vec<u8>>,
     /// Master entries (by index into the master listing) and what to do.
     pub actions: Vec<(usize, Action)>,
     /// Master entries that are not replicated (FIFOs, sockets, devices, reserved names).
@@ -96,7 +102,45 @@ pub fn plan_dir(
             }
         }
     }
+    pair_moves(&mut plan, master, slave);
     plan
+}
+
+/// New files smaller than this are sent whole rather than looked for
+/// among the removed ones (see `Action::Moved`).
+const MOVE_MIN: u64 = 256;
+
+/// Turns new single-link files that have the size of a removed slave file
+/// into `Moved` from it (each removed file is the source of one at most):
+/// a file renamed within a directory then costs its digest, not its data.
+fn pair_moves(plan: &mut DirPlan, master: &[MEntry], slave: &[Entry]) {
+    let mut sources: Vec<(u64, Vec<u8>)> = plan
+        .remove
+        .iter()
+        .filter_map(|name| {
+            let s = slave
+                .binary_search_by(|e| e.name.as_slice().cmp(name))
+                .ok()
+                .map(|i| &slave[i])?;
+            (s.kind == Kind::File && s.nlink == 1 && s.size >= MOVE_MIN)
+                .then(|| (s.size, name.clone()))
+        })
+        .collect();
+    if sources.is_empty() {
+        return;
+    }
+    for (i, action) in plan.actions.iter_mut() {
+        let m = &master[*i].entry;
+        if *action != (Action::Ship { basis: false }) || m.nlink != 1 || m.size < MOVE_MIN {
+            continue;
+        }
+        if let Some(k) = sources.iter().position(|(size, _)| *size == m.size) {
+            let (_, from) = sources.swap_remove(k);
+            plan.remove.retain(|n| *n != from);
+            plan.remove_after.push(from.clone());
+            *action = Action::Moved { from };
+        }
+    }
 }
 
 fn plan_entry(
@@ -285,6 +329,36 @@ mod tests {
             none,
         );
         assert_eq!(p.actions, vec![(0, Action::Ship { basis: true })]);
+    }
+
+    #[test]
+    fn a_rename_in_a_directory_ships_from_the_old_name() {
+        let master = [
+            m("new", Kind::File, 5000, 2, 20),
+            m("other", Kind::File, 7000, 2, 20),
+            m("tiny", Kind::File, 10, 2, 20),
+        ];
+        let slave = [
+            e("old", Kind::File, 5000, 1),
+            e("small", Kind::File, 10, 1),
+            e("x", Kind::Dir, 5000, 1),
+        ];
+        let p = plan_dir(CrawlKind::Xtime, &master, Some(&slave), 10, none);
+        assert_eq!(
+            p.actions,
+            vec![
+                (
+                    0,
+                    Action::Moved {
+                        from: b"old".to_vec()
+                    }
+                ),
+                (1, Action::Ship { basis: false }),
+                (2, Action::Ship { basis: false }),
+            ]
+        );
+        assert_eq!(p.remove_after, vec![b"old".to_vec()]);
+        assert_eq!(p.remove, vec![b"small".to_vec(), b"x".to_vec()]);
     }
 
     #[test]

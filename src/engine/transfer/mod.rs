@@ -24,11 +24,14 @@
 //! slave are patched there in place (see `agent::inplace`); the exchange
 //! is the same.
 
+mod partial;
 mod read;
+mod segments;
 mod windows;
 
 use crate::engine::context::Engine;
 use crate::engine::master::MasterError;
+use crate::engine::slave::{Probed, Slave};
 use crate::fs::meta::{read_xattrs, Meta};
 use crate::fs::relpath::RelPath;
 use crate::hash::digest;
@@ -76,6 +79,9 @@ pub enum Shipped {
     Sent,
     /// The slave already had this content; only metadata may differ.
     Unchanged,
+    /// The slave had this content (a small file): its metadata is now the
+    /// master's, or a copy of the basis was published; no data was sent.
+    Updated,
 }
 
 fn merr<'a>(
@@ -139,16 +145,16 @@ pub enum Basis {
     Other(RelPath),
 }
 
-/// Ships the master file `rel` to the slave. `basis`: whether the slave
-/// has a regular file there to diff against.
+/// Ships the master file `rel` to the slave, diffed against `basis` (the
+/// slave's file there, another slave file such as a rename's source, or none).
 pub async fn ship(
     e: &Engine,
     rel: &RelPath,
     size_hint: u64,
-    basis: bool,
+    basis: Basis,
 ) -> Result<Shipped, FileError> {
     // Only here (the tree crawl): catalog mode publishes images whole.
-    if basis && size_hint > SMALL && e.in_place(size_hint) {
+    if basis == Basis::Dest && size_hint > SMALL && e.in_place(size_hint) {
         let span = tracing::info_span!("transfer", path = %rel, size = size_hint, in_place = true);
         let src = e.master.path(rel);
         let r = Box::pin(windows::large(e, &src, rel, Basis::Dest, true))
@@ -157,7 +163,6 @@ pub async fn ship(
         handled(e, size_hint, false, &r);
         return Ok(r?.0);
     }
-    let basis = if basis { Basis::Dest } else { Basis::None };
     Ok(ship_from(e, &e.master.path(rel), rel, size_hint, basis)
         .await?
         .0)
@@ -178,7 +183,7 @@ pub async fn ship_from(
         e.gate().await;
         let has_basis = basis != Basis::None;
         if size_hint <= SMALL || (!has_basis && size_hint <= MAX_DATA as u64) {
-            let r = small(e, src, dest, size_hint).await;
+            let r = small(e, src, dest, size_hint, &basis).await;
             handled(e, size_hint, true, &r);
             r
         } else {
@@ -201,20 +206,31 @@ fn handled(e: &Engine, size: u64, whole: bool, r: &Result<(Shipped, Hash32), Fil
     }
 }
 
-async fn small(
-    e: &Engine,
+/// Small files the slave has a copy of are probed first (see
+/// `Request::ProbeFile`) when at least this big; below, the probe would
+/// cost about what the file does.
+const PROBE_MIN: usize = 256;
+
+/// Block size of a small file's signature: about 64 blocks per file.
+fn probe_block(len: usize) -> u32 {
+    ((len / 64).next_power_of_two() as u32).clamp(256, 4096)
+}
+
+/// Reads a small master file whole, under the read budget (held while the
+/// returned permit lives), with its metadata and fingerprint.
+async fn read_small<'a>(
+    e: &'a Engine,
     src: &std::path::Path,
-    rel: &RelPath,
     size_hint: u64,
-) -> Result<(Shipped, Hash32), FileError> {
+) -> Result<(Vec<u8>, Meta, Fingerprint, tokio::sync::SemaphorePermit<'a>), FileError> {
     let permits = (size_hint.max(1) as usize).min(crate::engine::context::READ_BUDGET) as u32;
-    let _budget = e
+    let budget = e
         .read_budget
         .acquire_many(permits)
         .await
         .expect("budget never closed");
     let path = src.to_path_buf();
-    let (data, meta) = blocking(move || -> Result<(Vec<u8>, Meta), FileError> {
+    let (data, meta, fp) = blocking(move || -> Result<(Vec<u8>, Meta, Fingerprint), FileError> {
         let f = File::open(&path).map_err(merr("open", &path))?;
         let before = f.metadata().map_err(merr("stat", &path))?;
         if before.len() > MAX_DATA as u64 {
@@ -227,13 +243,80 @@ async fn small(
             return Err(FileError::Changed(path));
         }
         let meta = meta_of(&path, &after)?;
-        Ok((data, meta))
+        Ok((data, meta, fingerprint(&after)))
     })
     .await?;
+    Ok((data, meta, fp, budget))
+}
+
+/// Ships a small file: with a copy on the slave, compared by digest first
+/// (same: metadata only) and sent as a delta when that is smaller; else whole.
+async fn small(
+    e: &Engine,
+    src: &std::path::Path,
+    rel: &RelPath,
+    size_hint: u64,
+    basis: &Basis,
+) -> Result<(Shipped, Hash32), FileError> {
+    let (data, meta, fp, budget) = read_small(e, src, size_hint).await?;
     let digest = digest::digest_of(&data);
+    let sl = e.slave.pick();
+    if *basis == Basis::None || data.len() < PROBE_MIN {
+        return put_whole(e, &sl, rel, data, digest, meta, budget).await;
+    }
+    let other = match basis {
+        Basis::Other(p) => Some(p.clone()),
+        _ => None,
+    };
+    let block = probe_block(data.len());
+    // Nothing held while the answer travels: a differing file is read again.
+    drop((data, budget));
+    let probe = sl
+        .probe(rel.clone(), other.clone(), digest, meta.clone(), block)
+        .await?;
+    let sig = match probe.wait().await? {
+        Probed::Same => return Ok((Shipped::Updated, digest)),
+        Probed::Differs(sig) => sig,
+    };
+    let (data, meta, fp2, budget) = read_small(e, src, size_hint).await?;
+    if fp2 != fp || digest::digest_of(&data) != digest {
+        return Err(FileError::Changed(src.to_path_buf()));
+    }
+    if sig.is_empty() {
+        return put_whole(e, &sl, rel, data, digest, meta, budget).await;
+    }
+    let (patch, data) =
+        blocking(move || (crate::engine::delta::rolling_delta(&sig, &data), data)).await;
+    match patch {
+        // A delta pays when it saves a tenth of the file (it costs the slave a read).
+        Some(p) if p.len() + p.len() / 8 + 64 < data.len() * 9 / 10 => {
+            let n = p.len() as u64;
+            let size = data.len() as u64;
+            drop((data, budget));
+            let pending = sl
+                .put_delta(rel.clone(), other, size, p, digest, meta)
+                .await?;
+            pending.wait().await?;
+            e.stats.bytes_delta.fetch_add(n, Ordering::Relaxed);
+            Ok((Shipped::Sent, digest))
+        }
+        _ => put_whole(e, &sl, rel, data, digest, meta, budget).await,
+    }
+}
+
+/// Sends a small file whole in one frame; waits for it to be published.
+async fn put_whole(
+    e: &Engine,
+    sl: &Slave,
+    rel: &RelPath,
+    data: Vec<u8>,
+    digest: Hash32,
+    meta: Meta,
+    budget: tokio::sync::SemaphorePermit<'_>,
+) -> Result<(Shipped, Hash32), FileError> {
     let literal = data.len() as u64;
-    let pending = e.slave.put_file(rel.clone(), data, digest, meta).await?;
-    drop(_budget);
+    let pending = sl.put_file(rel.clone(), data, digest, meta).await?;
+    drop(budget);
     pending.wait().await?;
     e.stats.bytes_literal.fetch_add(literal, Ordering::Relaxed);
     Ok((Shipped::Sent, digest))

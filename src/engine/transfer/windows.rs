@@ -10,10 +10,11 @@ use super::{
 use crate::engine::context::Engine;
 use crate::engine::delta;
 use crate::engine::master::MasterError;
+use crate::engine::slave::Slave;
 use crate::fs::relpath::RelPath;
 use crate::fs::sparse;
 use crate::hash::blocktree;
-use crate::hash::digest::{self, Digester, WINDOW};
+use crate::hash::digest::{self, WINDOW};
 use crate::protocol::{Hash16, Hash32, ProtoError, MAX_DATA};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -44,21 +45,82 @@ pub(super) async fn large(
     let size = before.len();
     let file = std::sync::Arc::new(file);
     let extents = std::sync::Arc::new(extents);
-    let fid = e.next_fid();
+    let sl = e.slave.pick();
+    let mut nseg = if in_place {
+        1
+    } else {
+        super::segments::count(e.slave.streams(), size)
+    };
+    // As many segments as there are free slots (never waiting for them while
+    // holding a large-file slot: another shared file may hold the rest).
+    let mut _segs = None;
+    while nseg > 1 && _segs.is_none() {
+        match e.segment_slots.try_acquire_many(nseg as u32) {
+            Ok(p) => _segs = Some(p),
+            Err(_) => nseg -= 1,
+        }
+    }
+    if nseg > 1 {
+        let src = super::segments::Source {
+            path: &path,
+            file: &file,
+            extents: &extents,
+            before: &before,
+        };
+        return super::segments::shared(e, &sl, rel, src, basis, nseg).await;
+    }
+    let mut fid = e.next_fid();
+    let other = match &basis {
+        Basis::Other(p) => Some(p.clone()),
+        _ => None,
+    };
+    // Windows kept from an interrupted attempt (resumable files), with the
+    // master's hashes of them.
+    let mut kept: Vec<Hash32> = Vec::new();
     let (basis_size, patched) = if in_place {
-        let (b, p) = e
-            .slave
+        let (b, p) = sl
             .open_in_place(fid, rel.clone(), size)
             .await?
             .wait()
             .await?;
         (b.unwrap_or(0), p)
-    } else {
-        let other = match &basis {
-            Basis::Other(p) => Some(p.clone()),
-            _ => None,
+    } else if size >= super::partial::RESUME_MIN {
+        let key = super::partial::key(&before);
+        let mut opened = sl
+            .open_resumable(fid, rel.clone(), other.clone(), size, key)
+            .await?
+            .wait()
+            .await?;
+        if !opened.2.is_empty() {
+            let own =
+                super::partial::master_roots(&file, &extents, size, opened.2.len(), &path).await?;
+            if own == opened.2 {
+                kept = own;
+            } else {
+                // Not this master file after all: start again from nothing.
+                sl.abort(fid).await?.wait().await?;
+                fid = e.next_fid();
+                opened = sl
+                    .open_resumable(fid, rel.clone(), other.clone(), size, key)
+                    .await?
+                    .wait()
+                    .await?;
+                opened.2.clear();
+            }
+        }
+        if !kept.is_empty() {
+            let bytes = (kept.len() as u64 * WINDOW).min(size);
+            e.stats.bytes_resumed.fetch_add(bytes, Ordering::Relaxed);
+            tracing::info!(path = %rel, resumed = bytes, "resuming an interrupted transfer");
+        }
+        let b = if basis != Basis::None {
+            opened.0.unwrap_or(0)
+        } else {
+            0
         };
-        let opened = e.slave.open_file(fid, rel.clone(), other, size).await?;
+        (b, false)
+    } else {
+        let opened = sl.open_file(fid, rel.clone(), other, size).await?;
         let b = if basis != Basis::None {
             opened.wait().await?.unwrap_or(0)
         } else {
@@ -66,27 +128,42 @@ pub(super) async fn large(
         };
         (b, false)
     };
-    let shortcut = basis == Basis::Dest;
+    let gate = Shortcut::new(1);
+    let shortcut = (basis == Basis::Dest && kept.is_empty()).then_some(&gate);
+    let part = Part {
+        sl: &sl,
+        fid,
+        windows: kept.len()..size.div_ceil(WINDOW) as usize,
+        read_ahead: true,
+    };
     let result = send_windows(
-        e, rel, fid, &path, &file, &extents, size, basis_size, shortcut,
+        e, &part, rel, &path, &file, &extents, size, basis_size, shortcut,
     )
-    .await;
-    let (digest, unchanged) = match result {
+    .await
+    .map(|(r, same)| {
+        let mut all = std::mem::take(&mut kept);
+        all.extend(r);
+        (all, same)
+    });
+    let (roots, unchanged) = match result {
         Ok(r) => r,
+        // Stopping: the agent keeps a resumable file for the next run.
+        Err(FileError::Interrupted) => return Err(FileError::Interrupted),
         Err(err) => {
-            if let Ok(p) = e.slave.abort(fid).await {
+            if let Ok(p) = sl.abort(fid).await {
                 let _ = p.wait().await;
             }
             return Err(err);
         }
     };
+    let digest = digest::of_window_hashes(&roots, size);
     let after = {
         let file = file.clone();
         let path = path.clone();
         blocking(move || file.metadata().map_err(merr("stat", &path))).await?
     };
     if fingerprint(&before) != fingerprint(&after) || unchanged {
-        e.slave.abort(fid).await?.wait().await?;
+        sl.abort(fid).await?.wait().await?;
         if unchanged && fingerprint(&before) == fingerprint(&after) {
             return Ok((Shipped::Unchanged, digest));
         }
@@ -96,7 +173,7 @@ pub(super) async fn large(
         let path = path.clone();
         blocking(move || meta_of(&path, &after)).await?
     };
-    e.slave.commit(fid, digest, meta).await?.wait().await?;
+    sl.commit(fid, digest, meta).await?.wait().await?;
     tracing::debug!(in_place = patched, "committed");
     if patched {
         e.stats.files_in_place.fetch_add(1, Ordering::Relaxed);
@@ -119,12 +196,13 @@ fn hash_own_windows(
     file: &File,
     extents: &[(u64, u64)],
     overlap: u64,
+    windows: std::ops::Range<usize>,
 ) -> std::io::Result<(Vec<Hash32>, Vec<Keys>)> {
-    let nover = overlap.div_ceil(WINDOW) as usize;
+    let nover = windows.len();
     let (mut roots, mut keys) = (Vec::with_capacity(nover), Vec::with_capacity(nover));
     let mut kept = 0usize;
     let mut buf = Vec::new();
-    for i in 0..nover {
+    for i in windows {
         let (off, len) = window_range(overlap, i);
         if all_hole(extents, off, len) {
             roots.push(digest::zero_hash(len));
@@ -161,111 +239,179 @@ fn zero_keys(ov: u64) -> Vec<Hash16> {
         .collect()
 }
 
-/// Sends every window of the file; returns the master's digest and
-/// whether the slave's basis turned out identical (nothing to publish,
-/// checked only with `shortcut`: when the basis is the destination itself).
+/// The windows of a file one stream sends: all of them, or one segment
+/// of a shared file (see `segments`).
+pub(super) struct Part<'a> {
+    pub(super) sl: &'a Slave,
+    pub(super) fid: u64,
+    pub(super) windows: std::ops::Range<usize>,
+    /// Read the next window ahead while this one is sent (a whole file);
+    /// the segments of a shared file read in turn, so memory does not grow
+    /// with the number of streams.
+    pub(super) read_ahead: bool,
+}
+
+/// Whether a file's basis is identical to it, decided over all its parts:
+/// every part reports after pass 1 (even one that failed) and waits for
+/// the others, so a segment that matches is still sent when another
+/// does not. A whole file is one part.
+pub(super) struct Shortcut {
+    barrier: tokio::sync::Barrier,
+    differs: std::sync::atomic::AtomicBool,
+}
+
+impl Shortcut {
+    pub(super) fn new(parts: usize) -> Shortcut {
+        Shortcut {
+            barrier: tokio::sync::Barrier::new(parts),
+            differs: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Reports whether this part matched; answers whether all did.
+    async fn arrive(&self, same: bool) -> bool {
+        if !same {
+            self.differs.store(true, Ordering::SeqCst);
+        }
+        self.barrier.wait().await;
+        !self.differs.load(Ordering::SeqCst)
+    }
+}
+
+/// Pass 1 of a part: which overlapping windows equal the basis, with the
+/// master's window hashes and block hashes.
+type Pass1 = (Vec<bool>, Vec<Hash32>, Vec<Keys>);
+
 #[allow(clippy::too_many_arguments)]
-async fn send_windows(
-    e: &Engine,
+async fn pass1(
+    part: &Part<'_>,
     rel: &RelPath,
-    fid: u64,
+    path: &std::path::Path,
+    file: &std::sync::Arc<File>,
+    extents: &std::sync::Arc<Vec<(u64, u64)>>,
+    overlap: u64,
+    ov_end: usize,
+) -> Result<Pass1, FileError> {
+    let (sl, fid, w0) = (part.sl, part.fid, part.windows.start);
+    let nover = ov_end - w0;
+    let mut equal = vec![false; nover];
+    if nover == 0 {
+        return Ok((equal, Vec::new(), Vec::new()));
+    }
+    const BATCH: usize = 64;
+    let ov_bytes = overlap.min(ov_end as u64 * WINDOW);
+    let mut tickets = Vec::new();
+    for b in (w0..ov_end).step_by(BATCH) {
+        let off = b as u64 * WINDOW;
+        tickets.push(
+            sl.window_hashes(
+                fid,
+                off,
+                (BATCH as u64 * WINDOW).min(ov_bytes - off),
+                WINDOW as u32,
+            )
+            .await?,
+        );
+    }
+    let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
+    let local_task = tokio::task::spawn_blocking(move || {
+        hash_own_windows(&f, &x, overlap, w0..ov_end).map_err(merr("read", &p))
+    });
+    let mut remote = Vec::with_capacity(nover);
+    for t in tickets {
+        remote.extend(t.wait().await?);
+    }
+    let (roots, keys) = local_task.await.expect("hashing panicked")?;
+    if remote.len() != nover {
+        return Err(ProtoError::Violation(format!(
+            "{rel}: {} window hashes for {nover} windows",
+            remote.len()
+        ))
+        .into());
+    }
+    for i in 0..nover {
+        equal[i] = roots[i] == remote[i];
+    }
+    tracing::debug!(
+        windows = nover,
+        equal = equal.iter().filter(|&&x| x).count(),
+        "window hashes compared"
+    );
+    Ok((equal, roots, keys))
+}
+
+/// Sends the part's windows; returns the master's hash of each and
+/// whether the slave's basis turned out identical to the whole file
+/// (nothing to publish, checked only with `shortcut`: when the basis is
+/// the destination itself).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send_windows(
+    e: &Engine,
+    part: &Part<'_>,
+    rel: &RelPath,
     path: &std::path::Path,
     file: &std::sync::Arc<File>,
     extents: &std::sync::Arc<Vec<(u64, u64)>>,
     size: u64,
     basis_size: u64,
-    shortcut: bool,
-) -> Result<(Hash32, bool), FileError> {
-    let nwin = size.div_ceil(WINDOW) as usize;
+    shortcut: Option<&Shortcut>,
+) -> Result<(Vec<Hash32>, bool), FileError> {
+    let (sl, fid) = (part.sl, part.fid);
+    let (w0, w1) = (part.windows.start, part.windows.end);
     let overlap = size.min(basis_size);
-    let nover = overlap.div_ceil(WINDOW) as usize;
+    let nover_all = overlap.div_ceil(WINDOW) as usize;
+    // Windows w0..ov_end overlap the basis; local index: i - w0.
+    let ov_end = nover_all.clamp(w0, w1);
+    let mut out: Vec<Hash32> = Vec::with_capacity(w1 - w0);
 
     // Pass 1: window hashes (and block hashes) of the overlap, both sides at once.
-    let mut equal = vec![false; nover];
-    let mut roots: Vec<Hash32> = Vec::new();
-    let mut keys: Vec<Keys> = Vec::new();
-    if nover > 0 {
-        const BATCH: usize = 64;
-        let mut tickets = Vec::new();
-        for b in (0..nover).step_by(BATCH) {
-            let off = b as u64 * WINDOW;
-            tickets.push(
-                e.slave
-                    .window_hashes(
-                        fid,
-                        off,
-                        (BATCH as u64 * WINDOW).min(overlap - off),
-                        WINDOW as u32,
-                    )
-                    .await?,
-            );
-        }
-        let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
-        let local_task = tokio::task::spawn_blocking(move || {
-            hash_own_windows(&f, &x, overlap).map_err(merr("read", &p))
-        });
-        let mut remote = Vec::with_capacity(nover);
-        for t in tickets {
-            remote.extend(t.wait().await?);
-        }
-        (roots, keys) = local_task.await.expect("hashing panicked")?;
-        if remote.len() != nover {
-            return Err(ProtoError::Violation(format!(
-                "{rel}: {} window hashes for {nover} windows",
-                remote.len()
-            ))
-            .into());
-        }
-        for i in 0..nover {
-            equal[i] = roots[i] == remote[i];
-        }
-        tracing::debug!(
-            windows = nover,
-            equal = equal.iter().filter(|&&x| x).count(),
-            "window hashes compared"
-        );
-        if shortcut && size == basis_size && equal.iter().all(|&x| x) {
-            let mut d = Digester::new();
-            for (i, h) in roots.iter().enumerate() {
-                d.feed_window_hash(h, window_range(size, i).1);
-            }
-            return Ok((d.finish(), true));
+    let p1 = pass1(part, rel, path, file, extents, overlap, ov_end).await;
+    if let Some(gate) = shortcut {
+        let same = size == basis_size
+            && p1
+                .as_ref()
+                .is_ok_and(|(eq, _, _)| eq.len() == w1 - w0 && eq.iter().all(|&x| x));
+        if gate.arrive(same).await {
+            return Ok((p1?.1, true));
         }
     }
+    let (equal, roots, keys) = p1?;
 
     // Pass 2: every window in order.
     let ov_of = |i: usize| {
-        if i < nover {
+        if i < nover_all {
             window_range(overlap, i).1
         } else {
             0
         }
     };
-    let full_copy = |i: usize| i < nover && equal[i] && window_range(size, i).1 == ov_of(i);
+    let full_copy = |i: usize| i < ov_end && equal[i - w0] && window_range(size, i).1 == ov_of(i);
     // Windows read whole, ahead, by the reader: new data, the window the
     // basis ends in, and differing windows whose block hashes were dropped.
     let read_whole = |i: usize| {
         let (off, len) = window_range(size, i);
         !full_copy(i)
             && !all_hole(extents, off, len)
-            && (ov_of(i) < len || matches!(keys[i], Keys::Dropped))
+            && (ov_of(i) < len || matches!(keys[i - w0], Keys::Dropped))
     };
-    let wanted: Vec<usize> = (0..nwin).filter(|&i| read_whole(i)).collect();
-    let mismatched: Vec<usize> = (0..nover).filter(|&i| !equal[i]).collect();
-    let mut reader = spawn_reader(
-        file.clone(),
-        extents.clone(),
-        size,
-        wanted,
-        path.to_path_buf(),
-    );
+    let wanted: Vec<usize> = (w0..w1).filter(|&i| read_whole(i)).collect();
+    let mismatched: Vec<usize> = (w0..ov_end).filter(|&i| !equal[i - w0]).collect();
+    let mut reader = part.read_ahead.then(|| {
+        spawn_reader(
+            file.clone(),
+            extents.clone(),
+            size,
+            wanted,
+            path.to_path_buf(),
+        )
+    });
     let mut prefetch: VecDeque<(usize, crate::engine::slave::Pending<Vec<[u8; 16]>>)> =
         VecDeque::new();
     let mut next_mismatch = 0;
-    let mut digest = Digester::new();
     let mut rolling = delta::RollingPolicy::default();
-    for i in 0..nwin {
+    for i in w0..w1 {
         e.gate().await;
+        let li = i - w0;
         if e.shutting_down() {
             return Err(FileError::Interrupted);
         }
@@ -273,14 +419,14 @@ async fn send_windows(
         e.work.bytes_done.fetch_add(len, Ordering::Relaxed);
         let ov = ov_of(i);
         if full_copy(i) {
-            e.slave.copy(fid, off, len).await?;
-            digest.feed_window_hash(&roots[i], len);
+            sl.copy(fid, off, len).await?;
+            out.push(roots[li]);
             continue;
         }
         if all_hole(extents, off, len) && ov < len {
             // New or partly new and all hole here: zeros, nothing to send.
             if ov == 0 {
-                digest.feed_window_hash(&digest::zero_hash(len), len);
+                out.push(digest::zero_hash(len));
                 continue;
             }
         }
@@ -288,16 +434,27 @@ async fn send_windows(
         while prefetch.len() < PREFETCH && next_mismatch < mismatched.len() {
             let w = mismatched[next_mismatch];
             let (woff, wlen) = window_range(overlap, w);
-            prefetch.push_back((w, e.slave.block_hashes(fid, woff, wlen, BLOCK).await?));
+            prefetch.push_back((w, sl.block_hashes(fid, woff, wlen, BLOCK).await?));
             next_mismatch += 1;
         }
         let mut data = if read_whole(i) {
-            let w = reader
-                .recv()
-                .await
-                .ok_or_else(|| FileError::Changed(path.to_path_buf()))??;
-            debug_assert_eq!(w.index, i);
-            Some(w.data)
+            match reader.as_mut() {
+                Some(r) => {
+                    let w = r
+                        .recv()
+                        .await
+                        .ok_or_else(|| FileError::Changed(path.to_path_buf()))??;
+                    debug_assert_eq!(w.index, i);
+                    Some(w.data)
+                }
+                None => {
+                    let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
+                    Some(
+                        blocking(move || read_range(&f, &x, off, len).map_err(merr("read", &p)))
+                            .await?,
+                    )
+                }
+            }
         } else if ov < len {
             Some(vec![0u8; len as usize]) // all hole
         } else {
@@ -305,22 +462,22 @@ async fn send_windows(
         };
         if ov == 0 {
             let data = data.expect("read");
-            send_literal(e, fid, off, &data).await?;
-            digest.feed(&data);
+            send_literal(e, sl, fid, off, &data).await?;
+            out.push(digest::hash(&data));
             continue;
         }
-        if equal[i] {
+        if equal[li] {
             let data = data.expect("read");
             for op in delta::copy_then_literal(off, &data, ov) {
-                send_op(e, fid, &data, off, op).await?;
+                send_op(e, sl, fid, &data, off, op).await?;
             }
-            digest.feed(&data);
+            out.push(digest::hash(&data));
             continue;
         }
         let (w, pending) = prefetch.pop_front().expect("prefetched in order");
         debug_assert_eq!(w, i);
         let remote = pending.wait().await?;
-        let local = match &keys[i] {
+        let local = match &keys[li] {
             Keys::Kept(k) => std::borrow::Cow::Borrowed(k.as_slice()),
             Keys::Hole => std::borrow::Cow::Owned(zero_keys(ov)),
             Keys::Dropped => {
@@ -346,12 +503,7 @@ async fn send_windows(
             };
             let block_ops = delta::block_ops(off, &d, ov, BLOCK, &local, &remote);
             let (bo, bl) = delta::rolling_basis(off, len, basis_size);
-            let sig = e
-                .slave
-                .signature(fid, bo, bl, ROLL_BLOCK)
-                .await?
-                .wait()
-                .await?;
+            let sig = sl.signature(fid, bo, bl, ROLL_BLOCK).await?.wait().await?;
             let (patch, d) = blocking(move || (delta::rolling_delta(&sig, &d), d)).await;
             let ops = match patch {
                 Some(p) if rolling.accept(p.len() as u64, delta::literal_bytes(&block_ops)) => {
@@ -366,7 +518,7 @@ async fn send_windows(
                 _ => block_ops,
             };
             for op in ops {
-                send_op(e, fid, &d, off, op).await?;
+                send_op(e, sl, fid, &d, off, op).await?;
             }
             data = Some(d);
         } else {
@@ -398,53 +550,59 @@ async fn send_windows(
                     delta::Op::Literal { offset, len } => match &data {
                         Some(d) => {
                             let s = (offset - off) as usize;
-                            send_literal(e, fid, offset, &d[s..s + len as usize]).await?
+                            send_literal(e, sl, fid, offset, &d[s..s + len as usize]).await?
                         }
                         None => {
                             let b = bytes.pop_front().expect("read");
-                            send_literal(e, fid, offset, &b).await?
+                            send_literal(e, sl, fid, offset, &b).await?
                         }
                     },
-                    op => send_op(e, fid, &[], off, op).await?,
+                    op => send_op(e, sl, fid, &[], off, op).await?,
                 }
             }
             if ov < len {
                 let d = data.as_ref().expect("read whole");
-                send_literal(e, fid, off + ov, &d[ov as usize..]).await?;
+                send_literal(e, sl, fid, off + ov, &d[ov as usize..]).await?;
             }
         }
         match &data {
-            Some(d) if ov < len => digest.feed(d),
-            _ => digest.feed_window_hash(&roots[i], len),
+            Some(d) if ov < len => out.push(digest::hash(d)),
+            _ => out.push(roots[li]),
         }
     }
-    tracing::debug!(windows = nwin, "all windows sent");
-    Ok((digest.finish(), false))
+    tracing::debug!(windows = w1 - w0, "all windows sent");
+    Ok((out, false))
 }
 
 /// Sends `bytes` for `offset` as literals, all-zero blocks left out.
-async fn send_literal(e: &Engine, fid: u64, offset: u64, bytes: &[u8]) -> Result<(), ProtoError> {
+async fn send_literal(
+    e: &Engine,
+    sl: &Slave,
+    fid: u64,
+    offset: u64,
+    bytes: &[u8],
+) -> Result<(), ProtoError> {
     for op in delta::literal_ops(offset, bytes) {
-        send_op(e, fid, bytes, offset, op).await?;
+        send_op(e, sl, fid, bytes, offset, op).await?;
     }
     Ok(())
 }
 
 async fn send_op(
     e: &Engine,
+    sl: &Slave,
     fid: u64,
     window: &[u8],
     win_off: u64,
     op: delta::Op,
 ) -> Result<(), ProtoError> {
     match op {
-        delta::Op::Copy { offset, len } => e.slave.copy(fid, offset, len).await,
+        delta::Op::Copy { offset, len } => sl.copy(fid, offset, len).await,
         delta::Op::Literal { offset, len } => {
             let start = (offset - win_off) as usize;
             let bytes = &window[start..start + len as usize];
             for (i, chunk) in bytes.chunks(MAX_DATA).enumerate() {
-                e.slave
-                    .write(fid, offset + (i * MAX_DATA) as u64, chunk.to_vec())
+                sl.write(fid, offset + (i * MAX_DATA) as u64, chunk.to_vec())
                     .await?;
             }
             e.stats.bytes_literal.fetch_add(len, Ordering::Relaxed);
@@ -460,8 +618,7 @@ async fn send_op(
             e.stats
                 .bytes_delta
                 .fetch_add(delta.len() as u64, Ordering::Relaxed);
-            e.slave
-                .patch(fid, offset, out_len, basis_off, basis_len, delta)
+            sl.patch(fid, offset, out_len, basis_off, basis_len, delta)
                 .await
         }
     }

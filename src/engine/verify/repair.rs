@@ -131,7 +131,7 @@ async fn one(e: &Arc<Engine>, f: &Finding, out: &mut Repaired) -> Result<(), Str
                 wait(slave.remove(p.clone()).await).await?;
             }
             match m.entry.kind {
-                Kind::File => transfer::ship(e, &p, m.entry.size, false)
+                Kind::File => transfer::ship(e, &p, m.entry.size, transfer::Basis::None)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string()),
@@ -160,8 +160,9 @@ async fn one(e: &Arc<Engine>, f: &Finding, out: &mut Repaired) -> Result<(), Str
                 }
                 // The slave's copy moved on since it was verified: an ordinary delta.
                 Err(FileError::Slave(ProtoError::Remote(w))) if w.kind == ErrorKind::Mismatch => {
-                    match transfer::ship(e, &p, m.entry.size, true).await {
-                        Ok(transfer::Shipped::Sent) => Ok(()),
+                    match transfer::ship(e, &p, m.entry.size, transfer::Basis::Dest).await {
+                        // Updated: the slave had the content; its metadata is the master's now.
+                        Ok(transfer::Shipped::Sent | transfer::Shipped::Updated) => Ok(()),
                         // Equal content by now: the metadata may still differ.
                         Ok(transfer::Shipped::Unchanged) => {
                             wait(slave.set_meta(p, m.entry.meta).await).await

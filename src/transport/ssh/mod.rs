@@ -290,6 +290,30 @@ impl SshTarget {
                 })
             }
         };
+        self.start_agent(session, Some(dir), keepalive, None).await
+    }
+
+    /// Starts one agent over the master connection `session` (a new SSH
+    /// channel) and runs the handshake; with `token`, it joins that stream
+    /// group. The connection can start more agents the same way.
+    fn start_agent(
+        &self,
+        session: Arc<openssh::Session>,
+        dir: Option<tempfile::TempDir>,
+        keepalive: Duration,
+        join: Option<crate::protocol::Join>,
+    ) -> futures::future::BoxFuture<'_, Result<Connection, SshError>> {
+        Box::pin(self.start_agent_inner(session, dir, keepalive, join))
+    }
+
+    async fn start_agent_inner(
+        &self,
+        session: Arc<openssh::Session>,
+        dir: Option<tempfile::TempDir>,
+        keepalive: Duration,
+        join: Option<crate::protocol::Join>,
+    ) -> Result<Connection, SshError> {
+        let target = self.error_target();
         let agent_keepalive = (keepalive.as_secs() * 2).max(2).to_string();
         let mut cmd = openssh::Session::to_command(session.clone(), self.remote_georep.clone());
         cmd.args([
@@ -310,11 +334,12 @@ impl SshTarget {
         let stdout = child.stdout().take().expect("piped");
         let tail = StderrTail::default();
         tail.collect(child.stderr().take().expect("piped"), "ssh agent");
-        match Client::connect(stdout, stdin, keepalive).await {
+        let joined = join.is_some();
+        match Client::connect_as(stdout, stdin, keepalive, join).await {
             Ok(client) => {
                 let link = Box::new(SshLink {
                     child: Some(child),
-                    session,
+                    session: session.clone(),
                     _dir: dir,
                 });
                 if client.agent_root() != self.root {
@@ -324,8 +349,17 @@ impl SshTarget {
                         got: client.agent_root().to_string(),
                     });
                 }
-                tracing::info!(slave = %self.display(), agent = client.agent_version(), "connected over ssh");
-                Ok(Connection::with_link(client, tail, link))
+                tracing::info!(slave = %self.display(), agent = client.agent_version(), stream = joined, "connected over ssh");
+                let again = self.clone();
+                let spawn: super::link::Spawn = Arc::new(move |join, keepalive| {
+                    let (t, s) = (again.clone(), session.clone());
+                    Box::pin(async move {
+                        t.start_agent(s, None, keepalive, Some(join))
+                            .await
+                            .map_err(super::TransportError::from)
+                    })
+                });
+                Ok(Connection::with_link(client, tail, link).spawning(spawn))
             }
             Err(error) => {
                 let status = match tokio::time::timeout(Duration::from_secs(3), child.wait()).await
@@ -360,7 +394,8 @@ impl SshTarget {
 struct SshLink {
     child: Option<openssh::Child<Arc<openssh::Session>>>,
     session: Arc<openssh::Session>,
-    _dir: tempfile::TempDir,
+    /// The control socket's directory (held by the first agent's link).
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Link for SshLink {

@@ -10,6 +10,8 @@ use crate::protocol::{
     Client, Hash16, Hash32, Item, Key, ProtoError, Reply, Request, SlaveIdentity, Ticket,
 };
 use serde_bytes::ByteBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// A request on its way, with the conversion of its reply.
 pub struct Pending<T> {
@@ -60,18 +62,114 @@ pub struct VerifyCaps {
     pub max_bytes: u64,
 }
 
+/// The slave through one or more streams (see `transport::Connection::open_streams`).
+/// Each value speaks on one stream, the group's first unless
+/// [`pick`](Slave::pick) or [`on`](Slave::on) chose another; a file's
+/// requests all go to the stream that opened it.
 #[derive(Clone)]
 pub struct Slave {
     client: Client,
+    /// Which stream of the group this value speaks on.
+    idx: usize,
+    group: Arc<Group>,
+}
+
+struct Group {
+    streams: Vec<Client>,
+    next: AtomicUsize,
 }
 
 impl Slave {
     pub fn new(client: Client) -> Slave {
-        Slave { client }
+        Slave::group(vec![client])
+    }
+
+    /// The slave through `streams` (at least one; the first is the primary).
+    pub fn group(streams: Vec<Client>) -> Slave {
+        Slave {
+            client: streams[0].clone(),
+            idx: 0,
+            group: Arc::new(Group {
+                streams,
+                next: AtomicUsize::new(0),
+            }),
+        }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The number of streams.
+    pub fn streams(&self) -> usize {
+        self.group.streams.len()
+    }
+
+    /// The same slave speaking on stream `k` (modulo the number of streams).
+    pub fn on(&self, k: usize) -> Slave {
+        let n = self.group.streams.len();
+        Slave {
+            client: self.group.streams[k % n].clone(),
+            idx: k % n,
+            group: self.group.clone(),
+        }
+    }
+
+    /// The stream this value speaks on.
+    pub fn index(&self) -> usize {
+        self.idx
+    }
+
+    /// The same slave on the live stream with the fewest bytes waiting to
+    /// be written (ties taken in turn), for the next file.
+    pub fn pick(&self) -> Slave {
+        let n = self.group.streams.len();
+        if n == 1 {
+            return self.clone();
+        }
+        let start = self.group.next.fetch_add(1, Ordering::Relaxed);
+        let best = (0..n)
+            .map(|j| (start + j) % n)
+            .filter(|&k| self.group.streams[k].closed().is_none())
+            .min_by_key(|&k| self.group.streams[k].queued_bytes())
+            .unwrap_or(0);
+        self.on(best)
+    }
+
+    /// Bytes out and in over every stream so far.
+    pub fn wire_totals(&self) -> (u64, u64) {
+        self.group.streams.iter().fold((0, 0), |(o, i), c| {
+            let s = c.stats();
+            (
+                o + s.bytes_out.load(Ordering::Relaxed),
+                i + s.bytes_in.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Bytes the frames sent so far had before compression, over every stream.
+    pub fn raw_out_total(&self) -> u64 {
+        self.group
+            .streams
+            .iter()
+            .map(|c| c.stats().raw_out.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Why the primary stream closed, if it did (the others may close
+    /// without ending the pass: their files fail and are retried).
+    pub fn closed(&self) -> Option<ProtoError> {
+        self.group.streams[0].closed()
+    }
+
+    /// Whether any stream closed (the connection is to be made again).
+    pub fn any_closed(&self) -> bool {
+        self.group.streams.iter().any(|c| c.closed().is_some())
+    }
+
+    /// Why a stream's connection closed, the first found (None: all open).
+    pub fn closed_error(&self) -> Option<ProtoError> {
+        self.group.streams.iter().find_map(|c| c.closed())
     }
 
     async fn req<T>(
@@ -551,3 +649,6 @@ pub struct JournalCheck {
     pub base: u64,
     pub base_name: String,
 }
+
+mod transfers;
+pub use transfers::Probed;
