@@ -5,6 +5,8 @@ use super::{
     encode_frame, encode_frame_sized, Envelope, Hash16, Reply, Request, Response, WireError,
     BANNER, MAX_FRAME, PROTOCOL_VERSION,
 };
+mod writer;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use writer::write_loop;
 
 /// Bytes of encoded frames queued for the transport at most: bounds the
 /// worker's memory whatever the number of requests in flight.
@@ -61,22 +64,6 @@ type Slot = (oneshot::Sender<Result<Vec<Reply>, ProtoError>>, Vec<Reply>);
 
 /// An encoded frame and its share of the send budget (none for pings).
 type Frame = (Vec<u8>, Option<OwnedSemaphorePermit>);
-
-/// Frames are handed to the transport in pieces of this size, so that
-/// progress is seen on a slow link even while one large frame is written.
-const WRITE_PIECE: usize = 64 << 10;
-
-/// Writes one queued frame and releases its share of the budget.
-async fn write_one<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    (frame, permit): Frame,
-    inner: &Inner,
-) -> std::io::Result<()> {
-    write_pieces(w, &frame, inner).await?;
-    drop(permit);
-    inner.queued.fetch_sub(frame.len(), Ordering::Relaxed);
-    Ok(())
-}
 
 struct Inner {
     budget: Arc<Semaphore>,
@@ -536,41 +523,6 @@ async fn read_response<R: AsyncRead + Unpin>(
     postcard::from_bytes(&buf).map_err(|e| ProtoError::Violation(format!("undecodable reply: {e}")))
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-    inner: Arc<Inner>,
-) {
-    let res: std::io::Result<()> = async {
-        while let Some(f) = rx.recv().await {
-            write_one(&mut w, f, &inner).await?;
-            while let Ok(f) = rx.try_recv() {
-                write_one(&mut w, f, &inner).await?;
-            }
-            w.flush().await?;
-            inner.moved();
-        }
-        w.shutdown().await
-    }
-    .await;
-    if let Err(e) = res {
-        inner.fail_all(lost(e));
-    }
-}
-
-/// Writes one frame in pieces, recording progress after each.
-async fn write_pieces<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    frame: &[u8],
-    inner: &Inner,
-) -> std::io::Result<()> {
-    for piece in frame.chunks(WRITE_PIECE) {
-        w.write_all(piece).await?;
-        inner.moved();
-    }
-    Ok(())
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(mut r: R, inner: Arc<Inner>) {
     loop {
         let resp = match read_response(&mut r, &inner.stats).await {
@@ -649,59 +601,4 @@ async fn keepalive_loop(
 mod stall_tests;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::{write_frame, ErrorKind};
-
-    /// A peer of protocol 5 (before compression and streams) is refused
-    /// with a message naming the fix; nothing is sent to it uncompressed
-    /// or otherwise.
-    #[tokio::test]
-    async fn an_older_agent_is_refused_at_the_handshake() {
-        let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let (r, w) = tokio::io::split(ours);
-        let agent = tokio::spawn(async move {
-            let (mut tr, mut tw) = tokio::io::split(theirs);
-            let mut out = BANNER.to_vec();
-            write_frame(
-                &mut out,
-                &Response {
-                    id: 1,
-                    last: true,
-                    result: Ok(Reply::HelloOk {
-                        version: 5,
-                        agent: "0.0.5".into(),
-                        root: "/r".into(),
-                    }),
-                },
-            )
-            .unwrap();
-            tw.write_all(&out).await.unwrap();
-            let mut got = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(2), tr.read_to_end(&mut got)).await;
-            got
-        });
-        let err = match Client::connect(r, w, Duration::from_secs(30)).await {
-            Err(e) => e,
-            Ok(_) => panic!("a protocol-5 agent was accepted"),
-        };
-        match &err {
-            ProtoError::Remote(e) => {
-                assert_eq!(e.kind, ErrorKind::Version);
-                assert!(e.message.contains("install the same georep version"), "{e}");
-            }
-            other => panic!("{other:?}"),
-        }
-        // Only the Hello went out.
-        let sent = agent.await.unwrap();
-        let hello = encode_frame(&Envelope {
-            id: 1,
-            body: Request::Hello {
-                version: PROTOCOL_VERSION,
-                client: client_name(),
-            },
-        })
-        .unwrap();
-        assert_eq!(sent, hello);
-    }
-}
+mod handshake_tests;
