@@ -92,6 +92,7 @@ pub enum Cmd {
     },
     /// Compare the slave with the master by hash trees; exit 0 equal, 1 differences found, 3 stopped before the end (run again to resume).
     Verify {
+        /// The session whose master and slave to compare.
         session: String,
         /// Verify only this subtree (relative to the master, or below it); repeatable.
         #[arg(long = "path", value_name = "P")]
