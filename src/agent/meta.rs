@@ -25,15 +25,10 @@ pub const MAX_XATTRS: usize = 8 << 20;
 const SETID: u32 = 0o6000;
 
 /// Where the agent records the setuid/setgid bits it stripped from a file
-/// (octal), so it reports the mode the master sent and crawls converge. In
-/// the `trusted.` namespace when the agent runs as root (no user can forge
-/// it), else under georep's own `user.georep.` prefix (never replicated).
+/// (octal), so it reports the mode the master sent and crawls converge
+/// (see [`crate::fs::meta::setid_attr`]).
 pub fn setid_attr() -> &'static str {
-    if is_root_user() {
-        "trusted.georep.setid"
-    } else {
-        "user.georep.setid"
-    }
+    crate::fs::meta::setid_attr()
 }
 
 /// Where the agent records how many names it gave an inode by `Link`: more

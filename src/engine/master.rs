@@ -202,12 +202,21 @@ impl Master {
         md: std::fs::Metadata,
     ) -> Result<MEntry, MasterError> {
         let kind = Kind::of(&md);
+        let mut setid = 0;
         let (xattrs, xt, target) = match kind {
             Kind::File | Kind::Dir => {
-                // One listing gives the replicated attributes and the xtime.
-                let (xattrs, xt) = crate::fs::meta::read_xattrs_and(p, &self.xtime_attr)
-                    .map_err(err("read xattrs of", p))?;
-                (xattrs, xtime::decode_stamp(xt.as_deref()), None)
+                // One listing gives the replicated attributes, the xtime and,
+                // on a replica that is a master too, the setuid/setgid bits
+                // its agent stripped from the file.
+                let (xattrs, mut own) = crate::fs::meta::read_xattrs_with(
+                    p,
+                    &[&self.xtime_attr, crate::fs::meta::setid_attr()],
+                )
+                .map_err(err("read xattrs of", p))?;
+                if kind == Kind::File {
+                    setid = crate::fs::meta::decode_setid(own[1].as_deref());
+                }
+                (xattrs, xtime::decode_stamp(own[0].take().as_deref()), None)
             }
             Kind::Symlink => {
                 let t = std::fs::read_link(p).map_err(err("readlink", p))?;
@@ -224,7 +233,11 @@ impl Master {
                 name: ByteBuf::from(name),
                 kind,
                 size: if kind == Kind::File { md.len() } else { 0 },
-                meta: Meta::from_metadata(&md, xattrs),
+                meta: {
+                    let mut m = Meta::from_metadata(&md, xattrs);
+                    m.mode |= setid;
+                    m
+                },
                 dev: md.dev(),
                 ino: md.ino(),
                 nlink: md.nlink(),

@@ -105,13 +105,23 @@ pub fn read_xattrs_and(
     path: &std::path::Path,
     also: &str,
 ) -> std::io::Result<(Xattrs, Option<Vec<u8>>)> {
+    let (x, mut v) = read_xattrs_with(path, &[also])?;
+    Ok((x, v.pop().flatten()))
+}
+
+/// [`read_xattrs`], and the values of the attributes `also` (georep's
+/// own), from one listing.
+pub fn read_xattrs_with(
+    path: &std::path::Path,
+    also: &[&str],
+) -> std::io::Result<(Xattrs, Vec<Option<Vec<u8>>>)> {
     use std::os::unix::ffi::OsStrExt;
     let mut out = Vec::new();
-    let mut extra = None;
+    let mut extra = vec![None; also.len()];
     for name in xattr::list(path)? {
         let n = name.as_bytes();
-        if !also.is_empty() && n == also.as_bytes() {
-            extra = xattr::get(path, &name)?;
+        if let Some(i) = also.iter().position(|a| !a.is_empty() && n == a.as_bytes()) {
+            extra[i] = xattr::get(path, &name)?;
             continue;
         }
         if !replicated_xattr(n) {
@@ -123,4 +133,25 @@ pub fn read_xattrs_and(
     }
     out.sort();
     Ok((out, extra))
+}
+
+/// Where an agent records the setuid/setgid bits it stripped from a file
+/// (octal): in the `trusted.` namespace when it runs as root (no user can
+/// forge it), else under georep's own `user.georep.` prefix (never
+/// replicated). A replica that is itself a master (a cascade, a promoted
+/// site) reports those bits as part of the file's mode.
+pub fn setid_attr() -> &'static str {
+    if nix::unistd::geteuid().is_root() {
+        "trusted.georep.setid"
+    } else {
+        "user.georep.setid"
+    }
+}
+
+/// The setuid/setgid bits recorded in a [`setid_attr`] value.
+pub fn decode_setid(v: Option<&[u8]>) -> u32 {
+    v.and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|s| u32::from_str_radix(s, 8).ok())
+        .unwrap_or(0)
+        & 0o6000
 }

@@ -86,6 +86,10 @@ struct Inner {
     throttle: Mutex<Option<Arc<super::throttle::Throttle>>>,
     /// How frames are compressed (see `compress`), once negotiated.
     compression: Mutex<super::compress::Mode>,
+    /// The writer task: aborted when the connection fails, so the frames
+    /// it still queues give their share of the (possibly shared) send
+    /// budget back even if the transport never drains.
+    writer: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Inner {
@@ -97,9 +101,13 @@ impl Inner {
         let reason = closed.clone().unwrap();
         drop(closed);
         self.on_close.notify_waiters();
-        // Requests waiting for room in the send budget fail now instead of
-        // waiting for a writer that may never drain (a stalled link).
-        self.budget.close();
+        // The budget may be shared by a stream group: it is not closed
+        // (waiters of this client fail in `send`), but the frames this
+        // client still queues are dropped with the writer, so the other
+        // streams get their room back even if this link never drains.
+        if let Some(w) = self.writer.lock().unwrap().take() {
+            w.abort();
+        }
         let pending: Vec<Slot> = self
             .pending
             .lock()
@@ -249,6 +257,7 @@ impl Client {
             rtt: Duration::ZERO,
             throttle: Mutex::new(None),
             compression: Mutex::new(super::compress::Mode::Off),
+            writer: Mutex::new(None),
         };
         // Handshake before the tasks exist, so the agent's identity is immutable afterwards.
         let mut writer = BufWriter::with_capacity(256 << 10, writer);
@@ -286,7 +295,11 @@ impl Client {
         }
         inner.next_id.store(2, Ordering::Relaxed);
         let inner = Arc::new(inner);
-        tokio::spawn(write_loop(writer, rx, inner.clone()));
+        let w = tokio::spawn(write_loop(writer, rx, inner.clone()));
+        *inner.writer.lock().unwrap() = Some(w.abort_handle());
+        if inner.closed.lock().unwrap().is_some() {
+            w.abort();
+        }
         tokio::spawn(read_loop(reader, inner.clone()));
         let client = Client {
             inner: inner.clone(),
@@ -336,13 +349,15 @@ impl Client {
         // data once, not twice.
         let payload = env.body.payload_len();
         let want = (payload + 64).min(SEND_BUDGET) as u32;
-        let permit = self
-            .inner
-            .budget
-            .clone()
-            .acquire_many_owned(want)
-            .await
-            .map_err(|_| self.closed_error())?;
+        self.inner.check_open()?;
+        // The budget may be shared with other streams: waiting for room
+        // ends when this client's connection fails, not only when room frees.
+        let permit = tokio::select! {
+            p = self.inner.budget.clone().acquire_many_owned(want) => {
+                p.map_err(|_| self.closed_error())?
+            }
+            e = self.lost() => return Err(e),
+        };
         let mut frame =
             encode_frame_sized(&env, payload).map_err(|e| ProtoError::Violation(e.to_string()))?;
         drop(env);
