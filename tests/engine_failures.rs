@@ -261,16 +261,20 @@ fn delete_with_reset_sync_time_leaves_no_stime_on_the_master() {
     w.sync("r");
     common::mark(&w.master.join("a/b/f"));
     w.sync("r");
-    let has_stime = |p: &std::path::Path| {
+    let has = |p: &std::path::Path, suffix: &str| {
         xattr::list(p)
             .unwrap()
-            .any(|n| n.to_string_lossy().ends_with(".stime"))
+            .any(|n| n.to_string_lossy().ends_with(suffix))
     };
-    assert!(has_stime(&w.master.join("a/b")));
+    assert!(has(&w.master.join("a/b"), ".stime"));
+    // A full crawl records the directories' entry digests (also the session's).
+    w.run_ok(&["sync", "r", "--full"]);
+    assert!(has(&w.master.join("a/b"), ".entries"));
     let out = w.run_ok(&["delete", "r", "--reset-sync-time"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 master directories"));
     for p in ["", "a", "a/b"] {
-        assert!(!has_stime(&w.master.join(p)), "stime left on {p:?}");
+        assert!(!has(&w.master.join(p), ".stime"), "stime left on {p:?}");
+        assert!(!has(&w.master.join(p), ".entries"), "entry digest left on {p:?}");
     }
     assert!(!w.home.join("sessions/r").exists());
 }

@@ -292,7 +292,8 @@ fn key_tag(name: &str) -> String {
 }
 
 /// Deletes a stopped session; with `reset_sync_time`, also removes its
-/// stimes from the master so nothing of it is left there.
+/// stimes and directory entry digests from the master so nothing of it is
+/// left there.
 pub fn delete(name: &str, reset_sync_time: bool) -> Result<u64, UserError> {
     let session = Session::load(name)?;
     let live = |p: &Path| {
@@ -315,6 +316,11 @@ pub fn delete(name: &str, reset_sync_time: bool) -> Result<u64, UserError> {
     if reset_sync_time {
         let attr = xtime::stime_attr(&session.config.session_id);
         removed = remove_attr_tree(&session.config.master, &attr);
+        // The directories' entry digests are the session's too.
+        remove_attr_tree(
+            &session.config.master,
+            &xtime::digest_attr(&session.config.session_id),
+        );
     }
     std::fs::remove_dir_all(&session.dir)
         .map_err(|e| user_err!("cannot remove {}: {e}", session.dir.display()))?;
