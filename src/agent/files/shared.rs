@@ -117,13 +117,7 @@ impl Files {
                 "{path}: the shared temporary is not a regular file of {size} bytes"
             )));
         }
-        let basis = match basis {
-            Some(b) => {
-                let (bdir, bname) = root.parent(b)?;
-                Some(open_regular(root, &bdir, bname).map_err(|e| errno_err(e, "open basis", b))?)
-            }
-            None => open_regular(root, &dir, &name).ok(),
-        };
+        let basis = open_basis(root, &dir, &name, basis)?;
         let basis_size = match &basis {
             Some(f) => f
                 .metadata()
