@@ -189,6 +189,13 @@ impl Files {
                 let mut buf = std::mem::take(&mut self.buf);
                 let n = verified_prefix(&file, size, &rec.roots, &mut buf);
                 self.buf = buf;
+                // Whatever lies after the verified prefix (written after the
+                // last checkpoint, by an attempt of other content) is cleared:
+                // the gaps the master leaves read as zeros, as the digest is fed.
+                let keep = (n as u64 * WINDOW).min(size);
+                file.set_len(keep)
+                    .and_then(|_| file.set_len(size))
+                    .map_err(|e| io_err(e, "truncate the partial of", path))?;
                 let b = self.open(root, fid, path, basis, size)?;
                 // Swap the fresh temporary for the kept one.
                 let f = self.open.get_mut(&fid).expect("just opened");
