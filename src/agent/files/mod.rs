@@ -180,6 +180,15 @@ impl Files {
         f
     }
 
+    /// The file assembly of an agent joining a stream group: the root's
+    /// policy, no recovery (the primary's).
+    pub fn joiner(root: &Root) -> Files {
+        Files {
+            policy: *root.policy(),
+            ..Files::default()
+        }
+    }
+
     /// Whether an in-place roll-back is still to be done.
     pub fn needs_recovery(&self) -> bool {
         self.unrecovered || !self.stuck.is_empty()
