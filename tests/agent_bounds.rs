@@ -426,3 +426,106 @@ fn in_place_holes_are_saved_as_holes_and_restored_as_holes() {
     );
     a.finish();
 }
+
+/// Bytes the agent has read through read calls so far (/proc/PID/io `rchar`).
+fn rchar(a: &Agent) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/io", a.pid())).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc io")
+}
+
+/// A resumable file (or a segment) keeps one hash per window: huge sparse
+/// sizes are refused, the ones kept are bounded for the whole agent, and a
+/// resumed prefix is verified without reading its holes.
+#[test]
+fn resumable_files_and_segments_keep_a_bounded_number_of_window_hashes() {
+    use georep::protocol::MAX_KEPT_WINDOWS;
+    let (_base, root) = scratch("bounds-resume");
+    let mut a = Agent::start(&root);
+    let open = |fid: u64, size: u64| Request::OpenResumable {
+        fid,
+        path: p(&format!("f{fid}")),
+        basis: None,
+        size,
+        key: [fid as u8; 16],
+    };
+    // 4 TiB files, a byte written at the end of each: a million hashes each.
+    for fid in 1..=8 {
+        a.refused(open(fid, 4 << 40), "a resumable file of 4 TiB");
+        a.post(Request::Write {
+            fid,
+            offset: (4 << 40) - 1,
+            data: ByteBuf::from(vec![1]),
+        });
+    }
+    let shared = a.call(Request::OpenShared {
+        fid: 20,
+        path: p("shared"),
+        basis: None,
+        size: 4 << 40,
+    });
+    let tmp = match shared.result.unwrap() {
+        Reply::OpenedShared { tmp, .. } => tmp,
+        other => panic!("{other:?}"),
+    };
+    a.refused(
+        Request::OpenSegment {
+            fid: 21,
+            path: p("shared"),
+            tmp,
+            basis: None,
+            size: 4 << 40,
+            start: WINDOW,
+            end: 4 << 40,
+        },
+        "a segment of 4 TiB",
+    );
+    // The largest resumable size: a few at once, then refused as busy.
+    let size = MAX_KEPT_WINDOWS * WINDOW;
+    let mut opened = 0;
+    for fid in 30..40 {
+        match a.call(open(fid, size)).result {
+            Ok(Reply::OpenedResumable { .. }) => opened += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => assert_eq!(e.kind, georep::protocol::ErrorKind::Busy, "{e:?}"),
+        }
+        a.post(Request::Write {
+            fid,
+            offset: size - 1,
+            data: ByteBuf::from(vec![1]),
+        });
+    }
+    assert!((1..10).contains(&opened), "{opened} of 10 opened");
+    let r = a.call(Request::Barrier);
+    assert!(r.result.is_ok(), "{r:?}");
+    let peak = peak_mib(&a);
+    assert!(peak < 128, "peak {peak} MiB");
+    a.finish();
+    for fid in 30..30 + opened {
+        let rec_dir = root.join(".georep/partial");
+        let biggest = std::fs::read_dir(&rec_dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .max()
+            .unwrap();
+        assert!(
+            biggest <= 32 * MAX_KEPT_WINDOWS + 4096,
+            "record of {biggest} bytes"
+        );
+        // Resumed whole; the holes are not read to verify it.
+        let mut b = Agent::start(&root);
+        let before = rchar(&b);
+        match b.call(open(fid, size)).result {
+            Ok(Reply::OpenedResumable { resumed, .. }) => assert_eq!(resumed, size),
+            other => panic!("{other:?}"),
+        }
+        let read = rchar(&b) - before;
+        assert!(
+            read < 64 << 20,
+            "read {read} bytes to verify a sparse prefix"
+        );
+        b.kill();
+    }
+}

@@ -420,3 +420,52 @@ fn a_hostile_master_changes_nothing_outside_the_root_and_never_crashes_the_agent
         common::tree::temporaries(&root)
     );
 }
+
+/// One token admits a bounded group (a slot lock per joiner), and a token a
+/// killed primary left admits nobody once a new primary holds the root.
+#[test]
+fn a_stream_group_is_bounded_and_a_dead_primarys_token_is_void() {
+    use georep::protocol::{ErrorKind, PROTOCOL_VERSION};
+    let base = tempfile::Builder::new()
+        .prefix("hostile-group")
+        .tempdir_in(common::scratch_base())
+        .unwrap();
+    let root = base.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let join = |token| Request::HelloStream {
+        version: PROTOCOL_VERSION,
+        client: "test".into(),
+        token,
+    };
+    let mut primary = Agent::start(&root);
+    let token = match primary.call(Request::OpenStreams).result {
+        Ok(Reply::StreamToken(t)) => t,
+        other => panic!("{other:?}"),
+    };
+    let mut members = Vec::new();
+    let refused = loop {
+        match Agent::start_as(&root, join(token)) {
+            Ok(m) => members.push(m),
+            Err(e) => break e,
+        }
+        assert!(members.len() <= 64, "a group without a bound");
+    };
+    assert_eq!(refused.kind, ErrorKind::Busy, "{refused:?}");
+    assert_eq!(members.len(), 15, "joiners admitted");
+    // A slot is free again once its joiner is gone.
+    members.pop().unwrap().finish();
+    members.push(Agent::start_as(&root, join(token)).expect("a free slot"));
+    for m in members {
+        m.finish();
+    }
+    // The primary dies and leaves its token; a new primary voids it.
+    primary.kill();
+    let next = Agent::start(&root);
+    let e = Agent::start_as(&root, join(token)).err();
+    assert_eq!(
+        e.map(|e| e.kind),
+        Some(ErrorKind::Busy),
+        "a dead group's token"
+    );
+    next.finish();
+}

@@ -369,6 +369,224 @@ fn inodes_with_hard_links_georep_did_not_make_are_never_read_or_written() {
     a.finish();
 }
 
+/// The small-file and shared-file requests (`ProbeFile`, `PutDelta`,
+/// `OpenSegment`) follow the rule of `OpenFile`: a planted link named as
+/// basis is refused, as the default basis it is no basis. No signature, no
+/// digest oracle, no copy of the outside file published.
+#[test]
+fn planted_links_are_no_basis_for_probes_deltas_or_segments() {
+    let (base, root) = scratch("integrity-links-wan");
+    let outside = base.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let secret = outside.join("secret");
+    let data = pattern(3000, 9);
+    std::fs::write(&secret, &data).unwrap();
+    let before = common::tree::snapshot(&outside);
+    let mut a = Agent::start(&root);
+    plant(&root, "y", &secret);
+    let want = digest::digest_of(&data);
+    let sig = fast_rsync::Signature::calculate(
+        &data,
+        fast_rsync::SignatureOptions {
+            block_size: 256,
+            crypto_hash_size: 8,
+        },
+    );
+    let mut delta = Vec::new();
+    fast_rsync::diff(&sig.index(), &data, &mut delta).unwrap();
+
+    // As the default basis: no signature, even with the right digest.
+    let r = ok(
+        &mut a,
+        Request::ProbeFile {
+            path: p("y"),
+            basis: None,
+            digest: want,
+            meta: meta(0o600),
+            block: 256,
+        },
+    );
+    assert!(
+        matches!(&r, Reply::Probed { signature } if signature.is_empty()),
+        "{r:?}"
+    );
+    a.refused(
+        Request::PutDelta {
+            path: p("y"),
+            basis: None,
+            size: data.len() as u64,
+            delta: ByteBuf::from(delta.clone()),
+            digest: want,
+            meta: meta(0o644),
+        },
+        "a delta against a planted link (default basis)",
+    );
+    // As an explicit basis: refused.
+    a.refused(
+        Request::ProbeFile {
+            path: p("z"),
+            basis: Some(p("y")),
+            digest: want,
+            meta: meta(0o644),
+            block: 256,
+        },
+        "a probe with a planted link as basis",
+    );
+    a.refused(
+        Request::PutDelta {
+            path: p("z"),
+            basis: Some(p("y")),
+            size: data.len() as u64,
+            delta: ByteBuf::from(delta),
+            digest: want,
+            meta: meta(0o644),
+        },
+        "a delta against a planted link as basis",
+    );
+    // Segments of a shared temporary.
+    let size = 2 * WINDOW;
+    let tmp = match ok(
+        &mut a,
+        Request::OpenShared {
+            fid: 1,
+            path: p("w"),
+            basis: None,
+            size,
+        },
+    ) {
+        Reply::OpenedShared { tmp, .. } => tmp,
+        other => panic!("{other:?}"),
+    };
+    a.refused(
+        Request::OpenSegment {
+            fid: 2,
+            path: p("w"),
+            tmp: tmp.clone(),
+            basis: Some(p("y")),
+            size,
+            start: WINDOW,
+            end: size,
+        },
+        "a segment with a planted link as basis",
+    );
+    let tmp_y = match ok(
+        &mut a,
+        Request::OpenShared {
+            fid: 3,
+            path: p("y"),
+            basis: None,
+            size,
+        },
+    ) {
+        Reply::OpenedShared { basis_size, tmp } => {
+            assert_eq!(basis_size, None, "the planted link is no basis");
+            tmp
+        }
+        other => panic!("{other:?}"),
+    };
+    let r = ok(
+        &mut a,
+        Request::OpenSegment {
+            fid: 4,
+            path: p("y"),
+            tmp: tmp_y,
+            basis: None,
+            size,
+            start: WINDOW,
+            end: size,
+        },
+    );
+    assert!(matches!(r, Reply::Opened { basis_size: None }), "{r:?}");
+    // A copy from "the basis" finds none: the segment fails.
+    a.post(Request::Copy {
+        fid: 4,
+        offset: WINDOW,
+        len: 4096,
+    });
+    a.refused(Request::FinishSegment { fid: 4 }, "a copy from no basis");
+    for fid in [1, 3] {
+        ok(&mut a, Request::Abort { fid });
+    }
+    ok(&mut a, Request::Barrier);
+    assert!(!root.join("z").exists() && !root.join("w").exists());
+    assert_eq!(std::fs::metadata(root.join("y")).unwrap().nlink(), 2);
+    assert_eq!(common::tree::snapshot(&outside), before, "outside changed");
+    a.finish();
+}
+
+/// Writes `data` at `offset` in frames of at most 1 MiB.
+fn write_at(a: &mut Agent, fid: u64, offset: u64, data: &[u8]) {
+    for (i, c) in data.chunks(1 << 20).enumerate() {
+        a.post(Request::Write {
+            fid,
+            offset: offset + (i as u64) * (1 << 20),
+            data: ByteBuf::from(c.to_vec()),
+        });
+    }
+}
+
+/// A resumed partial keeps only its verified prefix: bytes an attempt wrote
+/// after its last checkpoint (here: the agent killed) never survive under a
+/// digest that was fed zeros where the master's file has zeros or holes.
+#[test]
+fn a_resumed_partial_keeps_nothing_after_its_verified_prefix() {
+    let (_base, root) = scratch("integrity-resume");
+    let size = 2 * WINDOW + 5000;
+    let key = [7u8; 16];
+    let open = |fid| Request::OpenResumable {
+        fid,
+        path: p("big"),
+        basis: None,
+        size,
+        key,
+    };
+    let first = pattern(WINDOW as usize, 1);
+    let stale = pattern(WINDOW as usize, 2);
+    // Attempt 1: window 0, checkpointed when the connection ends.
+    let mut a = Agent::start(&root);
+    ok(&mut a, open(1));
+    write_at(&mut a, 1, 0, &first);
+    ok(&mut a, Request::Barrier);
+    a.finish();
+    // Attempt 2: resumes after window 0, writes window 1, killed before
+    // any checkpoint: the record still says one window.
+    let mut a = Agent::start(&root);
+    match ok(&mut a, open(1)) {
+        Reply::OpenedResumable { resumed, .. } => assert_eq!(resumed, WINDOW),
+        other => panic!("{other:?}"),
+    }
+    write_at(&mut a, 1, WINDOW, &stale);
+    ok(&mut a, Request::Barrier);
+    a.kill();
+    // Attempt 3: the master's file (same key) has zeros in window 1 and a
+    // tail after it; only the tail is sent, the zeros are a gap.
+    let tail = pattern(5000, 3);
+    let mut master = first.clone();
+    master.resize((2 * WINDOW) as usize, 0);
+    master.extend_from_slice(&tail);
+    let mut a = Agent::start(&root);
+    match ok(&mut a, open(1)) {
+        Reply::OpenedResumable { resumed, roots, .. } => {
+            assert_eq!(resumed, WINDOW);
+            assert_eq!(roots, vec![digest::hash(&first)]);
+        }
+        other => panic!("{other:?}"),
+    }
+    write_at(&mut a, 1, 2 * WINDOW, &tail);
+    ok(
+        &mut a,
+        Request::Commit {
+            fid: 1,
+            digest: digest::digest_of(&master),
+            meta: meta(0o644),
+        },
+    );
+    ok(&mut a, Request::Barrier);
+    a.finish();
+    let got = std::fs::read(root.join("big")).unwrap();
+    assert!(got == master, "the published file is not the master's");
+}
+
 #[test]
 fn setuid_and_setgid_are_stripped_from_files_unless_configured_and_ids_are_kept() {
     assert!(

@@ -135,7 +135,11 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
                     format!("slave root {}: {e}", opts.root.display()),
                 )
             })
-            .and_then(|r| streams::check_token(&r, &t).map(|_| (r, None))),
+            .and_then(|r| {
+                streams::check_token(&r, &t)?;
+                let slot = streams::take_slot(&r)?;
+                Ok((r, Some(slot)))
+            }),
     }
     .and_then(|(mut r, l)| {
         let state = r.state_dir()?;
@@ -163,7 +167,7 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     let files = if primary {
         Files::start(&root)
     } else {
-        Files::default()
+        Files::joiner(&root)
     };
     conn.serving();
     let mut agent = Agent {
@@ -231,7 +235,11 @@ fn open_root(path: &Path) -> Result<(Root, Flock<std::fs::File>), WireError> {
     })?;
     let dir = std::fs::File::from(root.state_dir()?);
     match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok((root, lock)),
+        Ok(lock) => {
+            // A token left by a primary that died: its joiners join no more.
+            streams::close_group(&root);
+            Ok((root, lock))
+        }
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(WireError::new(
             ErrorKind::Busy,
             format!(

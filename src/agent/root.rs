@@ -438,14 +438,15 @@ impl Root {
     }
 }
 
-/// Whether entry `name` of `dir` changed within the last hour.
+/// Whether entry `name` of `dir` changed within the last hour (by its
+/// ctime: a verified temporary already carries the master's mtime).
 fn young(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
     match nix::sys::stat::fstatat(
         dir,
         OsStr::from_bytes(name),
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     ) {
-        Ok(st) => crate::fs::xtime::now_ns() / 1_000_000_000 < st.st_mtime as u64 + 3600,
+        Ok(st) => crate::fs::xtime::now_ns() / 1_000_000_000 < st.st_ctime as u64 + 3600,
         Err(_) => false,
     }
 }

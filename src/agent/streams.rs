@@ -3,11 +3,14 @@
 //! exclusive lock; on `OpenStreams` it writes a fresh random token to the
 //! state directory, and an agent whose `HelloStream` presents that token
 //! joins the group without the lock. A new primary (a new worker) writes a
-//! new token, so the agents of a dead group cannot join another.
+//! new token, so the agents of a dead group cannot join another (and the
+//! primary removes any token left when it takes the lock). Each joiner
+//! holds one of `MAX_JOINERS` slot locks (`streams.slot.N`, flock) while
+//! it serves: more joiners are refused.
 
 use super::root::{errno_err, io_err, open_nofollow, Root, WResult};
 use crate::protocol::{ErrorKind, Hash16, WireError};
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::{openat, Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -15,6 +18,32 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 
 const TOKEN_FILE: &str = "streams.token";
+/// Joiners of a group at once, at most (a worker's streams, as
+/// `session::MAX_STREAMS`, less the primary's).
+const MAX_JOINERS: usize = 15;
+
+/// Takes a free joiner slot, held while the returned lock lives.
+pub fn take_slot(root: &Root) -> WResult<Flock<File>> {
+    let state = root.state_dir()?;
+    for i in 0..MAX_JOINERS {
+        let name = format!("streams.slot.{i}");
+        let Ok(fd) = openat(
+            state.as_fd(),
+            OsStr::new(&name),
+            OFlag::O_CREAT | OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::from_bits_truncate(0o600),
+        ) else {
+            continue;
+        };
+        if let Ok(lock) = Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock) {
+            return Ok(lock);
+        }
+    }
+    Err(WireError::new(
+        ErrorKind::Busy,
+        format!("stream group full: {MAX_JOINERS} agents already joined; use fewer streams"),
+    ))
+}
 
 /// Writes a fresh token for this primary agent's group and returns it.
 pub fn open_group(root: &Root) -> WResult<Hash16> {

@@ -49,6 +49,12 @@ pub const TMP_PREFIX: &[u8] = b".georep-tmp-";
 /// state directory, removed when stale by age or superseded.
 pub const PARTIAL_PREFIX: &[u8] = b".georep-tmp-part-";
 
+/// Most window hashes an agent keeps for one file being assembled (a
+/// resumable file's progress record, a segment's roots): 65536 windows,
+/// files of 256 GiB, 2 MiB of hashes. Larger files are not resumed nor
+/// split in segments: the worker sends them whole in one stream.
+pub const MAX_KEPT_WINDOWS: u64 = 1 << 16;
+
 /// Reads one frame; `Ok(None)` on a clean EOF between frames.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
     let mut len = [0u8; 4];

@@ -180,6 +180,15 @@ impl Files {
         f
     }
 
+    /// The file assembly of an agent joining a stream group: the root's
+    /// policy, no recovery (the primary's).
+    pub fn joiner(root: &Root) -> Files {
+        Files {
+            policy: *root.policy(),
+            ..Files::default()
+        }
+    }
+
     /// Whether an in-place roll-back is still to be done.
     pub fn needs_recovery(&self) -> bool {
         self.unrecovered || !self.stuck.is_empty()
@@ -291,22 +300,7 @@ impl Files {
         self.check_open(fid, path, size)?;
         let (dir, name) = root.parent(path)?;
         let name = name.to_vec();
-        // Never a basis whose inode a local user linked from elsewhere:
-        // hashes and copies would read it.
-        let basis = match basis {
-            Some(b) => {
-                let (bdir, bname) = root.parent(b)?;
-                let f =
-                    open_regular(root, &bdir, bname).map_err(|e| errno_err(e, "open basis", b))?;
-                if foreign_links(f.as_fd()) {
-                    return Err(super::meta::foreign_links_error(b, false));
-                }
-                Some(f)
-            }
-            None => open_regular(root, &dir, &name)
-                .ok()
-                .filter(|f| !foreign_links(f.as_fd())),
-        };
+        let basis = open_basis(root, &dir, &name, basis)?;
         let basis_size = match &basis {
             Some(f) => f
                 .metadata()
@@ -588,6 +582,31 @@ impl Files {
         self.pending_bytes += pending.written;
         self.pending.push(pending);
         Ok(())
+    }
+}
+
+/// The basis of a file named `name` in `dir`: the explicit `basis`, or the
+/// file itself (None when it cannot be opened). Never an inode a local user
+/// linked from elsewhere (hashes, copies, signatures would read it): an
+/// explicit basis with foreign links is refused, a default one is no basis.
+fn open_basis(
+    root: &Root,
+    dir: &OwnedFd,
+    name: &[u8],
+    basis: Option<&RelPath>,
+) -> WResult<Option<File>> {
+    match basis {
+        Some(b) => {
+            let (bdir, bname) = root.parent(b)?;
+            let f = open_regular(root, &bdir, bname).map_err(|e| errno_err(e, "open basis", b))?;
+            if foreign_links(f.as_fd()) {
+                return Err(super::meta::foreign_links_error(b, false));
+            }
+            Ok(Some(f))
+        }
+        None => Ok(open_regular(root, dir, name)
+            .ok()
+            .filter(|f| !foreign_links(f.as_fd()))),
     }
 }
 

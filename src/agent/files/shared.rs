@@ -81,6 +81,7 @@ impl Files {
         end: u64,
     ) -> WResult<Option<u64>> {
         self.check_open(fid, path, size)?;
+        self.check_kept(path, size)?;
         if !tmp.starts_with(crate::protocol::TMP_PREFIX)
             || tmp.len() > MAX_TMP_NAME
             || tmp.contains(&b'/')
@@ -107,6 +108,7 @@ impl Files {
             Mode::empty(),
         )
         .map_err(|e| errno_err(e, "open the shared temporary of", path))?;
+        root.check_dev(fd.as_fd(), path)?;
         let st = nix::sys::stat::fstat(fd.as_fd())
             .map_err(|e| errno_err(e, "stat the shared temporary of", path))?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG
@@ -117,13 +119,7 @@ impl Files {
                 "{path}: the shared temporary is not a regular file of {size} bytes"
             )));
         }
-        let basis = match basis {
-            Some(b) => {
-                let (bdir, bname) = root.parent(b)?;
-                Some(open_regular(root, &bdir, bname).map_err(|e| errno_err(e, "open basis", b))?)
-            }
-            None => open_regular(root, &dir, &name).ok(),
-        };
+        let basis = open_basis(root, &dir, &name, basis)?;
         let basis_size = match &basis {
             Some(f) => f
                 .metadata()

@@ -17,13 +17,21 @@ pub enum Probe {
     Differs(Vec<u8>),
 }
 
-/// Reads the regular file `basis` (or `path`) whole if it is at most `MAX_DATA` bytes.
+/// Reads the regular file `basis` (or `path`) whole if it is at most
+/// `MAX_DATA` bytes. Never an inode a local user linked from elsewhere: an
+/// explicit basis with foreign links is refused, the default one is none.
 fn read_small(root: &Root, path: &RelPath, basis: Option<&RelPath>) -> WResult<Option<Vec<u8>>> {
     let at = basis.unwrap_or(path);
     let (dir, name) = root.parent(at)?;
     let Ok(f) = open_regular(root, &dir, name) else {
         return Ok(None);
     };
+    if foreign_links(f.as_fd()) {
+        return match basis {
+            Some(b) => Err(super::super::meta::foreign_links_error(b, false)),
+            None => Ok(None),
+        };
+    }
     let len = f.metadata().map_err(|e| io_err(e, "stat", at))?.len();
     if len > MAX_DATA as u64 {
         return Ok(None);

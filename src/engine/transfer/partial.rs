@@ -5,8 +5,10 @@
 
 use super::read::{all_hole, read_range, window_range};
 use super::{blocking, merr, FileError};
+use crate::engine::slave::Slave;
+use crate::fs::relpath::RelPath;
 use crate::hash::digest;
-use crate::protocol::{Hash16, Hash32};
+use crate::protocol::{ErrorKind, Hash16, Hash32, ProtoError, MAX_KEPT_WINDOWS};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -14,6 +16,30 @@ use std::sync::Arc;
 /// Files at least this big are sent resumably (the agent checkpoints
 /// every 32 MiB).
 pub const RESUME_MIN: u64 = 32 << 20;
+
+/// Opens a file resumably if it qualifies: at least `RESUME_MIN` bytes, at
+/// most `MAX_KEPT_WINDOWS` windows, and the agent has room (it answers
+/// `Busy` when not: then None, the file is sent non-resumable).
+pub async fn open(
+    sl: &Slave,
+    fid: u64,
+    rel: &RelPath,
+    basis: &Option<RelPath>,
+    md: &std::fs::Metadata,
+) -> Result<Option<(Option<u64>, u64, Vec<Hash32>)>, FileError> {
+    let size = md.len();
+    if size < RESUME_MIN || size.div_ceil(digest::WINDOW) > MAX_KEPT_WINDOWS {
+        return Ok(None);
+    }
+    let p = sl
+        .open_resumable(fid, rel.clone(), basis.clone(), size, key(md))
+        .await?;
+    match p.wait().await {
+        Ok(r) => Ok(Some(r)),
+        Err(ProtoError::Remote(w)) if w.kind == ErrorKind::Busy => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// The identity of a master file's content as far as resuming goes: its
 /// size, mtime and inode (not the ctime: marking a file changes that).

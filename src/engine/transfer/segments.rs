@@ -25,6 +25,9 @@ use std::sync::Arc;
 /// of 2 MiB to take longer than a round trip, so even one window per
 /// stream gains there.
 pub(super) fn count(streams: usize, size: u64) -> usize {
+    if size.div_ceil(WINDOW) > crate::protocol::MAX_KEPT_WINDOWS {
+        return 1; // the agents keep no more window hashes per file
+    }
     (size.div_ceil(WINDOW) as usize).clamp(1, streams.max(1))
 }
 

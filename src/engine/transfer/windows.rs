@@ -84,13 +84,8 @@ pub(super) async fn large(
             .wait()
             .await?;
         (b.unwrap_or(0), p)
-    } else if size >= super::partial::RESUME_MIN {
+    } else if let Some(mut opened) = super::partial::open(&sl, fid, rel, &other, &before).await? {
         let key = super::partial::key(&before);
-        let mut opened = sl
-            .open_resumable(fid, rel.clone(), other.clone(), size, key)
-            .await?
-            .wait()
-            .await?;
         if !opened.2.is_empty() {
             let own =
                 super::partial::master_roots(&file, &extents, size, opened.2.len(), &path).await?;
