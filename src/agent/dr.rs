@@ -49,7 +49,13 @@ impl Agent<'_> {
             Request::QuarantineStep {
                 max_entries,
                 max_bytes,
+                answers,
             } => {
+                if answers.len() > MAX_RESOLVE {
+                    return Err(invalid(format!(
+                        "QuarantineStep: at most {MAX_RESOLVE} answers per request"
+                    )));
+                }
                 let (Some((session, epoch)), Some(fb)) =
                     (self.fence.claimed(), self.fence.failback().cloned())
                 else {
@@ -66,10 +72,12 @@ impl Agent<'_> {
                     self.quarantine = Some(Job::start(self.root.path(), session, epoch, &fb)?);
                 }
                 let job = self.quarantine.as_mut().expect("set above");
-                let (entries, done) = job.step(max_entries.min(4096), max_bytes.min(256 << 20))?;
+                let (entries, ask, done) =
+                    job.step(max_entries.min(4096), max_bytes.min(256 << 20), answers)?;
                 Ok(Reply::Quarantined {
                     id: job.id.clone(),
                     entries,
+                    ask,
                     done,
                 })
             }

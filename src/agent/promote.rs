@@ -217,7 +217,11 @@ pub fn promote(root: &Root, expect: Option<(Uuid, u64)>) -> Result<PromoteReport
     let id = xtime::ensure_master_id(&path).map_err(io("stamping", &path))?;
     let stamp = xtime::next_stamp(&path, &id).map_err(io("stamping", &path))?;
     xtime::write(&path, &xtime::xtime_attr(&id), stamp).map_err(io("stamping", &path))?;
-    let at_ns = xtime::now_ns();
+    // The coarse clock the kernel stamps ctimes with: every change made
+    // after this moment has a ctime at or after it.
+    let at_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME_COARSE)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or_else(|_| xtime::now_ns());
     let host = role::host_name();
     let report = PromoteReport {
         root: path.display().to_string(),
@@ -372,7 +376,11 @@ fn hosts_unheld(
     let mut out = Vec::new();
     for h in hosts {
         let disks = format!("{}/{}", record::host_dir(h), record::DISKS);
-        for d in std::fs::read_dir(root.join(&disks)).into_iter().flatten().flatten() {
+        for d in std::fs::read_dir(root.join(&disks))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let Ok(dn) = d.file_name().into_string() else {
                 continue;
             };

@@ -79,10 +79,7 @@ fn found(root: &std::path::Path, rec: Option<&RoleRecord>) -> String {
         })
         .unwrap_or_default();
     if !sessions.is_empty() {
-        return format!(
-            "the master of other sessions ({})",
-            sessions.join(", ")
-        );
+        return format!("the master of other sessions ({})", sessions.join(", "));
     }
     if crate::fs::xtime::master_id(root).ok().flatten().is_some() {
         return "a georep master that no session ever synced".into();

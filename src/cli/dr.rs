@@ -200,7 +200,10 @@ pub fn quarantine_cmd(op: crate::cli::args::QuarantineOp) -> anyhow::Result<i32>
             } else if all.is_empty() {
                 println!("no quarantine in {}", dir.display());
             } else {
-                println!("{:<24} {:<21} {:>7} {:>12}  REASONS", "ID", "CREATED", "ENTRIES", "BYTES");
+                println!(
+                    "{:<24} {:<21} {:>7} {:>12}  REASONS",
+                    "ID", "CREATED", "ENTRIES", "BYTES"
+                );
                 for m in &all {
                     let conflicts = m.items.iter().filter(|i| i.reason == "conflict").count();
                     println!(

@@ -32,7 +32,10 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<UserError>().is_some() {
             return exit::USAGE;
         }
-        if cause.downcast_ref::<crate::cli::dr::TemporaryError>().is_some() {
+        if cause
+            .downcast_ref::<crate::cli::dr::TemporaryError>()
+            .is_some()
+        {
             return exit::TEMPORARY;
         }
         if let Some(e) = cause.downcast_ref::<crate::transport::ssh::SshError>() {

@@ -9,7 +9,7 @@ use crate::engine::slave::Slave;
 use crate::fs::relpath::RelPath;
 use crate::fs::role::{self, Role};
 use crate::fs::xtime;
-use crate::protocol::{ErrorKind, FailbackClaim, ProtoError, QuarantinedEntry};
+use crate::protocol::{ErrorKind, FailbackClaim, PeerEntry, ProtoError, QuarantinedEntry};
 use crate::session::{Failback, Session, State};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -35,10 +35,9 @@ pub fn check_master(session: &Session) -> Result<(), WorkerError> {
 
 fn slave_err(session: &Session, e: ProtoError) -> WorkerError {
     match e {
-        ProtoError::Remote(w) if w.kind == ErrorKind::Fenced => WorkerError::Fenced(format!(
-            "slave {}: {}",
-            session.config.slave, w.message
-        )),
+        ProtoError::Remote(w) if w.kind == ErrorKind::Fenced => {
+            WorkerError::Fenced(format!("slave {}: {}", session.config.slave, w.message))
+        }
         e => WorkerError::Slave {
             slave: session.config.slave.clone(),
             source: e,
@@ -81,7 +80,54 @@ fn changed_here(root: &Path, p: &[u8], fb: &Failback, attr: Option<&str>) -> boo
         Some(a) if !md.is_symlink() => xtime::read(&full, a).unwrap_or(0),
         _ => 0,
     };
-    xt > fb.promote_stamp || ctime > fb.promoted_at_ns as i128
+    xt > fb.promote_stamp || ctime >= fb.promoted_at_ns as i128
+}
+
+/// This master's listing of `dir` for the old master's quarantine walk
+/// (None: not a directory here).
+fn peer_listing(
+    root: &Path,
+    dir: &RelPath,
+    fb: &Failback,
+    attr: Option<&str>,
+) -> Option<Vec<PeerEntry>> {
+    use crate::fs::meta::Kind;
+    let full = dir.under(root);
+    if !full.symlink_metadata().ok()?.is_dir() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&full).ok()?.flatten() {
+        let name = e.file_name().as_bytes().to_vec();
+        if dir.is_root() && crate::protocol::reserved_at_root(&name) {
+            continue;
+        }
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
+        let kind = Kind::of(&md);
+        let rel = [
+            dir.as_bytes(),
+            if dir.is_root() { b"" } else { b"/" },
+            &name,
+        ]
+        .concat();
+        out.push(PeerEntry {
+            kind,
+            size: if kind == Kind::File { md.len() } else { 0 },
+            mtime: crate::fs::meta::Timestamp {
+                sec: md.mtime(),
+                nsec: md.mtime_nsec() as u32,
+            },
+            target: std::fs::read_link(e.path())
+                .ok()
+                .map(|t| serde_bytes::ByteBuf::from(t.as_os_str().as_bytes().to_vec())),
+            changed: changed_here(root, &rel, fb, attr),
+            name: serde_bytes::ByteBuf::from(name),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Some(out)
 }
 
 /// Whether the old master's quarantined entry equals this master's version.
@@ -95,13 +141,17 @@ fn same_here(root: &Path, e: &QuarantinedEntry) -> bool {
         Kind::Dir => md.is_dir(),
         Kind::Symlink => {
             md.is_symlink()
-                && std::fs::read_link(&full)
-                    .is_ok_and(|t| Some(t.as_os_str().as_bytes()) == e.target.as_ref().map(|t| t.as_slice()))
+                && (md.uid(), md.gid()) == (e.meta.uid, e.meta.gid)
+                && (md.mtime(), md.mtime_nsec() as u32) == (e.meta.mtime.sec, e.meta.mtime.nsec)
+                && std::fs::read_link(&full).is_ok_and(|t| {
+                    Some(t.as_os_str().as_bytes()) == e.target.as_ref().map(|t| t.as_slice())
+                })
         }
         Kind::File => {
             md.is_file()
                 && md.len() == e.size
-                && md.mode() & 0o7777 == e.mode
+                && crate::fs::meta::read_xattrs(&full)
+                    .is_ok_and(|x| crate::fs::meta::Meta::from_metadata(&md, x) == e.meta)
                 && crate::catalog::points::file_digest(&full)
                     .is_ok_and(|(_, d)| Some(d) == e.digest)
         }
@@ -130,13 +180,14 @@ pub async fn quarantine(
         .ok()
         .flatten()
         .map(|m| xtime::xtime_attr(&m));
+    let mut answers = Vec::new();
     let id = loop {
-        let (qid, entries, done) = slave
-            .quarantine_step(1000, 64 << 20)
+        let (qid, entries, ask, done) = slave
+            .quarantine_step(1000, 64 << 20, answers)
             .await
             .map_err(|e| slave_err(session, e))?;
         let (root2, fb2, attr2) = (root.clone(), fb.clone(), attr.clone());
-        let (conflicts, same) = tokio::task::spawn_blocking(move || {
+        let (conflicts, same, next) = tokio::task::spawn_blocking(move || {
             let mut conflicts: Vec<RelPath> = Vec::new();
             let mut same: Vec<RelPath> = Vec::new();
             for e in entries {
@@ -146,10 +197,18 @@ pub async fn quarantine(
                     conflicts.push(e.path);
                 }
             }
-            (conflicts, same)
+            let answers: Vec<_> = ask
+                .into_iter()
+                .map(|d| {
+                    let l = peer_listing(&root2, &d, &fb2, attr2.as_deref());
+                    (d, l)
+                })
+                .collect();
+            (conflicts, same, answers)
         })
         .await
         .expect("blocking task");
+        answers = next;
         if !conflicts.is_empty() || !same.is_empty() {
             slave
                 .quarantine_resolve(conflicts, same)

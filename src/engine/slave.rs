@@ -39,6 +39,14 @@ fn committed(r: Vec<Reply>) -> Result<u64, ProtoError> {
     }
 }
 
+/// A quarantine step's answer: id, entries taken, directories to look up, done.
+pub type QuarantineStepped = (
+    String,
+    Vec<crate::protocol::QuarantinedEntry>,
+    Vec<RelPath>,
+    bool,
+);
+
 #[derive(Clone)]
 pub struct Slave {
     client: Client,
@@ -414,9 +422,11 @@ impl Slave {
 
     /// Promotes the slave root (switchover); answers the report as JSON text.
     pub async fn promote(&self, session: uuid::Uuid, epoch: u64) -> Result<String, ProtoError> {
-        self.req(Request::Promote { session, epoch }, |r| match r.as_slice() {
-            [Reply::Promoted { report }] => Ok(report.clone()),
-            other => Err(unexpected(other)),
+        self.req(Request::Promote { session, epoch }, |r| {
+            match r.as_slice() {
+                [Reply::Promoted { report }] => Ok(report.clone()),
+                other => Err(unexpected(other)),
+            }
         })
         .await?
         .wait()
@@ -428,16 +438,21 @@ impl Slave {
         &self,
         max_entries: u32,
         max_bytes: u64,
-    ) -> Result<(String, Vec<crate::protocol::QuarantinedEntry>, bool), ProtoError> {
+        answers: Vec<(RelPath, Option<Vec<crate::protocol::PeerEntry>>)>,
+    ) -> Result<QuarantineStepped, ProtoError> {
         self.req(
             Request::QuarantineStep {
                 max_entries,
                 max_bytes,
+                answers,
             },
             |r| match r.as_slice() {
-                [Reply::Quarantined { id, entries, done }] => {
-                    Ok((id.clone(), entries.clone(), *done))
-                }
+                [Reply::Quarantined {
+                    id,
+                    entries,
+                    ask,
+                    done,
+                }] => Ok((id.clone(), entries.clone(), ask.clone(), *done)),
                 other => Err(unexpected(other)),
             },
         )
@@ -458,6 +473,9 @@ impl Slave {
     }
 
     pub async fn quarantine_commit(&self) -> Result<(), ProtoError> {
-        self.req(Request::QuarantineCommit, done).await?.wait().await
+        self.req(Request::QuarantineCommit, done)
+            .await?
+            .wait()
+            .await
     }
 }

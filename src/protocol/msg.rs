@@ -189,15 +189,28 @@ pub enum Request {
     },
     /// Records on the replica that a complete sync covered the master up to
     /// xtime `stime` at `at_ns` (what `promote` reports for a tree).
-    Synced { stime: u64, at_ns: u64 },
+    Synced {
+        stime: u64,
+        at_ns: u64,
+    },
     /// Promotes the agent's root (switchover): rolls back what is
     /// unfinished, verifies, raises the epoch. Only the session the root is
     /// a replica of may ask, with its epoch. Answered by `Promoted`.
-    Promote { session: uuid::Uuid, epoch: u64 },
+    Promote {
+        session: uuid::Uuid,
+        epoch: u64,
+    },
     /// One bounded step of moving the root's divergence (entries changed
     /// after the last common point) into a quarantine: at most `max_entries`
-    /// entries and about `max_bytes` of data. Answered by `Quarantined`.
-    QuarantineStep { max_entries: u32, max_bytes: u64 },
+    /// entries and about `max_bytes` of data. `answers` tell, for changed
+    /// directories a previous step asked about, what the new master holds
+    /// there (None: no such directory, so it is taken whole, as it may be
+    /// new or renamed here). Answered by `Quarantined`.
+    QuarantineStep {
+        max_entries: u32,
+        max_bytes: u64,
+        answers: Vec<(RelPath, Option<Vec<PeerEntry>>)>,
+    },
     /// Refines the quarantine being built: `conflicts` were also changed
     /// on the new master (B wins, A's version is kept here); `same` equal the
     /// new master's version (nothing of them can be lost) and leave it.
@@ -224,13 +237,27 @@ pub struct FailbackClaim {
     pub points: Vec<(String, String, Vec<u64>)>,
 }
 
+/// An entry of the new master, as a quarantine step compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    pub name: ByteBuf,
+    pub kind: crate::fs::meta::Kind,
+    pub size: u64,
+    pub mtime: crate::fs::meta::Timestamp,
+    pub target: Option<ByteBuf>,
+    /// Changed on the new master since the promote: a difference is its own
+    /// (or a conflict), not proof of the old master's divergence.
+    pub changed: bool,
+}
+
 /// An entry a quarantine step took in (what the worker compares with the new master).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantinedEntry {
     pub path: RelPath,
     pub kind: crate::fs::meta::Kind,
     pub size: u64,
-    pub mode: u32,
+    /// Mode, owner, mtime and user xattrs as the old master has them.
+    pub meta: crate::fs::meta::Meta,
     /// Files: georep's digest of the content.
     pub digest: Option<Hash32>,
     /// Symlinks: the target.
@@ -289,12 +316,16 @@ pub enum Reply {
         describe: String,
     },
     /// The answer to `Promote`: the report as JSON text.
-    Promoted { report: String },
+    Promoted {
+        report: String,
+    },
     /// The answer to `QuarantineStep`: the quarantine's id, the entries
     /// moved in by this step (path, kind, size), and whether the walk is done.
     Quarantined {
         id: String,
         entries: Vec<QuarantinedEntry>,
+        /// Changed directories to look up on the new master (answered by the next step).
+        ask: Vec<RelPath>,
         done: bool,
     },
 }

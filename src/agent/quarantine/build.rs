@@ -4,17 +4,20 @@
 //! an entry whose xtime is newer than the newest stime of its ancestors was
 //! changed after the promoted replica last received it (its divergence).
 //! Directories whose xtime is not newer than that are skipped whole (the
-//! marker invariant), so the walk costs O(divergence). Symlinks carry no
-//! stamp: those in a changed directory are taken, and the worker drops the
-//! ones equal to the new master's (`QuarantineResolve`). With `force` (a
-//! root that was never the session's master) everything is taken.
+//! marker invariant), so the walk costs O(divergence). A changed
+//! directory is first looked up on the new master (the worker answers in
+//! the next step): one it lacks may be new or renamed here, and is taken
+//! whole, whatever the stamps of what it holds. Symlinks carry no stamp:
+//! those in a changed directory are taken, and the worker drops what equals
+//! the new master's version (`QuarantineResolve`). With `force` (a root
+//! that was never the session's master) everything is taken.
 
 use super::{Item, Manifest, DATA, MANIFEST};
 use crate::fs::meta::Kind;
 use crate::fs::relpath::RelPath;
 use crate::fs::role::{self, format_time};
 use crate::fs::xtime;
-use crate::protocol::{ErrorKind, FailbackClaim, QuarantinedEntry, WireError};
+use crate::protocol::{ErrorKind, FailbackClaim, PeerEntry, QuarantinedEntry, WireError};
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -49,8 +52,13 @@ pub struct Job {
     xtime_attr: Option<String>,
     stime_attr: String,
     force: bool,
-    dirs: Vec<(Vec<u8>, u64)>,
-    pending: VecDeque<(Vec<u8>, u64)>,
+    /// Directories to list: (path, effective stime of the parent, the new
+    /// master's listing there; None: it has none, everything is taken).
+    dirs: Vec<(Vec<u8>, u64, Option<Vec<PeerEntry>>)>,
+    /// Changed directories waiting for the new master's listing, with the
+    /// effective stime of their parent.
+    asking: BTreeMap<Vec<u8>, u64>,
+    pending: VecDeque<Vec<u8>>,
     copying: Option<Copying>,
     items: BTreeMap<Vec<u8>, Item>,
     session: Uuid,
@@ -99,11 +107,6 @@ impl Job {
         }
         let master = xtime::master_id(root).map_err(io("reading the master id of", root))?;
         let stime_attr = xtime::stime_attr(&fb.old_session);
-        let root_stime = if fb.force {
-            0
-        } else {
-            xtime::read(root, &stime_attr).unwrap_or(0)
-        };
         Ok(Job {
             id,
             root: root.to_path_buf(),
@@ -112,10 +115,16 @@ impl Job {
             xtime_attr: master.map(|m| xtime::xtime_attr(&m)),
             stime_attr,
             force: fb.force,
-            dirs: if committed {
+            dirs: if committed || !fb.force {
                 Vec::new()
             } else {
-                vec![(Vec::new(), root_stime)]
+                vec![(Vec::new(), 0, None)]
+            },
+            // The root is compared with the new master's root listing first.
+            asking: if committed || fb.force {
+                BTreeMap::new()
+            } else {
+                [(Vec::new(), 0)].into_iter().collect()
             },
             pending: VecDeque::new(),
             copying: None,
@@ -134,14 +143,29 @@ impl Job {
         }
     }
 
-    /// Takes in at most `max_entries` entries and about `max_bytes` of data.
-    pub fn step(&mut self, max_entries: u32, max_bytes: u64) -> WResult<(Vec<QuarantinedEntry>, bool)> {
+    /// Takes in at most `max_entries` entries and about `max_bytes` of data,
+    /// after the answers about the directories asked last time; returns the
+    /// entries, the directories to ask about, and whether the walk is done.
+    pub fn step(
+        &mut self,
+        max_entries: u32,
+        max_bytes: u64,
+        answers: Vec<(RelPath, Option<Vec<PeerEntry>>)>,
+    ) -> WResult<(Vec<QuarantinedEntry>, Vec<RelPath>, bool)> {
+        for (dir, listing) in answers {
+            if let Some(eff) = self.asking.remove(dir.as_bytes()) {
+                self.dirs.push((dir.as_bytes().to_vec(), eff, listing));
+            }
+        }
         let mut out = Vec::new();
         let mut bytes = 0u64;
         while out.len() < max_entries.max(1) as usize && bytes < max_bytes.max(1 << 20) {
             if let Some(c) = &mut self.copying {
                 let mut buf = vec![0u8; 1 << 20];
-                let n = c.src.read(&mut buf).map_err(io("reading", &join(&self.root, &c.rel)))?;
+                let n = c
+                    .src
+                    .read(&mut buf)
+                    .map_err(io("reading", &join(&self.root, &c.rel)))?;
                 if n > 0 {
                     c.digest.feed(&buf[..n]);
                     c.dst
@@ -152,30 +176,35 @@ impl Job {
                 }
                 let c = self.copying.take().expect("copying");
                 let dst = join(&self.building.join(DATA), &c.rel);
-                let src = join(&self.root, &c.rel);
-                for (n, v) in crate::fs::meta::read_xattrs(&src).unwrap_or_default() {
-                    xattr::set(&dst, OsStr::from_bytes(&n), &v)
-                        .map_err(io("copying the xattrs of", &src))?;
-                }
+                copy_xattrs(&join(&self.root, &c.rel), &dst)?;
                 apply_meta(&dst, &c.md).map_err(io("setting metadata of", &dst))?;
                 let digest = c.digest.finish();
                 out.push(self.item(&c.rel, Kind::File, &c.md, c.xtime, Some(digest), None));
                 continue;
             }
-            if let Some((rel, eff)) = self.pending.pop_front() {
-                if let Some(e) = self.take(rel, eff)? {
+            if let Some(rel) = self.pending.pop_front() {
+                if let Some(e) = self.take(rel)? {
                     out.push(e);
                 }
                 continue;
             }
-            if let Some((rel, eff)) = self.dirs.pop() {
-                self.visit(rel, eff)?;
+            if let Some((rel, eff, peer)) = self.dirs.pop() {
+                self.visit(rel, eff, peer)?;
                 continue;
             }
             break;
         }
-        let done = self.copying.is_none() && self.pending.is_empty() && self.dirs.is_empty();
-        Ok((out, done))
+        let idle = self.copying.is_none() && self.pending.is_empty() && self.dirs.is_empty();
+        let ask = if idle {
+            self.asking
+                .keys()
+                .take(1000)
+                .map(|a| RelPath::new(a.clone()).expect("a path under the root"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok((out, ask, idle && self.asking.is_empty()))
     }
 
     fn item(
@@ -193,6 +222,11 @@ impl Job {
             _ => "dir",
         };
         let size = if kind == Kind::File { md.len() } else { 0 };
+        let xattrs = if kind == Kind::Symlink {
+            Vec::new()
+        } else {
+            crate::fs::meta::read_xattrs(&join(&self.root, rel)).unwrap_or_default()
+        };
         self.items.insert(
             rel.to_vec(),
             Item {
@@ -201,7 +235,9 @@ impl Job {
                 kind: kind_s.into(),
                 size,
                 digest: digest.map(|d| crate::catalog::record::hex(&d)),
-                target: target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+                target: target
+                    .as_ref()
+                    .map(|t| String::from_utf8_lossy(t).into_owned()),
                 mode: md.mode() & 0o7777,
                 mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
                 xtime: xt,
@@ -212,25 +248,29 @@ impl Job {
             path: RelPath::new(rel.to_vec()).expect("a path under the root"),
             kind,
             size,
-            mode: md.mode() & 0o7777,
+            meta: crate::fs::meta::Meta::from_metadata(md, xattrs),
             digest,
             target: target.map(serde_bytes::ByteBuf::from),
         }
     }
 
-    /// Lists a directory that may hold divergence and queues what it holds.
-    fn visit(&mut self, rel: Vec<u8>, eff_parent: u64) -> WResult<()> {
+    /// Lists a directory that may hold divergence and queues what differs
+    /// from the new master's listing `peer` (None: the new master has no such
+    /// directory, so everything is taken).
+    fn visit(
+        &mut self,
+        rel: Vec<u8>,
+        eff_parent: u64,
+        peer: Option<Vec<PeerEntry>>,
+    ) -> WResult<()> {
         let p = join(&self.root, &rel);
-        let stime = if self.force {
+        let whole = peer.is_none() || self.force;
+        let stime = if whole {
             0
         } else {
             xtime::read(&p, &self.stime_attr).unwrap_or(0)
         };
         let eff = eff_parent.max(stime);
-        let xt = self.xtime(&p);
-        if !self.force && xt <= eff {
-            return Ok(());
-        }
         let rd = match std::fs::read_dir(&p) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -248,28 +288,71 @@ impl Job {
             names.push(name);
         }
         names.sort();
-        if names.is_empty() && !rel.is_empty() {
-            // An empty directory made (or emptied) here after the common point.
-            self.pending.push_back((rel, eff));
+        if names.is_empty() && whole && !rel.is_empty() {
+            // An empty directory the new master lacks.
+            self.pending.push_back(rel);
             return Ok(());
         }
+        let peer = peer.unwrap_or_default();
+        let find = |n: &[u8]| {
+            peer.binary_search_by(|e| e.name.as_slice().cmp(n))
+                .ok()
+                .map(|i| &peer[i])
+        };
         for n in names.into_iter().rev() {
             let c = child(&rel, &n);
             let cp = join(&self.root, &c);
             let Ok(md) = cp.symlink_metadata() else {
                 continue;
             };
+            if whole {
+                if md.is_dir() {
+                    self.dirs.push((c, 0, None));
+                } else if md.is_file() || md.is_symlink() {
+                    self.pending.push_back(c);
+                }
+                continue;
+            }
+            let b = find(&n);
             if md.is_dir() {
-                self.dirs.push((c, eff));
-            } else if md.is_symlink() || (md.is_file() && (self.force || self.xtime(&cp) > eff)) {
-                self.pending.push_back((c, eff));
+                match b {
+                    Some(b) if b.kind == Kind::Dir => {
+                        if self.xtime(&cp) > eff {
+                            self.asking.insert(c, eff);
+                        }
+                    }
+                    _ => self.dirs.push((c, 0, None)),
+                }
+                continue;
+            }
+            let differs = match b {
+                None => true,
+                Some(b) if md.is_symlink() => {
+                    b.kind != Kind::Symlink
+                        || b.target.as_deref().map(|t| t.as_slice())
+                            != std::fs::read_link(&cp)
+                                .ok()
+                                .as_deref()
+                                .map(|t| t.as_os_str().as_bytes())
+                }
+                Some(b) => {
+                    b.kind != Kind::File
+                        || (!b.changed
+                            && (b.size != md.len()
+                                || (b.mtime.sec, b.mtime.nsec as i64)
+                                    != (md.mtime(), md.mtime_nsec())))
+                }
+            };
+            let marked = md.is_file() && self.xtime(&cp) > eff;
+            if (md.is_file() || md.is_symlink()) && (differs || marked) {
+                self.pending.push_back(c);
             }
         }
         Ok(())
     }
 
     /// Copies one file (started here, finished by later steps), symlink or empty directory in.
-    fn take(&mut self, rel: Vec<u8>, _eff: u64) -> WResult<Option<QuarantinedEntry>> {
+    fn take(&mut self, rel: Vec<u8>) -> WResult<Option<QuarantinedEntry>> {
         let src = join(&self.root, &rel);
         let dst = join(&self.building.join(DATA), &rel);
         let Ok(md) = src.symlink_metadata() else {
@@ -282,11 +365,13 @@ impl Job {
         if md.is_symlink() {
             let t = std::fs::read_link(&src).map_err(io("reading", &src))?;
             std::os::unix::fs::symlink(&t, &dst).map_err(io("copying", &src))?;
+            symlink_meta(&dst, &md).map_err(io("setting metadata of", &dst))?;
             let t = t.as_os_str().as_bytes().to_vec();
             return Ok(Some(self.item(&rel, Kind::Symlink, &md, xt, None, Some(t))));
         }
         if md.is_dir() {
             std::fs::create_dir_all(&dst).map_err(io("creating", &dst))?;
+            copy_xattrs(&src, &dst)?;
             apply_meta(&dst, &md).map_err(io("setting metadata of", &dst))?;
             return Ok(Some(self.item(&rel, Kind::Dir, &md, xt, None, None)));
         }
@@ -364,7 +449,8 @@ impl Job {
             .map_err(io("writing", &mp))?;
         nix::unistd::syncfs(root_fd)
             .map_err(|e| WireError::new(ErrorKind::Io, format!("quarantine: syncfs: {e}")))?;
-        std::fs::rename(&self.building, &self.published).map_err(io("publishing", &self.published))?;
+        std::fs::rename(&self.building, &self.published)
+            .map_err(io("publishing", &self.published))?;
         if let Some(parent) = self.published.parent() {
             let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
         }
@@ -374,7 +460,31 @@ impl Job {
     }
 }
 
-/// Mode, owner (as root), user xattrs and mtime of `md` onto `dst` (not a symlink).
+/// The user xattrs of `src` (georep's own aside) onto `dst`.
+fn copy_xattrs(src: &Path, dst: &Path) -> WResult<()> {
+    for (n, v) in crate::fs::meta::read_xattrs(src).unwrap_or_default() {
+        xattr::set(dst, OsStr::from_bytes(&n), &v).map_err(io("copying the xattrs of", src))?;
+    }
+    Ok(())
+}
+
+/// Owner (as root) and mtime of `md` onto the symlink `dst`.
+fn symlink_meta(dst: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(dst, Some(md.uid()), Some(md.gid()))?;
+    }
+    let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        dst,
+        &ts,
+        &ts,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Mode, owner (as root) and mtime of `md` onto `dst` (not a symlink).
 fn apply_meta(dst: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
     if nix::unistd::geteuid().is_root() {
         std::os::unix::fs::chown(dst, Some(md.uid()), Some(md.gid()))?;
@@ -396,7 +506,8 @@ fn apply_meta(dst: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
 pub fn copy_entry(src: &Path, dst: &Path) -> std::io::Result<()> {
     let md = src.symlink_metadata()?;
     if md.is_symlink() {
-        return std::os::unix::fs::symlink(std::fs::read_link(src)?, dst);
+        std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
+        return symlink_meta(dst, &md);
     }
     if md.is_dir() {
         match std::fs::create_dir(dst) {

@@ -127,8 +127,9 @@ pub fn show(root: &Path, id: &str) -> Result<Manifest, QuarantineError> {
         )),
         _ => QuarantineError::Io(format!("reading {}: {e}", p.display())),
     })?;
-    serde_json::from_slice(&b)
-        .map_err(|e| QuarantineError::Io(format!("{}: not a quarantine manifest: {e}", p.display())))
+    serde_json::from_slice(&b).map_err(|e| {
+        QuarantineError::Io(format!("{}: not a quarantine manifest: {e}", p.display()))
+    })
 }
 
 fn hex_path(h: &str) -> Option<Vec<u8>> {
