@@ -199,18 +199,6 @@ pub enum Cmd {
         /// Start the reverse session's monitor afterwards.
         #[arg(long)]
         start: bool,
-        /// The reverse session's slave (this master) as the other site reaches it: [user@]host:/path (default: a local path for local sessions).
-        #[arg(long)]
-        reverse_slave: Option<String>,
-        /// SSH port of this site, for the reverse session.
-        #[arg(long)]
-        reverse_ssh_port: Option<u16>,
-        /// Generate a key for the reverse session and install it here as a forced command.
-        #[arg(long)]
-        push_pem: bool,
-        /// SSH key for the operator's access to the other site (to create the reverse session there).
-        #[arg(long)]
-        identity: Option<PathBuf>,
     },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {

@@ -83,6 +83,9 @@ pub fn check_failback_slave(
         }
         Some(_) => Ok(()),
         None => {
+            if role::read(slave).is_ok_and(|r| r.is_some_and(|r| r.role == Role::Demoted)) {
+                return Ok(()); // demoted by a switchover: equal to the master, nothing to keep
+            }
             if let Ok(Some(r)) = role::read(master) {
                 if let Some(old) = r.session.filter(|_| r.is_live()) {
                     if crate::agent::role::was_master_of(slave, &old) {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod args;
 pub mod catalog;
 pub mod dr;
+pub mod switchover;
 
 use crate::error::{exit, Retry, UserError};
 use crate::session::{MarkerPolicy, Session, SyncMode};
@@ -340,10 +341,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Promote { dir, json } => crate::cli::dr::promote_cmd(&dir, json),
         Cmd::Quarantine { op } => crate::cli::dr::quarantine_cmd(op),
-        Cmd::Switchover { .. } => Err(UserError::new(
-            "switchover is not built yet: see docs/disaster-recovery.md for the manual steps",
-        )
-        .into()),
+        Cmd::Switchover {
+            session,
+            reverse,
+            wait_quiet,
+            force,
+            start,
+        } => crate::cli::switchover::switchover(
+            &session,
+            &reverse,
+            &crate::cli::switchover::SwitchoverOptions {
+                wait_quiet,
+                force,
+                start,
+            },
+        ),
         Cmd::Agent { root, keepalive } => {
             let opts = crate::agent::AgentOptions {
                 root,

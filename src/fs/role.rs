@@ -158,8 +158,23 @@ pub fn write(root: &Path, rec: &RoleRecord) -> Result<(), RoleError> {
         let path = path.to_path_buf();
         move |source| RoleError::Io { path, source }
     };
+    let before = std::fs::metadata(root).map_err(err(root))?;
     match std::fs::create_dir(&dir) {
-        Ok(()) => {}
+        Ok(()) => {
+            // A root's mtime is replicated data: creating georep's own
+            // directory must not move it.
+            use std::os::unix::fs::MetadataExt;
+            let at = nix::sys::time::TimeSpec::new(before.atime(), before.atime_nsec());
+            let mt = nix::sys::time::TimeSpec::new(before.mtime(), before.mtime_nsec());
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                root,
+                &at,
+                &mt,
+                nix::sys::stat::UtimensatFlags::FollowSymlink,
+            )
+            .map_err(|e| err(root)(e.into()))?;
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(err(&dir)(e)),
     }
