@@ -35,7 +35,11 @@ fn promote_refuses_what_is_not_a_replica_and_a_second_promote_says_so() {
     std::fs::write(w.master.join("x"), b"x").unwrap();
     let out = w.run(&["promote", w.master.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("is not a georep replica"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a georep replica"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(stderr(&out).trim().lines().count(), 1);
     let out = w.run(&["promote", "/nonexistent/replica"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
@@ -97,14 +101,21 @@ fn promote_rolls_back_unfinished_work_and_converges_when_killed() {
         assert_eq!(rep["epoch"], 1, "{rep}");
         assert!(n(&rep["cleaned"], "temporaries") >= 1, "{rep}");
     }
-    assert_eq!(std::fs::read(&img).unwrap(), old, "the in-place update was rolled back");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        old,
+        "the in-place update was rolled back"
+    );
     assert!(common::tree::temporaries(&w.slave).is_empty());
     assert!(std::fs::read_dir(w.slave.join(".georep/undo"))
         .map(|d| d.count() == 0)
         .unwrap_or(true));
     // Only the directory where the test planted temporaries moved (its mtime).
     let diffs = common::tree::differences(&w.master, &w.slave);
-    assert!(diffs.iter().all(|d| d.starts_with("d1: mtime")), "{diffs:?}");
+    assert!(
+        diffs.iter().all(|d| d.starts_with("d1: mtime")),
+        "{diffs:?}"
+    );
 }
 
 #[test]
@@ -139,8 +150,14 @@ fn a_returning_old_master_is_fenced_and_the_promoted_store_untouched() {
     assert_eq!(st["role"], "master");
     let prom = w.run_ok(&["status", "--prometheus"]);
     let prom = String::from_utf8_lossy(&prom.stdout);
-    assert!(prom.contains("georep_role{session=\"s1\",role=\"master\"} 1"), "{prom}");
-    assert!(prom.contains("georep_role{session=\"s1\",role=\"promoted\"} 0"), "{prom}");
+    assert!(
+        prom.contains("georep_role{session=\"s1\",role=\"master\"} 1"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("georep_role{session=\"s1\",role=\"promoted\"} 0"),
+        "{prom}"
+    );
     // A one-shot sync gets the same one line.
     drop(_r);
     let out = w.run(&["sync", "s1"]);
@@ -150,7 +167,10 @@ fn a_returning_old_master_is_fenced_and_the_promoted_store_untouched() {
     // Byte for byte and metadata for metadata, B is as it was.
     let after = dr::snap(&w.slave);
     assert_eq!(before, after);
-    assert_eq!(std::fs::read(w.slave.join(".georep/role.json")).unwrap(), role);
+    assert_eq!(
+        std::fs::read(w.slave.join(".georep/role.json")).unwrap(),
+        role
+    );
 }
 
 /// A replicated, then diverged pair: B promoted and changed, A diverged.
@@ -174,17 +194,40 @@ fn failback_onto_a_stranger_is_refused_unless_forced_and_a_plain_session_onto_th
     let stranger = w.dir.path().join("stranger");
     std::fs::create_dir_all(&stranger).unwrap();
     std::fs::write(stranger.join("precious"), b"not georep's").unwrap();
-    let out = w.run(&["create", "back", b, stranger.to_str().unwrap(), "--failback"]);
+    let out = w.run(&[
+        "create",
+        "back",
+        b,
+        stranger.to_str().unwrap(),
+        "--failback",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("was never the master of session"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("was never the master of session"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
     let out = w.run(&["create", "plain", b, w.master.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("with --failback"), "{}", stderr(&out));
-    let out = w.run(&["create", "back", w.master.to_str().unwrap(), b, "--failback"]);
+    let out = w.run(&[
+        "create",
+        "back",
+        w.master.to_str().unwrap(),
+        b,
+        "--failback",
+    ]);
     assert_eq!(out.status.code(), Some(2), "not promoted: {}", stderr(&out));
     // Forced: everything of the stranger that differs goes into the quarantine first.
-    w.run_ok(&["create", "back", b, stranger.to_str().unwrap(), "--failback", "--force"]);
+    w.run_ok(&[
+        "create",
+        "back",
+        b,
+        stranger.to_str().unwrap(),
+        "--failback",
+        "--force",
+    ]);
     w.sync("back");
     common::tree::assert_same(&w.slave, &stranger);
     let qs = dr::quarantines(&w, &stranger);
@@ -192,7 +235,10 @@ fn failback_onto_a_stranger_is_refused_unless_forced_and_a_plain_session_onto_th
     assert_eq!(items.len(), 1, "{items:?}");
     assert_eq!(items[0]["path"], "precious");
     let id = qs[0]["id"].as_str().unwrap();
-    let kept = stranger.join(".georep-quarantine").join(id).join("data/precious");
+    let kept = stranger
+        .join(".georep-quarantine")
+        .join(id)
+        .join("data/precious");
     assert_eq!(std::fs::read(kept).unwrap(), b"not georep's");
 }
 
@@ -201,7 +247,13 @@ fn failback_killed_at_random_moments_converges_and_loses_nothing() {
     let w = World::new();
     let (b_promote, b_final, a_before) = diverged(&w);
     let b = w.slave.to_str().unwrap();
-    w.run_ok(&["create", "back", b, w.master.to_str().unwrap(), "--failback"]);
+    w.run_ok(&[
+        "create",
+        "back",
+        b,
+        w.master.to_str().unwrap(),
+        "--failback",
+    ]);
     let divergent: Vec<Vec<u8>> = a_before
         .iter()
         .filter(|(p, s)| {
@@ -265,21 +317,51 @@ fn quarantine_restore_copies_out_and_only_discard_removes() {
     let (a, b) = (w.master.to_str().unwrap(), w.slave.to_str().unwrap());
     w.run_ok(&["create", "back", b, a, "--failback"]);
     w.sync("back");
-    let id = dr::quarantines(&w, &w.master)[0]["id"].as_str().unwrap().to_string();
+    let id = dr::quarantines(&w, &w.master)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let show = w.run_ok(&["quarantine", "show", a, &id]);
     let text = String::from_utf8_lossy(&show.stdout);
-    assert!(text.contains("new/onA") && text.contains("conflict"), "{text}");
+    assert!(
+        text.contains("new/onA") && text.contains("conflict"),
+        "{text}"
+    );
     // Not into the replica itself: the next sync would undo it.
     let out = w.run(&["quarantine", "restore", a, &id]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--to"), "{}", stderr(&out));
     let to = w.dir.path().join("restored");
-    w.run_ok(&["quarantine", "restore", a, &id, "new", "--to", to.to_str().unwrap()]);
+    w.run_ok(&[
+        "quarantine",
+        "restore",
+        a,
+        &id,
+        "new",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert_eq!(std::fs::read(to.join("new/onA")).unwrap(), b"A's new file");
     assert!(!to.join("d1/f1").exists(), "only what was asked for");
-    let out = w.run(&["quarantine", "restore", a, &id, "new", "--to", to.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2), "an existing target is not replaced");
-    assert_eq!(dr::quarantines(&w, &w.master).len(), 1, "restore keeps the quarantine");
+    let out = w.run(&[
+        "quarantine",
+        "restore",
+        a,
+        &id,
+        "new",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an existing target is not replaced"
+    );
+    assert_eq!(
+        dr::quarantines(&w, &w.master).len(),
+        1,
+        "restore keeps the quarantine"
+    );
     w.run_ok(&["quarantine", "discard", a, &id]);
     assert!(dr::quarantines(&w, &w.master).is_empty());
     let out = w.run(&["quarantine", "show", a, &id]);

@@ -33,7 +33,14 @@ fn switchover_there_and_back_twice_loses_nothing() {
         std::fs::remove_file(master.join(format!("d{}/f{round}", round % 5))).unwrap();
         common::mark(&master.join(format!("d{}", round % 5)));
         let next = format!("s{round}");
-        let out = w.run(&["switchover", &session, "--reverse", &next, "--wait-quiet", "1"]);
+        let out = w.run(&[
+            "switchover",
+            &session,
+            "--reverse",
+            &next,
+            "--wait-quiet",
+            "1",
+        ]);
         assert!(out.status.success(), "round {round}: {}", stderr(&out));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("switched over"), "{text}");
@@ -51,7 +58,12 @@ fn switchover_there_and_back_twice_loses_nothing() {
         assert_eq!(roles.1.role, georep::fs::role::Role::Demoted);
         // The old direction is fenced.
         let old = w.run(&["sync", &session]);
-        assert_eq!(old.status.code(), Some(4), "round {round}: {}", stderr(&old));
+        assert_eq!(
+            old.status.code(),
+            Some(4),
+            "round {round}: {}",
+            stderr(&old)
+        );
         // The reverse session runs and has nothing to send.
         let s = w.sync(&next);
         assert_eq!(common::n(&s, "bytes_sent"), 0, "round {round}: {s}");
@@ -88,10 +100,16 @@ fn switchover_is_refused_while_writers_are_active_and_converges_when_killed() {
     assert!(stderr(&out).contains("busy.log"), "{}", stderr(&out));
     assert!(stderr(&out).contains("not quiet"), "{}", stderr(&out));
     assert_eq!(stderr(&out).trim().lines().count(), 1);
-    assert!(georep::fs::role::read(&w.slave).unwrap().unwrap().role == georep::fs::role::Role::Replica);
+    assert!(
+        georep::fs::role::read(&w.slave).unwrap().unwrap().role == georep::fs::role::Role::Replica
+    );
     // Killed at moments through the switchover; each run again converges.
     for ms in [5u64, 40, 90, 150, 300] {
-        dr::kill_after(&w, &["switchover", "s0", "--reverse", "back", "--force"], ms);
+        dr::kill_after(
+            &w,
+            &["switchover", "s0", "--reverse", "back", "--force"],
+            ms,
+        );
     }
     w.run_ok(&["switchover", "s0", "--reverse", "back", "--force"]);
     tree::assert_same(&w.master, &w.slave);

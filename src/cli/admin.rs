@@ -186,7 +186,9 @@ pub fn create(
     };
     for other in Session::all().into_iter().flatten() {
         // A session of an older epoch is fenced (superseded by a promote): it does not count.
-        if other.config.master == master && other.config.slave == slave && other.config.epoch >= epoch
+        if other.config.master == master
+            && other.config.slave == slave
+            && other.config.epoch >= epoch
         {
             return Err(user_err!(
                 "session {:?} already replicates {} to {}: use it, or delete it first",

@@ -33,9 +33,9 @@ fn fingerprint(root: &Path) -> BTreeMap<PathBuf, (u32, u64, i64, i64, i64, u64)>
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
             if d == root
-                && crate::protocol::reserved_at_root(
-                    std::os::unix::ffi::OsStrExt::as_bytes(e.file_name().as_os_str()),
-                )
+                && crate::protocol::reserved_at_root(std::os::unix::ffi::OsStrExt::as_bytes(
+                    e.file_name().as_os_str(),
+                ))
             {
                 continue;
             }
@@ -125,18 +125,14 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
             crate::daemon::stop(name, false)?;
         }
         if !o.force {
-            println!(
-                "waiting {} s for the master to be quiet...",
-                o.wait_quiet
-            );
+            println!("waiting {} s for the master to be quiet...", o.wait_quiet);
             wait_quiet(&master, o.wait_quiet)?;
         }
         let rt = runtime()?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         let last = rt.block_on(async {
             let opts = SyncOptions::default();
-            let first =
-                crate::engine::worker::sync_once(&s, &opts, shutdown.clone()).await?;
+            let first = crate::engine::worker::sync_once(&s, &opts, shutdown.clone()).await?;
             if !first.complete {
                 return Ok::<_, anyhow::Error>(Err(first));
             }
@@ -171,6 +167,7 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
             let mut state = s.state();
             crate::engine::lineage::claim(&s, &sl, &mut state).await?;
             let r = sl.promote(s.config.session_id, s.config.epoch).await;
+            drop(sl); // the last client: its end closes the agent's input
             conn.close(Duration::from_secs(30)).await;
             r.map_err(|e| anyhow::anyhow!("promoting the slave: {e}"))
         })?;
@@ -194,13 +191,9 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
                 ..Default::default()
             };
             demote(&master, uuid::Uuid::nil(), b_role.epoch, false)?;
-            let c = crate::cli::admin::create(
-                reverse,
-                &slave,
-                &master.display().to_string(),
-                &opts,
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let c =
+                crate::cli::admin::create(reverse, &slave, &master.display().to_string(), &opts)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
             c.session
         }
     };
