@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 pub type Tree = BTreeMap<Vec<u8>, Snap>;
 
+/// An entry's version: content, mode, owner, mtime, xattrs.
+pub type Version = (Node, u32, u32, u32, (i64, i64), Vec<(Vec<u8>, Vec<u8>)>);
+
 /// What an entry is, without where it lives on disk (inode, allocation).
-pub fn version(s: &Snap) -> (Node, u32, u32, u32, (i64, i64), Vec<(Vec<u8>, Vec<u8>)>) {
+pub fn version(s: &Snap) -> Version {
     (
         s.node.clone(),
         s.mode,
