@@ -105,6 +105,14 @@ pub fn detail(s: &Status) -> String {
         ("last error", opt(&s.last_error)),
         ("last error time", opt(&s.last_error_time)),
         ("status updated", opt(&s.updated)),
+        ("role", opt(&s.role)),
+        (
+            "epoch",
+            s.epoch
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        ("slave role", opt(&s.slave_role)),
     ];
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     rows.iter()

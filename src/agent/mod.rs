@@ -4,8 +4,12 @@
 
 mod basis;
 mod catalog;
+mod dr;
 mod files;
 mod inplace;
+pub mod promote;
+pub mod quarantine;
+pub mod role;
 mod root;
 mod undo;
 
@@ -127,6 +131,10 @@ struct Agent<'a> {
     root: Root,
     files: Files,
     out: &'a mpsc::Sender<Response>,
+    /// The root's role and the worker's claim: writes of a fenced writer are refused.
+    fence: role::Fence,
+    /// A failback's quarantine being built (see `quarantine`).
+    quarantine: Option<quarantine::Job>,
 }
 
 fn run(
@@ -188,7 +196,14 @@ fn run(
     );
     // Interrupted in-place updates are rolled back before anything is served.
     let files = Files::start(&root);
-    let mut agent = Agent { root, files, out };
+    let fence = role::Fence::load(&root);
+    let mut agent = Agent {
+        root,
+        files,
+        out,
+        fence,
+        quarantine: None,
+    };
     let result = loop {
         let msg = match rx.try_recv() {
             Ok(m) => Some(m),
@@ -303,6 +318,9 @@ impl Agent<'_> {
         let id = env.id;
         if self.files.needs_recovery() {
             self.files.recover(&self.root);
+        }
+        if let Err(e) = self.fence.check(&env.body) {
+            return self.reply(id, Err(e));
         }
         let result = match env.body {
             Request::Hello { .. } => Err(WireError::new(ErrorKind::Invalid, "duplicate Hello")),
@@ -471,6 +489,12 @@ impl Agent<'_> {
                 catalog::append_tail(&self.root, &path, at, &data, &digest, sync, check)
                     .map(|written| Reply::Committed { written })
             }
+            body @ (Request::Claim { .. }
+            | Request::Synced { .. }
+            | Request::Promote { .. }
+            | Request::QuarantineStep { .. }
+            | Request::QuarantineResolve { .. }
+            | Request::QuarantineCommit) => self.handle_dr(body),
         };
         self.reply(id, result);
     }

@@ -53,7 +53,7 @@ pub fn io_err(e: std::io::Error, what: &str, path: &dyn std::fmt::Display) -> Wi
 fn check_reserved(p: &RelPath) -> WResult<()> {
     let mut first = true;
     for c in p.components() {
-        if (first && c == STATE_DIR) || c.starts_with(TMP_PREFIX) {
+        if (first && crate::protocol::reserved_at_root(c)) || c.starts_with(TMP_PREFIX) {
             return Err(WireError::new(
                 ErrorKind::InvalidPath,
                 format!("{p}: name reserved for georep's own files"),
@@ -143,7 +143,10 @@ impl Root {
         for ent in d.iter() {
             let ent = ent.map_err(|e| errno_err(e, "list", rel))?;
             let name = ent.file_name().to_bytes();
-            if name == b"." || name == b".." || (rel.is_root() && name == STATE_DIR) {
+            if name == b"."
+                || name == b".."
+                || (rel.is_root() && crate::protocol::reserved_at_root(name))
+            {
                 continue;
             }
             if name.starts_with(TMP_PREFIX) {

@@ -10,6 +10,7 @@ pub mod context;
 pub mod continuity;
 pub mod crawl;
 pub mod delta;
+pub mod lineage;
 pub mod links;
 pub mod master;
 pub mod outcome;

@@ -106,6 +106,7 @@ impl<'a> Worker<'a> {
         if !md.is_dir() {
             return Err(master_err(std::io::Error::other("not a directory")));
         }
+        crate::engine::lineage::check_master(session)?;
         let master_id = xtime::ensure_master_id(&root).map_err(master_err)?;
         Ok(Worker {
             session,
@@ -151,7 +152,11 @@ impl<'a> Worker<'a> {
             self.conn = None;
         }
         if self.conn.is_none() {
-            self.conn = Some(connect(session).await?);
+            let conn = connect(session).await?;
+            // Fencing: the agent refuses a session of an older epoch, or a live slave.
+            crate::engine::lineage::claim(session, &Slave::new(conn.client.clone()), &mut state)
+                .await?;
+            self.conn = Some(conn);
         }
         let conn = self.conn.as_ref().expect("connected above");
         let agent_stderr = conn.stderr.clone();
@@ -165,11 +170,24 @@ impl<'a> Worker<'a> {
         };
         if session.config.layout == crate::session::Layout::Store {
             // Catalog mode: points and generations instead of the tree crawl.
+            let root_xtime =
+                xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)?;
             let res =
                 crate::engine::catalog_mode::sync_store(session, &slave, &master_id, shutdown)
                     .await;
             if slave.client().closed().is_some() {
                 self.conn = None;
+            }
+            if res.as_ref().is_ok_and(|s| s.complete) {
+                // The root's stime marks this master as the session's (a failback's proof).
+                let stamp = root_xtime.max(1);
+                Master::new(root.clone(), &master_id, &session.config.session_id)
+                    .set_stime(&crate::fs::relpath::RelPath::root(), stamp)
+                    .map_err(|e| WorkerError::Master {
+                        path: root.clone(),
+                        source: e.source,
+                    })?;
+                let _ = slave.synced(stamp, xtime::now_ns()).await;
             }
             return res.map(|summary| Summary {
                 duration_ms: started.elapsed().as_millis() as u64,
@@ -187,6 +205,12 @@ impl<'a> Worker<'a> {
                 return Err(slave_err(e));
             }
         };
+        if let Err(e) = crate::engine::lineage::quarantine(session, &slave, &mut state).await {
+            if slave.client().closed().is_some() {
+                self.conn = None;
+            }
+            return Err(e);
+        }
         let reason = full_reason(session, &state, &ident, &master_id, opts);
         let kind = if reason.is_some() {
             CrawlKind::Full
@@ -270,6 +294,14 @@ impl<'a> Worker<'a> {
             }
             state.last_complete_ns = Some(xtime::now_ns());
             state.last_synced_xtime = Some(root_xtime);
+            // What a promote of the replica reports as recovered.
+            slave
+                .synced(root_xtime, xtime::now_ns())
+                .await
+                .map_err(|e| {
+                    self.conn = None;
+                    slave_err(e)
+                })?;
             if kind == CrawlKind::Full {
                 save_state(&state)?;
             } else {

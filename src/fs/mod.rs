@@ -5,5 +5,6 @@
 
 pub mod meta;
 pub mod relpath;
+pub mod role;
 pub mod sparse;
 pub mod xtime;

@@ -19,8 +19,9 @@ use std::io::{self, Read, Write};
 /// Bumped on every incompatible change; the handshake refuses a mismatch.
 /// 4: StatFs (SSH set-up checks) and the catalog requests (Rename, ReadFile,
 /// JournalExtents, AppendTail). 5: block hashes are BLAKE3 chaining values of
-/// 4 KiB blocks (see `blocktree`), OpenInPlace.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 4 KiB blocks (see `blocktree`), OpenInPlace. 6: roles and epochs (Claim,
+/// Synced, Promote, the quarantine requests, ErrorKind::Fenced).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
 pub const BANNER: &[u8; 8] = b"GEOREP1\n";
@@ -34,6 +35,15 @@ pub const STATE_DIR: &[u8] = b".georep";
 /// Prefix of the agent's temporary files: reserved like [`STATE_DIR`],
 /// hidden from listings, removed when stale.
 pub const TMP_PREFIX: &[u8] = b".georep-tmp-";
+/// The quarantine of a failback's old master (`.georep-quarantine/ID/`),
+/// at the root: reserved like [`STATE_DIR`], so no crawl lists, ships or
+/// removes it.
+pub const QUARANTINE_DIR: &[u8] = b".georep-quarantine";
+
+/// Whether `name`, directly at a root, is one of georep's own directories.
+pub fn reserved_at_root(name: &[u8]) -> bool {
+    name == STATE_DIR || name == QUARANTINE_DIR
+}
 
 /// Reads one frame; `Ok(None)` on a clean EOF between frames.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {
