@@ -124,6 +124,9 @@ fn peer_listing(
                 .map(|t| serde_bytes::ByteBuf::from(t.as_os_str().as_bytes().to_vec())),
             changed: changed_here(root, &rel, fb, attr),
             name: serde_bytes::ByteBuf::from(name),
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

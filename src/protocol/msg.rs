@@ -248,6 +248,11 @@ pub struct PeerEntry {
     /// Changed on the new master since the promote: a difference is its own
     /// (or a conflict), not proof of the old master's divergence.
     pub changed: bool,
+    /// Permission bits and owner: a symlink carries no stamp, so its owner
+    /// and mtime are how a change of it shows.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// An entry a quarantine step took in (what the worker compares with the new master).

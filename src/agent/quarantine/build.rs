@@ -1,19 +1,23 @@
 //! Building a quarantine on the old master, in bounded steps.
 //!
-//! The last common point of a tree is what the old session's stimes say:
-//! an entry whose xtime is newer than the newest stime of its ancestors was
-//! changed after the promoted replica last received it (its divergence).
-//! Directories whose xtime is not newer than that are skipped whole (the
-//! marker invariant), so the walk costs O(divergence). A changed
+//! The last common point of a tree is what the old session's stimes say
+//! (see [`super::walk`] for the rule, dirmarks included). Directories whose
+//! xtime is not newer than the newest stime above them are skipped whole
+//! (the marker invariant), so the walk costs O(divergence). A changed
 //! directory is first looked up on the new master (the worker answers in
 //! the next step): one it lacks may be new or renamed here, and is taken
 //! whole, whatever the stamps of what it holds. Symlinks carry no stamp:
-//! those in a changed directory are taken, and the worker drops what equals
-//! the new master's version (`QuarantineResolve`). With `force` (a root
-//! that was never the session's master) everything is taken.
+//! those that differ from the new master's are taken, and the worker drops
+//! what equals the new master's version (`QuarantineResolve`). A file taken
+//! that has other names (hard links) may have changed through one whose
+//! directory was never stamped: once the walk is done, the tree is scanned
+//! for those names, which enter the quarantine as links of the copy. With
+//! `force` (a root that was never the session's master) everything is taken.
 
+use super::copy::{apply_meta, copy_xattrs, symlink_meta};
+use super::walk::{self, Decision, Local, Mode};
 use super::{Item, Manifest, DATA, MANIFEST};
-use crate::fs::meta::Kind;
+use crate::fs::meta::{Kind, Timestamp};
 use crate::fs::relpath::RelPath;
 use crate::fs::role::{self, format_time};
 use crate::fs::xtime;
@@ -22,11 +26,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 type WResult<T> = Result<T, WireError>;
+
+/// Entries the hard-link scan looks at per step.
+const SCAN_PER_STEP: usize = 20_000;
 
 fn io(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> WireError {
     let msg = format!("quarantine: {what} {}", p.display());
@@ -43,6 +50,15 @@ struct Copying {
     digest: crate::hash::digest::Digester,
 }
 
+/// A file taken that has other names: where its copy is, and how many of
+/// its names the quarantine holds.
+struct Linked {
+    copy: Vec<u8>,
+    digest: [u8; 32],
+    nlink: u64,
+    held: u64,
+}
+
 /// One quarantine being built for a failback connection.
 pub struct Job {
     pub id: String,
@@ -50,17 +66,23 @@ pub struct Job {
     building: PathBuf,
     published: PathBuf,
     xtime_attr: Option<String>,
+    dirmark_attr: Option<String>,
     stime_attr: String,
     force: bool,
-    /// Directories to list: (path, effective stime of the parent, the new
-    /// master's listing there; None: it has none, everything is taken).
-    dirs: Vec<(Vec<u8>, u64, Option<Vec<PeerEntry>>)>,
-    /// Changed directories waiting for the new master's listing, with the
-    /// effective stime of their parent.
-    asking: BTreeMap<Vec<u8>, u64>,
+    /// Directories to list: (path, the mode of its parent, the new master's
+    /// listing there; None: it has none, everything is taken).
+    dirs: Vec<(Vec<u8>, Mode, Option<Vec<PeerEntry>>)>,
+    /// Directories both hold, waiting for the new master's listing, with
+    /// the mode of their parent.
+    asking: BTreeMap<Vec<u8>, Mode>,
     pending: VecDeque<Vec<u8>>,
     copying: Option<Copying>,
     items: BTreeMap<Vec<u8>, Item>,
+    /// Files taken with other names, by (device, inode).
+    linked: BTreeMap<(u64, u64), Linked>,
+    /// The hard-link scan: None until the walk is done, then the
+    /// directories left to list (empty: finished).
+    scan: Option<Vec<Vec<u8>>>,
     session: Uuid,
     old_session: Uuid,
     epoch: u64,
@@ -113,22 +135,27 @@ impl Job {
             building,
             published,
             xtime_attr: master.map(|m| xtime::xtime_attr(&m)),
+            dirmark_attr: master.map(|m| xtime::dirmark_attr(&m)),
             stime_attr,
             force: fb.force,
             dirs: if committed || !fb.force {
                 Vec::new()
             } else {
-                vec![(Vec::new(), 0, None)]
+                vec![(Vec::new(), Mode::Whole, None)]
             },
             // The root is compared with the new master's root listing first.
             asking: if committed || fb.force {
                 BTreeMap::new()
             } else {
-                [(Vec::new(), 0)].into_iter().collect()
+                [(Vec::new(), Mode::Stamped { eff: 0 })]
+                    .into_iter()
+                    .collect()
             },
             pending: VecDeque::new(),
             copying: None,
             items: BTreeMap::new(),
+            linked: BTreeMap::new(),
+            scan: committed.then(Vec::new),
             session,
             old_session: fb.old_session,
             epoch,
@@ -136,11 +163,15 @@ impl Job {
         })
     }
 
-    fn xtime(&self, p: &Path) -> u64 {
-        match &self.xtime_attr {
+    fn stamp(&self, p: &Path, attr: &Option<String>) -> u64 {
+        match attr {
             Some(a) => xtime::read(p, a).unwrap_or(0),
             None => 0,
         }
+    }
+
+    fn xtime(&self, p: &Path) -> u64 {
+        self.stamp(p, &self.xtime_attr)
     }
 
     /// Takes in at most `max_entries` entries and about `max_bytes` of data,
@@ -153,12 +184,17 @@ impl Job {
         answers: Vec<(RelPath, Option<Vec<PeerEntry>>)>,
     ) -> WResult<(Vec<QuarantinedEntry>, Vec<RelPath>, bool)> {
         for (dir, listing) in answers {
-            if let Some(eff) = self.asking.remove(dir.as_bytes()) {
-                self.dirs.push((dir.as_bytes().to_vec(), eff, listing));
+            if let Some(mode) = self.asking.remove(dir.as_bytes()) {
+                let mut listing = listing;
+                if let Some(l) = &mut listing {
+                    l.sort_by(|a, b| a.name.cmp(&b.name));
+                }
+                self.dirs.push((dir.as_bytes().to_vec(), mode, listing));
             }
         }
         let mut out = Vec::new();
         let mut bytes = 0u64;
+        let mut scanned = 0usize;
         while out.len() < max_entries.max(1) as usize && bytes < max_bytes.max(1 << 20) {
             if let Some(c) = &mut self.copying {
                 let mut buf = vec![0u8; 1 << 20];
@@ -175,10 +211,12 @@ impl Job {
                     continue;
                 }
                 let c = self.copying.take().expect("copying");
+                let src = join(&self.root, &c.rel);
                 let dst = join(&self.building.join(DATA), &c.rel);
-                copy_xattrs(&join(&self.root, &c.rel), &dst)?;
+                copy_xattrs(&src, &dst).map_err(io("copying the xattrs of", &src))?;
                 apply_meta(&dst, &c.md).map_err(io("setting metadata of", &dst))?;
                 let digest = c.digest.finish();
+                self.saw_linked(&c.rel, &c.md, digest);
                 out.push(self.item(&c.rel, Kind::File, &c.md, c.xtime, Some(digest), None));
                 continue;
             }
@@ -188,23 +226,117 @@ impl Job {
                 }
                 continue;
             }
-            if let Some((rel, eff, peer)) = self.dirs.pop() {
-                self.visit(rel, eff, peer)?;
+            if let Some((rel, mode, peer)) = self.dirs.pop() {
+                self.visit(rel, mode, peer)?;
                 continue;
             }
-            break;
+            if !self.asking.is_empty() {
+                break;
+            }
+            // The walk is done: other names of the linked files taken.
+            if self.scan.is_none() {
+                self.scan = Some(if self.links_missing() {
+                    vec![Vec::new()]
+                } else {
+                    Vec::new()
+                });
+            }
+            if scanned >= SCAN_PER_STEP || !self.links_missing() {
+                break;
+            }
+            let Some(dir) = self.scan.as_mut().and_then(|s| s.pop()) else {
+                break;
+            };
+            let (n, found) = self.scan_dir(&dir)?;
+            scanned += n;
+            out.extend(found);
         }
-        let idle = self.copying.is_none() && self.pending.is_empty() && self.dirs.is_empty();
-        let ask = if idle {
+        let walking = self.copying.is_some() || !self.pending.is_empty() || !self.dirs.is_empty();
+        let ask = if walking {
+            Vec::new()
+        } else {
             self.asking
                 .keys()
                 .take(1000)
                 .map(|a| RelPath::new(a.clone()).expect("a path under the root"))
                 .collect()
-        } else {
-            Vec::new()
         };
-        Ok((out, ask, idle && self.asking.is_empty()))
+        let scanned_all = self
+            .scan
+            .as_ref()
+            .is_some_and(|s| s.is_empty() || !self.links_missing());
+        Ok((out, ask, !walking && self.asking.is_empty() && scanned_all))
+    }
+
+    fn links_missing(&self) -> bool {
+        self.linked.values().any(|l| l.held < l.nlink)
+    }
+
+    /// Notes a file taken: one of its names, if it has several.
+    fn saw_linked(&mut self, rel: &[u8], md: &std::fs::Metadata, digest: [u8; 32]) {
+        if md.nlink() > 1 {
+            self.linked
+                .entry((md.dev(), md.ino()))
+                .or_insert(Linked {
+                    copy: rel.to_vec(),
+                    digest,
+                    nlink: md.nlink(),
+                    held: 0,
+                })
+                .held += 1;
+        }
+    }
+
+    /// Lists one directory of the hard-link scan; enters the names of
+    /// linked files taken that the quarantine lacks (as links of the copy).
+    fn scan_dir(&mut self, rel: &[u8]) -> WResult<(usize, Vec<QuarantinedEntry>)> {
+        let p = join(&self.root, rel);
+        let rd = match std::fs::read_dir(&p) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, Vec::new())),
+            Err(e) => return Err(io("listing", &p)(e)),
+        };
+        let (mut n, mut out) = (0, Vec::new());
+        for e in rd {
+            let e = e.map_err(io("listing", &p))?;
+            n += 1;
+            let name = e.file_name().as_bytes().to_vec();
+            if (rel.is_empty() && crate::protocol::reserved_at_root(&name))
+                || name.starts_with(crate::protocol::TMP_PREFIX)
+            {
+                continue;
+            }
+            let c = child(rel, &name);
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                self.scan.as_mut().expect("scanning").push(c);
+                continue;
+            }
+            if !md.is_file() || md.nlink() < 2 || self.items.contains_key(&c) {
+                continue;
+            }
+            let Some(l) = self.linked.get(&(md.dev(), md.ino())) else {
+                continue;
+            };
+            let (copy, digest) = (join(&self.building.join(DATA), &l.copy), l.digest);
+            let dst = join(&self.building.join(DATA), &c);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+            }
+            if std::fs::hard_link(&copy, &dst).is_err() {
+                // Its copy left the quarantine (equal to the new master's there): copy it again.
+                self.pending.push_back(c);
+                continue;
+            }
+            if let Some(l) = self.linked.get_mut(&(md.dev(), md.ino())) {
+                l.held += 1;
+            }
+            let xt = self.xtime(&e.path());
+            out.push(self.item(&c, Kind::File, &md, xt, Some(digest), None));
+        }
+        Ok((n, out))
     }
 
     fn item(
@@ -254,23 +386,25 @@ impl Job {
         }
     }
 
-    /// Lists a directory that may hold divergence and queues what differs
-    /// from the new master's listing `peer` (None: the new master has no such
-    /// directory, so everything is taken).
+    /// Lists a directory that may hold divergence (entered from a parent in
+    /// `parent_mode`) and queues what differs from the new master's listing
+    /// `peer` (None: the new master has no such directory, all is taken).
     fn visit(
         &mut self,
         rel: Vec<u8>,
-        eff_parent: u64,
+        parent_mode: Mode,
         peer: Option<Vec<PeerEntry>>,
     ) -> WResult<()> {
         let p = join(&self.root, &rel);
-        let whole = peer.is_none() || self.force;
-        let stime = if whole {
-            0
-        } else {
-            xtime::read(&p, &self.stime_attr).unwrap_or(0)
+        let mode = match (&peer, parent_mode) {
+            (None, _) | (_, Mode::Whole) => Mode::Whole,
+            _ if self.force => Mode::Whole,
+            (_, Mode::Stamped { .. }) => parent_mode.enter(
+                xtime::read(&p, &self.stime_attr).unwrap_or(0),
+                self.stamp(&p, &self.dirmark_attr),
+            ),
+            (_, m) => m,
         };
-        let eff = eff_parent.max(stime);
         let rd = match std::fs::read_dir(&p) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -288,64 +422,50 @@ impl Job {
             names.push(name);
         }
         names.sort();
-        if names.is_empty() && whole && !rel.is_empty() {
+        if names.is_empty() && mode == Mode::Whole && !rel.is_empty() {
             // An empty directory the new master lacks.
             self.pending.push_back(rel);
             return Ok(());
         }
-        let peer = peer.unwrap_or_default();
-        let find = |n: &[u8]| {
-            peer.binary_search_by(|e| e.name.as_slice().cmp(n))
-                .ok()
-                .map(|i| &peer[i])
-        };
-        for n in names.into_iter().rev() {
-            let c = child(&rel, &n);
-            let cp = join(&self.root, &c);
+        let mut locals = Vec::with_capacity(names.len());
+        for n in names {
+            let cp = join(&self.root, &child(&rel, &n));
             let Ok(md) = cp.symlink_metadata() else {
                 continue;
             };
-            if whole {
-                if md.is_dir() {
-                    self.dirs.push((c, 0, None));
-                } else if md.is_file() || md.is_symlink() {
-                    self.pending.push_back(c);
+            let kind = Kind::of(&md);
+            locals.push(Local {
+                kind,
+                size: md.len(),
+                mtime: Timestamp {
+                    sec: md.mtime(),
+                    nsec: md.mtime_nsec() as u32,
+                },
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                target: (kind == Kind::Symlink)
+                    .then(|| std::fs::read_link(&cp).ok())
+                    .flatten()
+                    .map(|t| t.as_os_str().as_bytes().to_vec()),
+                xtime: if kind == Kind::Symlink {
+                    0
+                } else {
+                    self.xtime(&cp)
+                },
+                name: n,
+            });
+        }
+        let decisions = walk::plan(mode, &locals, peer.as_deref().unwrap_or_default());
+        for (l, d) in locals.iter().zip(decisions).rev() {
+            let c = child(&rel, &l.name);
+            match d {
+                Decision::Take => self.pending.push_back(c),
+                Decision::Ask(m) => {
+                    self.asking.insert(c, m);
                 }
-                continue;
-            }
-            let b = find(&n);
-            if md.is_dir() {
-                match b {
-                    Some(b) if b.kind == Kind::Dir => {
-                        if self.xtime(&cp) > eff {
-                            self.asking.insert(c, eff);
-                        }
-                    }
-                    _ => self.dirs.push((c, 0, None)),
-                }
-                continue;
-            }
-            let differs = match b {
-                None => true,
-                Some(b) if md.is_symlink() => {
-                    b.kind != Kind::Symlink
-                        || b.target.as_deref().map(|t| t.as_slice())
-                            != std::fs::read_link(&cp)
-                                .ok()
-                                .as_deref()
-                                .map(|t| t.as_os_str().as_bytes())
-                }
-                Some(b) => {
-                    b.kind != Kind::File
-                        || (!b.changed
-                            && (b.size != md.len()
-                                || (b.mtime.sec, b.mtime.nsec as i64)
-                                    != (md.mtime(), md.mtime_nsec())))
-                }
-            };
-            let marked = md.is_file() && self.xtime(&cp) > eff;
-            if (md.is_file() || md.is_symlink()) && (differs || marked) {
-                self.pending.push_back(c);
+                Decision::Whole => self.dirs.push((c, Mode::Whole, None)),
+                Decision::Skip => {}
             }
         }
         Ok(())
@@ -358,6 +478,9 @@ impl Job {
         let Ok(md) = src.symlink_metadata() else {
             return Ok(None);
         };
+        if self.items.contains_key(&rel) {
+            return Ok(None);
+        }
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
         }
@@ -371,7 +494,7 @@ impl Job {
         }
         if md.is_dir() {
             std::fs::create_dir_all(&dst).map_err(io("creating", &dst))?;
-            copy_xattrs(&src, &dst)?;
+            copy_xattrs(&src, &dst).map_err(io("copying the xattrs of", &src))?;
             apply_meta(&dst, &md).map_err(io("setting metadata of", &dst))?;
             return Ok(Some(self.item(&rel, Kind::Dir, &md, xt, None, None)));
         }
@@ -396,7 +519,6 @@ impl Job {
         });
         Ok(None)
     }
-
     /// Marks conflicts, and drops entries equal to the new master's.
     pub fn resolve(&mut self, conflicts: &[RelPath], same: &[RelPath]) -> WResult<()> {
         for c in conflicts {
@@ -419,7 +541,16 @@ impl Job {
         if self.committed {
             return Ok(self.id.clone());
         }
-        if self.copying.is_some() || !self.pending.is_empty() || !self.dirs.is_empty() {
+        let scanning = !self
+            .scan
+            .as_ref()
+            .is_some_and(|s| s.is_empty() || !self.links_missing());
+        if self.copying.is_some()
+            || !self.pending.is_empty()
+            || !self.dirs.is_empty()
+            || !self.asking.is_empty()
+            || scanning
+        {
             return Err(WireError::new(
                 ErrorKind::Invalid,
                 "quarantine commit before its walk is done",
@@ -458,80 +589,4 @@ impl Job {
         tracing::info!(id = %self.id, items = m.items.len(), bytes = m.bytes(), "quarantine published");
         Ok(self.id.clone())
     }
-}
-
-/// The user xattrs of `src` (georep's own aside) onto `dst`.
-fn copy_xattrs(src: &Path, dst: &Path) -> WResult<()> {
-    for (n, v) in crate::fs::meta::read_xattrs(src).unwrap_or_default() {
-        xattr::set(dst, OsStr::from_bytes(&n), &v).map_err(io("copying the xattrs of", src))?;
-    }
-    Ok(())
-}
-
-/// Owner (as root) and mtime of `md` onto the symlink `dst`.
-fn symlink_meta(dst: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::lchown(dst, Some(md.uid()), Some(md.gid()))?;
-    }
-    let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        dst,
-        &ts,
-        &ts,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(std::io::Error::from)
-}
-
-/// Mode, owner (as root) and mtime of `md` onto `dst` (not a symlink).
-fn apply_meta(dst: &Path, md: &std::fs::Metadata) -> std::io::Result<()> {
-    if nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(dst, Some(md.uid()), Some(md.gid()))?;
-    }
-    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
-    let ts = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        dst,
-        &ts,
-        &ts,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(std::io::Error::from)
-}
-
-/// Copies a quarantined entry to `dst` (which must not exist): a file
-/// through a temporary beside it and a rename, a symlink, a directory.
-pub fn copy_entry(src: &Path, dst: &Path) -> std::io::Result<()> {
-    let md = src.symlink_metadata()?;
-    if md.is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)?;
-        return symlink_meta(dst, &md);
-    }
-    if md.is_dir() {
-        match std::fs::create_dir(dst) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        return apply_meta(dst, &md);
-    }
-    let mut tmp_name = crate::protocol::TMP_PREFIX.to_vec();
-    tmp_name.extend_from_slice(b"restore-");
-    tmp_name.extend_from_slice(dst.file_name().map(|n| n.as_bytes()).unwrap_or_default());
-    let tmp = dst.with_file_name(OsStr::from_bytes(&tmp_name));
-    let res = (|| {
-        std::fs::copy(src, &tmp)?;
-        for (n, v) in crate::fs::meta::read_xattrs(src)? {
-            xattr::set(&tmp, OsStr::from_bytes(&n), &v)?;
-        }
-        apply_meta(&tmp, &md)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dst)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }

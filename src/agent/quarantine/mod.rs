@@ -10,6 +10,8 @@
 //! operator's side is [`list`], [`show`], [`restore`] and [`discard`].
 
 pub mod build;
+mod copy;
+pub mod walk;
 
 pub use build::Job;
 
@@ -195,7 +197,7 @@ pub fn restore(
         if let Some(parent) = dst.parent() {
             std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
         }
-        build::copy_entry(&src, &dst).map_err(io_err("restoring", &dst))?;
+        copy::copy_entry(&src, &dst).map_err(io_err("restoring", &dst))?;
         done.push(i.path.clone());
     }
     Ok(done)
