@@ -41,3 +41,42 @@ pub mod exit {
     /// A permanent failure that is not bad input (version mismatch, internal error).
     pub const PERMANENT: i32 = 4;
 }
+
+/// Writes command output to stdout. A closed stdout (`georep status |
+/// head -1`) is not an error: the rest of the output is dropped quietly
+/// and the command goes on to its end and its exit code.
+pub fn print_stdout(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let mut out = std::io::stdout().lock();
+    let r = out
+        .write_fmt(args)
+        .and_then(|_| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|_| out.flush());
+    if let Err(e) = r {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            eprintln!("georep: cannot write the output: {e}");
+        }
+    }
+}
+
+/// `println!` that survives a closed stdout (see [`error::print_stdout`](crate::error::print_stdout)).
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::error::print_stdout(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::error::print_stdout(format_args!($($arg)*), true) };
+}
+
+/// `print!` that survives a closed stdout.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::error::print_stdout(format_args!($($arg)*), false) };
+}

@@ -145,6 +145,19 @@ pub struct Config {
     /// of a newer epoch, and on a live (promoted) slave.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
+    /// A shell command run for each event (Faulty, recovered, checkpoint
+    /// completed, RPO warning, persistent failures), the event as JSON on stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_event: Option<String>,
+    /// An `on_event` command still running after this many seconds is killed.
+    #[serde(default = "default_event_timeout")]
+    pub on_event_timeout_secs: u64,
+    /// Lag (seconds) above which the `rpo_warning` event fires; None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_warning_secs: Option<u64>,
+    /// An entry failing in this many complete crawls in a row is a persistent failure.
+    #[serde(default = "default_persistent_failure_crawls")]
+    pub persistent_failure_crawls: u32,
     /// A failback's reverse session: the slave is the old master (last, as
     /// a TOML table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,6 +196,14 @@ pub fn default_hang_timeout() -> u64 {
     300
 }
 
+pub fn default_event_timeout() -> u64 {
+    30
+}
+
+pub fn default_persistent_failure_crawls() -> u32 {
+    3
+}
+
 /// Keys `georep config` can change, with their meaning.
 pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("mode", "continuous | interval"),
@@ -198,7 +219,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ),
     ("ssh_port", "SSH port of the slave"),
     ("identity", "SSH private key file"),
-    ("remote_georep", "georep program on an SSH slave"),
+    (
+        "remote_georep",
+        "georep program on an SSH slave (unset: georep, on the slave user's PATH)",
+    ),
     (
         "layout",
         "tree | store (the master is a snapshot store: catalog mode)",
@@ -207,7 +231,55 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
         "inplace_min_size",
         "files at least this big (e.g. 1G) are patched in place on the slave",
     ),
+    (
+        "on_event",
+        "shell command run for each event, the event as JSON on stdin",
+    ),
+    (
+        "on_event_timeout_secs",
+        "seconds after which a running on_event command is killed",
+    ),
+    (
+        "rpo_warning_secs",
+        "lag in seconds above which the rpo_warning event fires",
+    ),
+    (
+        "persistent_failure_crawls",
+        "complete crawls in a row an entry must fail to be a persistent failure",
+    ),
 ];
+
+/// Keys set by `georep create` that `config set` refuses.
+pub const READ_ONLY_KEYS: &[&str] = &["session_id", "master", "slave"];
+
+/// The settable keys with their defaults and meaning, for `config --help`.
+/// Defaults come from the config type itself, so they cannot drift.
+pub fn config_keys_help() -> String {
+    let minimal =
+        "session_id = \"00000000-0000-0000-0000-000000000000\"\nmaster = \"/\"\nslave = \"/\"\n";
+    let defaults = toml::from_str::<Config>(minimal)
+        .ok()
+        .and_then(|c| toml::Value::try_from(c).ok());
+    let default_of = |k: &str| match defaults.as_ref().and_then(|d| d.get(k)) {
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => "unset".into(),
+    };
+    let width = CONFIG_KEYS.iter().map(|k| k.0.len()).max().unwrap_or(0);
+    let mut out =
+        String::from("Keys (`config SESSION set KEY VALUE`, `reset KEY` restores the default):\n");
+    for (k, what) in CONFIG_KEYS {
+        out.push_str(&format!(
+            "  {k:<width$}  default {}: {what}\n",
+            default_of(k)
+        ));
+    }
+    out.push_str(&format!(
+        "Read-only (set by `georep create`): {}",
+        READ_ONLY_KEYS.join(", ")
+    ));
+    out
+}
 
 /// Replication state kept between runs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -141,11 +141,32 @@ fn a_hostile_master_changes_nothing_outside_the_root_and_never_crashes_the_agent
         path: p("ln/secret"),
     });
     assert!(!matches!(r.result, Ok(Reply::Stat(Some(_)))), "{r:?}");
-    // Metadata on the symlink applies to the link, never to its target.
-    let _ = a.call(Request::SetMeta {
+    // Metadata on the symlink applies to the link, never to its target
+    // (the directory outside, whose own metadata no snapshot below it shows).
+    let target_meta = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.mode(), m.uid(), m.gid(), m.mtime(), m.mtime_nsec())
+    };
+    let (outside_before, secret_before) = (target_meta(&outside), target_meta(&secret));
+    let r = a.call(Request::SetMeta {
         path: p("ln"),
         meta: meta(0o777),
     });
+    assert!(r.result.is_ok(), "{r:?}");
+    assert_eq!(
+        target_meta(&outside),
+        outside_before,
+        "SetMeta went through the symlink"
+    );
+    assert_eq!(
+        std::fs::symlink_metadata(root.join("ln"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        std::time::UNIX_EPOCH,
+        "the link itself got the metadata"
+    );
     // A symlink to a file outside, replaced by a write: the link goes, the target stays.
     let r = a.call(Request::Symlink {
         path: p("ln2"),
@@ -153,6 +174,15 @@ fn a_hostile_master_changes_nothing_outside_the_root_and_never_crashes_the_agent
         meta: meta(0o777),
     });
     assert!(r.result.is_ok());
+    let _ = a.call(Request::SetMeta {
+        path: p("ln2"),
+        meta: meta(0o600),
+    });
+    assert_eq!(
+        target_meta(&secret),
+        secret_before,
+        "SetMeta went through the symlink"
+    );
     assert!(a.call(put(p("ln2"), b"replaced")).result.is_ok());
     assert!(a.call(Request::Barrier).result.is_ok());
     assert!(std::fs::symlink_metadata(root.join("ln2"))
@@ -306,11 +336,29 @@ fn a_hostile_master_changes_nothing_outside_the_root_and_never_crashes_the_agent
         Request::WindowHashes {
             fid: 999,
             offset: 0,
-            len: 1 << 40,
-            window: 1,
+            len: 4096,
+            window: 4096,
         },
         "hashes of unknown file",
     );
+    // A real file: 2^40 bytes of hashes is refused by the length check.
+    open(&mut a, 29, 4096);
+    for window in [4096u32, 4 << 20] {
+        let r = a.call(Request::WindowHashes {
+            fid: 29,
+            offset: 0,
+            len: 1 << 40,
+            window,
+        });
+        match r.result {
+            Err(e) => assert!(
+                e.message.contains("1099511627776 bytes in steps"),
+                "not the length check: {e:?}"
+            ),
+            Ok(r) => panic!("2^40 bytes of window hashes accepted: {r:?}"),
+        }
+    }
+    assert!(a.call(Request::Abort { fid: 29 }).result.is_ok());
     open(&mut a, 30, 4096);
     a.refused(
         Request::BlockHashes {

@@ -6,8 +6,9 @@
 //! verify against the data, every image passes `qemu-img check`, no point
 //! is held twice; after every sync the replicated points restore to the
 //! same bytes as on the master, and (continuous mode) no master point
-//! inside the replicated range is missing, (interval mode) the newest
-//! point is there. `GEOREP_CATALOG_CASES` sets the number of cases.
+//! inside the replicated range is missing and each disk's newest master
+//! point arrived, (interval mode) the newest point is there.
+//! `GEOREP_CATALOG_CASES` sets the number of cases.
 
 mod common;
 
@@ -94,6 +95,26 @@ fn nothing_skipped(w: &World) {
     }
 }
 
+/// Continuous mode: a sync replicates every point up to the newest, so
+/// each disk's newest master point is on the slave (a stalled replica,
+/// one that stops short of the newest, fails here).
+fn newest_arrived(w: &World) {
+    let m = cat::keyed(&cat::points(&w.master));
+    let s = cat::keyed(&cat::points(&w.slave));
+    let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for k in m.keys() {
+        let t = newest.entry((k.0.clone(), k.1.clone())).or_insert(k.2);
+        *t = (*t).max(k.2);
+    }
+    assert!(!newest.is_empty(), "the master has no point");
+    for ((h, d), t) in newest {
+        assert!(
+            s.contains_key(&(h.clone(), d.clone(), t)),
+            "the newest master point {h}/{d}@{t} did not arrive on the slave"
+        );
+    }
+}
+
 /// Interval mode: each host's newest complete point is on the slave.
 fn newest_there(w: &World) {
     let m = georep::catalog::store::load(&w.master).unwrap();
@@ -137,6 +158,7 @@ fn run_case(continuous: bool, seed: u64, acts: &[Act]) {
         cat::same_points(&w.master, &w.slave, 3, tmp.path());
         if continuous {
             nothing_skipped(w);
+            newest_arrived(w);
         } else {
             newest_there(w);
         }

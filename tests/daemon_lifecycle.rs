@@ -225,10 +225,9 @@ fn pause_resume_config_change_and_delete_refused() {
     w.run_ok(&["pause", "p"]);
     let st = w.status("p");
     assert_eq!(st["monitor_status"], "Paused");
-    wait_for("the worker to be stopped", || {
-        (state(worker) == Some('T')).then_some(())
-    })
-    .unwrap();
+    // Paused cooperatively: the worker holds its crawls, it is not SIGSTOPped.
+    w.wait_status("p", "the worker Paused", |s| s["worker_status"] == "Paused");
+    assert_ne!(state(worker), Some('T'));
     let table = String::from_utf8(w.run_ok(&["status"]).stdout).unwrap();
     assert!(table.contains("Paused"), "{table}");
     std::fs::write(w.master.join("while-paused"), b"later").unwrap();

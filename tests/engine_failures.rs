@@ -13,14 +13,14 @@ fn version(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Each slave file is absent or exactly one of the versions the master had.
-fn only_whole_versions(w: &World, names: &[String], versions: &[Vec<Vec<u8>>]) {
+/// Each slave file is absent or exactly one of the versions the master
+/// had: content and metadata (mode, owner, mtime, xattrs) of the same one.
+fn only_whole_versions(w: &World, names: &[String], versions: &[Vec<tree::FileState>]) {
     for (name, vs) in names.iter().zip(versions) {
-        if let Ok(data) = std::fs::read(w.slave.join(name)) {
+        if let Some(s) = tree::file_state(&w.slave.join(name)) {
             assert!(
-                vs.contains(&data),
-                "{name}: partial or mixed content on the slave ({} bytes)",
-                data.len()
+                vs.contains(&s),
+                "{name}: partial or mixed content or metadata on the slave: {s:?}"
             );
         }
     }
@@ -31,11 +31,10 @@ fn sigkill_at_random_moments_never_exposes_a_partial_file_and_the_next_sync_conv
     let w = World::new();
     let names: Vec<String> = (0..4).map(|i| format!("disk{i}.img")).collect();
     let len = 24 << 20;
-    let mut versions: Vec<Vec<Vec<u8>>> = names.iter().map(|_| Vec::new()).collect();
+    let mut versions: Vec<Vec<tree::FileState>> = names.iter().map(|_| Vec::new()).collect();
     for (i, name) in names.iter().enumerate() {
         let v = version(i as u8, len);
-        std::fs::write(w.master.join(name), &v).unwrap();
-        versions[i].push(v);
+        versions[i].push(tree::write_version(&w.master.join(name), &v, 0));
     }
     w.create("c", &[]);
     w.sync("c");
@@ -50,8 +49,11 @@ fn sigkill_at_random_moments_never_exposes_a_partial_file_and_the_next_sync_conv
         // New versions: rewritten in the middle, appended, or replaced.
         for (i, name) in names.iter().enumerate() {
             let v = version(round * 10 + i as u8 + 1, len + (round as usize) * 100_000);
-            std::fs::write(w.master.join(name), &v).unwrap();
-            versions[i].push(v);
+            versions[i].push(tree::write_version(
+                &w.master.join(name),
+                &v,
+                round as u32 + 1,
+            ));
         }
         let mut child = w.cmd(&["sync", "c"]).process_group(0).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(5 + rand(400)));

@@ -286,12 +286,9 @@ proptest! {
 }
 
 /// (content hash, mtime) of a file.
-fn state(p: &Path) -> ([u8; 32], (i64, i64)) {
-    let md = std::fs::metadata(p).unwrap();
-    (
-        *blake3::hash(&std::fs::read(p).unwrap()).as_bytes(),
-        (md.mtime(), md.mtime_nsec()),
-    )
+/// Content and metadata (mode, owner, mtime, xattrs) of a file.
+fn state(p: &Path) -> tree::FileState {
+    tree::file_state(p).unwrap()
 }
 
 #[test]
@@ -327,6 +324,14 @@ fn sigkill_during_in_place_syncs_leaves_old_or_new_once_an_agent_started() {
                 1 => f.set_len(len - rand(2 * MIB)).unwrap(),
                 _ => {}
             }
+            // Metadata of the new version too: a mode and an xattr naming it.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                &p,
+                std::fs::Permissions::from_mode(0o600 | ((round % 8) as u32) << 3),
+            )
+            .unwrap();
+            xattr::set(&p, "user.version", round.to_string().as_bytes()).unwrap();
         }
     };
     // How long such a sync takes here, to kill at moments spread over it.
@@ -366,7 +371,7 @@ fn sigkill_during_in_place_syncs_leaves_old_or_new_once_an_agent_started() {
             let now = state(&w.slave.join(name));
             assert!(
                 now == old[i] || now == new[i],
-                "round {round}: {name} is neither its old nor its new version (content and mtime)"
+                "round {round}: {name} is neither its old nor its new version (content and metadata)"
             );
         }
     }
@@ -496,7 +501,11 @@ fn a_failed_digest_an_abort_or_a_crash_rolls_the_file_back() {
     for k in 0..12u64 {
         write(&mut a, 4, k * MIB, bytes(k + 90, MIB as usize));
     }
-    assert!(matches!(a.call(Request::Ping).result, Ok(Reply::Pong)));
+    // A request the handler answers in order (pings are answered at once).
+    assert!(matches!(
+        a.call(Request::Stat { path: p("img") }).result,
+        Ok(Reply::Stat(_))
+    ));
     a.kill();
     assert_ne!(
         state(&f),

@@ -313,11 +313,10 @@ fn ssh_killed_mid_transfer_exposes_no_partial_file_and_the_next_sync_converges()
     let w = World::new();
     let names: Vec<String> = (0..3).map(|i| format!("disk{i}.img")).collect();
     let len = 24 << 20;
-    let mut versions: Vec<Vec<Vec<u8>>> = names.iter().map(|_| Vec::new()).collect();
+    let mut versions: Vec<Vec<tree::FileState>> = names.iter().map(|_| Vec::new()).collect();
     for (i, name) in names.iter().enumerate() {
         let v = version(i as u8, len);
-        std::fs::write(w.master.join(name), &v).unwrap();
-        versions[i].push(v);
+        versions[i].push(tree::write_version(&w.master.join(name), &v, 0));
     }
     w.create_ssh(&sshd, "k", &[]);
     w.sync("k");
@@ -325,8 +324,11 @@ fn ssh_killed_mid_transfer_exposes_no_partial_file_and_the_next_sync_converges()
     for round in 0..4u8 {
         for (i, name) in names.iter().enumerate() {
             let v = version(round * 10 + i as u8 + 1, len + round as usize * 100_000);
-            std::fs::write(w.master.join(name), &v).unwrap();
-            versions[i].push(v);
+            versions[i].push(tree::write_version(
+                &w.master.join(name),
+                &v,
+                round as u32 + 1,
+            ));
         }
         let mut child = w
             .cmd(&["sync", "k"])
@@ -366,11 +368,10 @@ fn ssh_killed_mid_transfer_exposes_no_partial_file_and_the_next_sync_converges()
             assert_eq!(status.code(), Some(0), "sync ended with {status:?}");
         }
         for (name, vs) in names.iter().zip(&versions) {
-            let data = std::fs::read(w.slave.join(name)).unwrap();
+            let s = tree::file_state(&w.slave.join(name)).unwrap();
             assert!(
-                vs.contains(&data),
-                "{name}: partial content on the slave ({} bytes)",
-                data.len()
+                vs.contains(&s),
+                "{name}: partial or mixed content or metadata on the slave: {s:?}"
             );
         }
     }

@@ -5,6 +5,7 @@
 pub mod atomic;
 pub mod backoff;
 pub mod checkpoint;
+pub mod events;
 pub mod logfile;
 pub mod nagios;
 pub mod pidfile;

@@ -16,6 +16,8 @@ pub struct Thresholds {
     pub critical: u64,
     /// A running monitor that has not rewritten its status for this long is wedged.
     pub stale: u64,
+    /// Persistent failures (entries failing crawl after crawl) warn; this many are critical.
+    pub failures_critical: u64,
 }
 
 fn word(code: i32) -> &'static str {
@@ -70,21 +72,66 @@ pub fn check(s: &Status, t: &Thresholds, now_ns: u64) -> (i32, String) {
             },
         },
     };
-    let lag = s.lag_seconds.map(|l| l.to_string()).unwrap_or_default();
+    let (code, text) = with_failures(s, t, code, text);
+    // "U" is the plugin guidelines' value for "could not be determined".
+    let lag = s
+        .lag_seconds
+        .map(|l| format!("{l}s"))
+        .unwrap_or_else(|| "U".into());
     let perf = format!(
-        "lag={lag}s;{};{};0; pending={};;;0; failures={}c restarts={}c bytes_sent={}c files_synced={}c",
+        "lag={lag};{};{};0; pending={};;;0; failures={}c restarts={}c bytes_sent={}c files_synced={}c failing={};;;0; persistent_failures={};1;{};0;",
         t.warning,
         t.critical,
         s.entry + s.data + s.meta,
         s.failures,
         s.restarts,
         s.bytes_sent,
-        s.files_synced
+        s.files_synced,
+        s.failing_entries,
+        s.persistent_failures,
+        t.failures_critical
     );
     (
         code,
         format!("GEOREP {} - {}: {text} | {perf}", word(code), s.session),
     )
+}
+
+/// Adds persistent failures of a running session to the verdict: a
+/// warning, critical from `failures_critical` entries on.
+fn with_failures(s: &Status, t: &Thresholds, code: i32, text: String) -> (i32, String) {
+    if s.persistent_failures == 0 || code == UNKNOWN || !s.running() {
+        return (code, text);
+    }
+    let crawls = s
+        .persistent_failure_entries
+        .iter()
+        .map(|e| e.crawls)
+        .min()
+        .unwrap_or(0);
+    let example = s
+        .persistent_failure_entries
+        .first()
+        .map(|e| format!(", e.g. {}: {}", e.path, e.error))
+        .unwrap_or_default();
+    let what = format!(
+        "{} {} failing in every crawl ({crawls}+ in a row){example}",
+        s.persistent_failures,
+        if s.persistent_failures == 1 {
+            "entry"
+        } else {
+            "entries"
+        }
+    );
+    let pf_code = if s.persistent_failures >= t.failures_critical {
+        CRITICAL
+    } else {
+        WARNING
+    };
+    match code {
+        OK => (pf_code, what),
+        _ => (code.max(pf_code), format!("{text}; {what}")),
+    }
 }
 
 #[cfg(test)]
@@ -112,6 +159,7 @@ mod tests {
             warning: 60,
             critical: 600,
             stale: 120,
+            failures_critical: 3,
         };
         assert_eq!(check(&active(5), &t, NOW).0, OK);
         assert_eq!(check(&active(60), &t, NOW).0, WARNING);
@@ -136,5 +184,77 @@ mod tests {
             line.starts_with("GEOREP OK - s1: Active, Idle, lag 5 s | lag=5s;60;600;0; "),
             "{line}"
         );
+        // Unknown lag: the perfdata says U, never an empty value.
+        let never = Status {
+            last_synced: None,
+            lag_seconds: None,
+            ..active(0)
+        };
+        let (code, line) = check(&never, &t, NOW);
+        assert_eq!(code, WARNING);
+        assert!(line.contains("| lag=U;60;600;0; "), "{line}");
+        for (_, l) in [check(&active(5), &t, NOW), check(&never, &t, NOW)] {
+            assert_perfdata_valid(&l);
+        }
+    }
+
+    /// Every perfdata item is label=value[UOM];[warn];[crit];[min];[max] with a number or U.
+    fn assert_perfdata_valid(line: &str) {
+        let perf = line.split_once(" | ").expect("perfdata").1;
+        for item in perf.split(' ') {
+            let (label, rest) = item.split_once('=').expect(item);
+            assert!(!label.is_empty(), "{item}");
+            let value = rest.split(';').next().unwrap();
+            let num = value.trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == '%');
+            assert!(
+                value == "U" || num.parse::<f64>().is_ok(),
+                "bad perfdata value in {item:?}"
+            );
+            for field in rest.split(';').skip(1) {
+                assert!(field.is_empty() || field.parse::<f64>().is_ok(), "{item}");
+            }
+        }
+    }
+
+    #[test]
+    fn persistent_failures_warn_then_go_critical() {
+        let t = Thresholds {
+            warning: 60,
+            critical: 600,
+            stale: 120,
+            failures_critical: 3,
+        };
+        let failing = |n: u64| Status {
+            failing_entries: n,
+            persistent_failures: n,
+            persistent_failure_entries: vec![crate::status::FailingEntry {
+                path: "d/x".into(),
+                error: "Operation not permitted".into(),
+                crawls: 4,
+            }],
+            ..active(5)
+        };
+        let (code, line) = check(&failing(1), &t, NOW);
+        assert_eq!(code, WARNING, "{line}");
+        assert!(
+            line.contains(
+                "1 entry failing in every crawl (4+ in a row), e.g. d/x: Operation not permitted"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("persistent_failures=1;1;3;0;"), "{line}");
+        assert_eq!(check(&failing(3), &t, NOW).0, CRITICAL);
+        // A lag warning and persistent failures: both are said.
+        let both = Status {
+            lag_seconds: Some(100),
+            ..failing(1)
+        };
+        let (code, line) = check(&both, &t, NOW);
+        assert_eq!(code, WARNING);
+        assert!(
+            line.contains("lag 100 s >= 60 s; 1 entry failing"),
+            "{line}"
+        );
+        assert_perfdata_valid(&line);
     }
 }

@@ -238,5 +238,136 @@ pub fn render(rows: &[Status]) -> String {
             o.sample("georep_epoch", &[("session", &s.session)], e as f64);
         }
     }
+    progress(&mut o, rows);
     o.0
+}
+
+/// The crawl in progress, failures and catalog points.
+fn progress(o: &mut Out, rows: &[Status]) {
+    // Without a worker nothing is known: no sample. Idle: nothing left to do.
+    let running = |s: &Status| s.worker_pid.is_some();
+    let idle = |s: &Status| s.crawl_progress.is_none();
+    o.family(
+        "georep_bytes_remaining",
+        "gauge",
+        "Bytes of file data the crawl in progress found and has not handled yet (0 when idle).",
+    );
+    for s in rows.iter().filter(|s| running(s)) {
+        let v = match &s.crawl_progress {
+            None => Some(0),
+            Some(p) => p.bytes_remaining,
+        };
+        if let Some(v) = v {
+            o.sample(
+                "georep_bytes_remaining",
+                &[("session", &s.session)],
+                v as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_files_remaining",
+        "gauge",
+        "Files the crawl in progress found to ship and has not handled yet (0 when idle).",
+    );
+    for s in rows.iter().filter(|s| running(s)) {
+        let v = match &s.crawl_progress {
+            None => Some(0),
+            Some(p) => p.files_remaining,
+        };
+        if let Some(v) = v {
+            o.sample(
+                "georep_files_remaining",
+                &[("session", &s.session)],
+                v as f64,
+            );
+        }
+    }
+    o.family(
+        "georep_eta_seconds",
+        "gauge",
+        "Estimated seconds until the crawl in progress ends (0 when idle; absent without a rate).",
+    );
+    for s in rows.iter().filter(|s| running(s)) {
+        let v = match &s.crawl_progress {
+            None => Some(0),
+            Some(p) => p.eta_seconds,
+        };
+        if let Some(v) = v {
+            o.sample("georep_eta_seconds", &[("session", &s.session)], v as f64);
+        }
+    }
+    o.family(
+        "georep_crawl_rate_bytes_per_second",
+        "gauge",
+        "File data handled per second by the crawl in progress.",
+    );
+    for s in rows.iter().filter(|s| running(s) && !idle(s)) {
+        let rate = s.crawl_progress.as_ref().map(|p| p.rate_bytes_per_sec);
+        o.sample(
+            "georep_crawl_rate_bytes_per_second",
+            &[("session", &s.session)],
+            rate.unwrap_or(0.0),
+        );
+    }
+    o.family(
+        "georep_failing_entries",
+        "gauge",
+        "Distinct entries that failed in the latest complete crawl.",
+    );
+    for s in rows {
+        o.sample(
+            "georep_failing_entries",
+            &[("session", &s.session)],
+            s.failing_entries as f64,
+        );
+    }
+    o.family(
+        "georep_persistent_failures",
+        "gauge",
+        "Entries failing in every crawl for persistent_failure_crawls crawls in a row.",
+    );
+    for s in rows {
+        o.sample(
+            "georep_persistent_failures",
+            &[("session", &s.session)],
+            s.persistent_failures as f64,
+        );
+    }
+    o.family(
+        "georep_point_timestamp_seconds",
+        "gauge",
+        "Catalog mode: the newest complete restorable point of a host on the slave.",
+    );
+    for s in rows {
+        for h in &s.hosts {
+            if let Some(t) = h
+                .newest_complete
+                .as_deref()
+                .and_then(|t| crate::time::parse_rfc3339(t).ok())
+            {
+                o.sample(
+                    "georep_point_timestamp_seconds",
+                    &[("session", &s.session), ("host", &h.host)],
+                    secs(t),
+                );
+            }
+        }
+    }
+    o.family(
+        "georep_point_age_seconds",
+        "gauge",
+        "Catalog mode: age of a host's newest complete point on the slave (the RPO by data time).",
+    );
+    for s in rows {
+        for h in &s.hosts {
+            if let Some(a) = h.age_seconds {
+                o.sample(
+                    "georep_point_age_seconds",
+                    &[("session", &s.session), ("host", &h.host)],
+                    a as f64,
+                );
+            }
+        }
+    }
 }

@@ -1,13 +1,65 @@
 //! Human output of `georep status`: the table and `--detail`.
 
-use crate::status::{MonitorStatus, Status};
+use crate::status::{CrawlProgress, MonitorStatus, Status, WorkerStatus};
 
-/// The one-word state an operator reads first.
+/// The one-word state an operator reads first: an Active worker with
+/// entries failing in every crawl is `Degraded`, not Active.
 pub fn headline(s: &Status) -> &'static str {
     match s.monitor_status {
+        MonitorStatus::Started
+            if s.worker_status == WorkerStatus::Active && s.persistent_failures > 0 =>
+        {
+            "Degraded"
+        }
         MonitorStatus::Started => s.worker_status.as_str(),
         other => other.as_str(),
     }
+}
+
+/// Bytes for people: 1.5 GiB, 320 KiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Seconds for people: 45 s, 3 min 20 s, 2 h 05 min.
+pub fn human_secs(s: u64) -> String {
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {:02} s", s / 60, s % 60),
+        _ => format!("{} h {:02} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// One line about a crawl in progress: done / found, rate, ETA.
+pub fn progress_text(p: &CrawlProgress) -> String {
+    let of = |done: String, total: Option<String>| match total {
+        Some(t) => format!("{done} of {t}"),
+        None => done,
+    };
+    format!(
+        "{} entries, {} files, {}, {}/s, ETA {}",
+        p.entries_visited,
+        of(
+            p.files_done.to_string(),
+            p.files_total.map(|t| t.to_string())
+        ),
+        of(human_bytes(p.bytes_done), p.bytes_total.map(human_bytes)),
+        human_bytes(p.rate_bytes_per_sec as u64),
+        p.eta_seconds
+            .map(human_secs)
+            .unwrap_or_else(|| "unknown".into())
+    )
 }
 
 /// One line per session: SESSION, MASTER, SLAVE, STATUS, CRAWL STATUS, LAST SYNCED.
@@ -113,7 +165,52 @@ pub fn detail(s: &Status) -> String {
                 .unwrap_or_else(|| "N/A".into()),
         ),
         ("slave role", opt(&s.slave_role)),
+        (
+            "crawl progress",
+            s.crawl_progress
+                .as_ref()
+                .map(progress_text)
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        (
+            "bytes remaining",
+            s.crawl_progress
+                .as_ref()
+                .and_then(|p| p.bytes_remaining)
+                .map(human_bytes)
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        (
+            "eta",
+            s.crawl_progress
+                .as_ref()
+                .and_then(|p| p.eta_seconds)
+                .map(human_secs)
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        ("failing entries", s.failing_entries.to_string()),
+        ("persistent failures", s.persistent_failures.to_string()),
     ];
+    let mut rows = rows;
+    for e in &s.persistent_failure_entries {
+        rows.push((
+            "persistent failure",
+            format!("{}: {} ({} crawls in a row)", e.path, e.error, e.crawls),
+        ));
+    }
+    for h in &s.hosts {
+        rows.push((
+            "newest point",
+            format!(
+                "{}: {}{}",
+                h.host,
+                opt(&h.newest_complete),
+                h.age_seconds
+                    .map(|a| format!(" (age {})", human_secs(a)))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<w$}: {v}\n"))

@@ -1,7 +1,7 @@
 //! What the worker tells its monitor: one JSON object per line on its
 //! stdout, at least once a second (the heartbeat) and at every change.
 
-use crate::status::WorkerStatus;
+use crate::status::{CrawlProgress, FailingEntry, HostPoint, WorkerStatus};
 use serde::{Deserialize, Serialize};
 
 /// The worker sends a report at least this often; the monitor's hang
@@ -23,7 +23,7 @@ pub struct WorkerReport {
     pub entry: u64,
     pub data: u64,
     pub meta: u64,
-    /// Totals of this worker process.
+    /// Totals of this worker process (`failures`: entries that started failing).
     pub failures: u64,
     pub bytes_sent: u64,
     pub files_synced: u64,
@@ -32,4 +32,17 @@ pub struct WorkerReport {
     pub full_crawl_reason: Option<String>,
     /// Sent just before the worker exits because of this error.
     pub fatal: Option<String>,
+    /// The crawl in progress: done, to go, rate, ETA.
+    #[serde(default)]
+    pub crawl_progress: Option<CrawlProgress>,
+    /// Distinct entries that failed in the latest complete crawl.
+    #[serde(default)]
+    pub failing_entries: u64,
+    #[serde(default)]
+    pub persistent_failures: u64,
+    #[serde(default)]
+    pub persistent_failure_entries: Vec<FailingEntry>,
+    /// Catalog mode: per host, the newest complete point on the slave (None: not known yet).
+    #[serde(default)]
+    pub hosts: Option<Vec<HostPoint>>,
 }

@@ -27,6 +27,9 @@ pub enum WorkerStatus {
     /// Died, hung or cannot reach the slave; `last_error` says why.
     Faulty,
     Stopped,
+    /// Paused by `georep pause`: no crawl runs (one in progress waits at its
+    /// next file or window), while the watcher keeps counting changes.
+    Paused,
 }
 
 impl MonitorStatus {
@@ -47,11 +50,12 @@ impl MonitorStatus {
 }
 
 impl WorkerStatus {
-    pub const ALL: [WorkerStatus; 4] = [
+    pub const ALL: [WorkerStatus; 5] = [
         WorkerStatus::Initializing,
         WorkerStatus::Active,
         WorkerStatus::Faulty,
         WorkerStatus::Stopped,
+        WorkerStatus::Paused,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,8 +63,53 @@ impl WorkerStatus {
             WorkerStatus::Active => "Active",
             WorkerStatus::Faulty => "Faulty",
             WorkerStatus::Stopped => "Stopped",
+            WorkerStatus::Paused => "Paused",
         }
     }
+}
+
+/// A crawl in progress: what it did so far, what it found still to do
+/// (totals grow as the crawl discovers work), its rate and the time left.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CrawlProgress {
+    /// When the crawl started (RFC 3339 UTC).
+    pub started: Option<String>,
+    pub entries_visited: u64,
+    /// Files handled so far (sent, found unchanged, or failed).
+    pub files_done: u64,
+    /// Files the crawl found to ship so far; None when unknown (catalog mode).
+    pub files_total: Option<u64>,
+    /// Bytes of master file data handled so far.
+    pub bytes_done: u64,
+    pub bytes_total: Option<u64>,
+    pub files_remaining: Option<u64>,
+    pub bytes_remaining: Option<u64>,
+    /// File data handled per second, over the last few seconds.
+    pub rate_bytes_per_sec: f64,
+    /// `bytes_remaining` at `rate_bytes_per_sec`; None without a rate or a total.
+    pub eta_seconds: Option<u64>,
+    /// Payload bytes sent to the slave in this crawl.
+    pub bytes_sent: u64,
+}
+
+/// An entry that failed in the latest crawls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailingEntry {
+    pub path: String,
+    pub error: String,
+    /// Complete crawls in a row in which it failed.
+    pub crawls: u32,
+}
+
+/// Catalog mode: the newest complete restorable point of one host on the slave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostPoint {
+    pub host: String,
+    /// The point's time (RFC 3339 UTC); None when the slave has none yet.
+    pub newest_complete: Option<String>,
+    /// Seconds from that point to now (the RPO by data time), computed by the reader.
+    #[serde(default)]
+    pub age_seconds: Option<u64>,
 }
 
 /// Crawl states reported in `crawl_status`.
@@ -87,7 +136,8 @@ pub struct Status {
     pub entry: u64,
     pub data: u64,
     pub meta: u64,
-    /// Entries that failed, counted per crawl, cumulative over the session's life.
+    /// Entries that started failing, cumulative over the session's life:
+    /// an entry failing in several crawls in a row counts once, not per retry.
     pub failures: u64,
     /// Worker restarts after a fault since the monitor started.
     pub restarts: u64,
@@ -117,6 +167,21 @@ pub struct Status {
     /// The slave's role as its agent last reported it ("replica", "demoted").
     #[serde(default)]
     pub slave_role: Option<String>,
+    /// The crawl in progress (null when idle or without a worker).
+    #[serde(default)]
+    pub crawl_progress: Option<CrawlProgress>,
+    /// Distinct entries that failed in the latest complete crawl.
+    #[serde(default)]
+    pub failing_entries: u64,
+    /// Of those, entries that failed in `persistent_failure_crawls` crawls in a row.
+    #[serde(default)]
+    pub persistent_failures: u64,
+    /// The persistent failures (at most 20), longest-failing first.
+    #[serde(default)]
+    pub persistent_failure_entries: Vec<FailingEntry>,
+    /// Catalog mode: per host, the newest complete point on the slave.
+    #[serde(default)]
+    pub hosts: Vec<HostPoint>,
 }
 
 /// The values of `Status::role`.
@@ -153,6 +218,11 @@ impl Status {
             role: None,
             epoch: None,
             slave_role: None,
+            crawl_progress: None,
+            failing_entries: 0,
+            persistent_failures: 0,
+            persistent_failure_entries: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 
@@ -234,9 +304,19 @@ pub fn effective(mut s: Status, monitor_alive: bool, worker_alive: bool, now: u6
         s.worker_pid = None;
         s.crawl_status = None;
     }
+    if s.worker_pid.is_none() {
+        s.crawl_progress = None;
+    }
     s.lag_seconds = s
         .last_synced_ns()
         .map(|t| now.saturating_sub(t) / 1_000_000_000);
+    for h in &mut s.hosts {
+        h.age_seconds = h
+            .newest_complete
+            .as_deref()
+            .and_then(|t| parse_rfc3339(t).ok())
+            .map(|t| now.saturating_sub(t) / 1_000_000_000);
+    }
     s
 }
 

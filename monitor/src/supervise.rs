@@ -4,11 +4,15 @@
 //!
 //! Signals: SIGTERM/SIGINT stop (the worker is asked to stop, then
 //! killed after `stop_timeout`), SIGHUP reopens the log, SIGUSR1 pauses
-//! (SIGSTOP to the worker's process group), SIGUSR2 resumes (SIGCONT).
-//! A change of the config file restarts the worker with the new settings.
+//! and SIGUSR2 resumes: the monitor writes `pause` / `resume` lines to the
+//! worker's stdin, and the worker holds its crawl while its watcher keeps
+//! counting changes. A change of the config file restarts the worker with
+//! the new settings. Every status written goes through the event
+//! [`Detector`], which runs the `on_event` hook.
 
 use crate::backoff::Backoff;
 use crate::checkpoint::Checkpoint;
+use crate::events::{Detector, EventSettings, Hooks};
 use crate::logfile::LogFile;
 use crate::report::WorkerReport;
 use crate::status::{MonitorStatus, Status, WorkerStatus};
@@ -34,7 +38,7 @@ pub struct Identity {
 }
 
 /// Supervision settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// A worker that sends no report, or makes no progress in a crawl, for this long is killed.
     pub hang_timeout: Duration,
@@ -43,6 +47,8 @@ pub struct Settings {
     pub stop_timeout: Duration,
     /// A worker that ran this long before dying resets the backoff.
     pub stable_after: Duration,
+    /// The `on_event` hook.
+    pub events: EventSettings,
 }
 
 /// Files the monitor reads and writes.
@@ -68,6 +74,10 @@ pub struct Supervisor {
     pub log: Arc<LogFile>,
     /// The root's stime when the monitor starts (from the session's state).
     pub last_synced_ns: Option<u64>,
+    /// What the event hook was already told.
+    pub detector: Mutex<Detector>,
+    /// Started by [`Supervisor::run`].
+    pub hooks: Option<Hooks>,
 }
 
 struct Signals {
@@ -105,6 +115,16 @@ impl Supervisor {
         if let Err(e) = st.write(&self.files.status) {
             tracing::error!(path = %self.files.status.display(), error = %e, "cannot write the status file");
         }
+        let events = self.detector.lock().unwrap().observe(
+            st,
+            self.settings.events.rpo_warning_secs,
+            now_ns(),
+        );
+        if let Some(h) = &self.hooks {
+            for e in events {
+                h.send(&self.settings.events, e);
+            }
+        }
     }
 
     fn initial_status(&self) -> Status {
@@ -138,6 +158,7 @@ impl Supervisor {
             usr1: signal(SignalKind::user_defined1())?,
             usr2: signal(SignalKind::user_defined2())?,
         };
+        self.hooks = Some(Hooks::start());
         let mut st = self.initial_status();
         self.write(&mut st);
         on_ready();
@@ -146,9 +167,6 @@ impl Supervisor {
         let mut faults_in_row = 0u32;
         let mut config_seen = std::fs::read(&self.files.config).ok();
         loop {
-            if paused && !self.wait_resume(&mut st, &mut sig, &mut paused).await {
-                break;
-            }
             match self
                 .run_worker(&mut st, &mut sig, &mut paused, &mut config_seen)
                 .await
@@ -197,26 +215,6 @@ impl Supervisor {
             MonitorStatus::Started
         };
         tracing::info!(session = %self.identity.session, "{}", if paused { "paused" } else { "resumed" });
-    }
-
-    /// Waits while paused with no worker; false when asked to stop.
-    async fn wait_resume(&mut self, st: &mut Status, sig: &mut Signals, paused: &mut bool) -> bool {
-        let mut refresh = tokio::time::interval(STATUS_REFRESH);
-        while *paused {
-            tokio::select! {
-                _ = refresh.tick() => self.write(st),
-                _ = sig.term.recv() => return false,
-                _ = sig.int.recv() => return false,
-                _ = sig.hup.recv() => self.reopen_log(),
-                _ = sig.usr1.recv() => {}
-                _ = sig.usr2.recv() => {
-                    *paused = false;
-                    self.set_paused(st, false);
-                    self.write(st);
-                }
-            }
-        }
-        true
     }
 
     /// Waits out a backoff delay; false when asked to stop. A config change ends the wait early.
@@ -313,8 +311,12 @@ impl Supervisor {
             }
         };
         let pid = child.id().expect("a child that was just spawned has a pid");
-        // Kept open: its EOF tells the worker that the monitor is gone.
-        let _stdin = child.stdin.take();
+        // Kept open: its EOF tells the worker that the monitor is gone; it
+        // also carries `pause` and `resume`.
+        let mut stdin = child.stdin.take();
+        if *paused {
+            tell(&mut stdin, "pause").await;
+        }
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let (tx, mut rx) = mpsc::channel::<Msg>(256);
         let stdout = child.stdout.take().expect("piped");
@@ -364,8 +366,18 @@ impl Supervisor {
                 st.worker_status = ws;
             }
             st.crawl_status = r.crawl_status.clone();
+            // Never backwards: an idle worker may have proven a later time.
             if let Some(t) = r.last_synced_ns {
-                st.last_synced = Some(format_rfc3339(t));
+                if st.last_synced_ns().is_none_or(|old| t > old) {
+                    st.last_synced = Some(format_rfc3339(t));
+                }
+            }
+            st.crawl_progress = r.crawl_progress.clone();
+            st.failing_entries = r.failing_entries;
+            st.persistent_failures = r.persistent_failures;
+            st.persistent_failure_entries = r.persistent_failure_entries.clone();
+            if let Some(h) = &r.hosts {
+                st.hosts = h.clone();
             }
             st.entry = r.entry;
             st.data = r.data;
@@ -415,17 +427,17 @@ impl Supervisor {
                     }
                     break self.exit_reason(status, &last, &tail);
                 }
-                _ = sig.term.recv() => { self.terminate(&mut child, pid, *paused, &mut rx).await; return Outcome::Stop; }
-                _ = sig.int.recv() => { self.terminate(&mut child, pid, *paused, &mut rx).await; return Outcome::Stop; }
+                _ = sig.term.recv() => { self.terminate(&mut child, pid, &mut rx).await; return Outcome::Stop; }
+                _ = sig.int.recv() => { self.terminate(&mut child, pid, &mut rx).await; return Outcome::Stop; }
                 _ = sig.hup.recv() => self.reopen_log(),
                 _ = sig.usr1.recv() => if !*paused {
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGSTOP);
+                    tell(&mut stdin, "pause").await;
                     *paused = true;
                     self.set_paused(st, true);
                     self.write(st);
                 },
                 _ = sig.usr2.recv() => if *paused {
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGCONT);
+                    tell(&mut stdin, "resume").await;
                     *paused = false;
                     heard = Instant::now();
                     progress_at = Instant::now();
@@ -448,7 +460,7 @@ impl Supervisor {
                             break reason;
                         }
                         if self.config_changed(st, config_seen) {
-                            self.terminate(&mut child, pid, false, &mut rx).await;
+                            self.terminate(&mut child, pid, &mut rx).await;
                             st.worker_pid = None;
                             return Outcome::Restart;
                         }
@@ -512,13 +524,9 @@ impl Supervisor {
         &self,
         child: &mut tokio::process::Child,
         pid: u32,
-        paused: bool,
         rx: &mut mpsc::Receiver<Msg>,
     ) {
         let group = Pid::from_raw(pid as i32);
-        if paused {
-            let _ = killpg(group, Signal::SIGCONT);
-        }
         tracing::info!(session = %self.identity.session, worker_pid = pid, "stopping the worker");
         let _ = kill(group, Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + self.settings.stop_timeout;
@@ -535,5 +543,15 @@ impl Supervisor {
             }
         }
         let _ = killpg(group, Signal::SIGKILL);
+    }
+}
+
+/// Writes one command line (`pause`, `resume`) to the worker's stdin.
+async fn tell(stdin: &mut Option<tokio::process::ChildStdin>, what: &str) {
+    use tokio::io::AsyncWriteExt;
+    if let Some(w) = stdin.as_mut() {
+        if let Err(e) = w.write_all(format!("{what}\n").as_bytes()).await {
+            tracing::warn!(error = %e, command = what, "cannot tell the worker");
+        }
     }
 }

@@ -1,9 +1,10 @@
 //! What the agent learns hashing a basis file: per window its BLAKE3 hash
-//! and, within a memory budget, the CVs of its 4 KiB blocks (see
-//! [`crate::hash::blocktree`]). One read and one hashing pass over the basis then
-//! answer the window hashes (pass 1), the block hashes of windows that
-//! differ (pass 2) and the digest of the blocks copied from it, which are
-//! neither read nor hashed again.
+//! and, within a memory budget shared by all open files, the CVs of its
+//! 4 KiB blocks (see [`crate::hash::blocktree`]). One read and one hashing
+//! pass over the basis then answer the window hashes (pass 1) and the
+//! block hashes of windows that differ (pass 2). Holes are never read nor
+//! cached: their hashes are computed. Copies never take their digest from
+//! here (see `files`): the bytes written are hashed.
 
 use crate::hash::blocktree::{self, Cv, BLOCK};
 use crate::hash::digest::{self, WINDOW};
@@ -12,24 +13,76 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-/// Block CVs kept per file, at most (16 MiB: the blocks of 2 GiB of basis);
-/// windows beyond are hashed again when their blocks are asked for.
-pub const BUDGET: usize = 16 << 20;
+/// Bytes of block CVs (and their entries) cached across all open files, at
+/// most (64 MiB: the blocks of 8 GiB of basis); windows beyond are hashed
+/// again when their blocks are asked for.
+pub const BUDGET: usize = 64 << 20;
+/// What one cached window costs besides its CVs (map entry, vector header).
+const ENTRY: usize = 96;
+
+/// The cache bytes in use, shared by the caches of all open files, and
+/// their limit ([`BUDGET`]).
+#[derive(Clone)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget::with_limit(BUDGET)
+    }
+}
+
+impl Budget {
+    pub fn with_limit(limit: usize) -> Budget {
+        Budget {
+            used: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                (u + n <= self.limit).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
 
 struct Window {
     /// Bytes hashed, from the window's start (the last window may be short).
     len: u64,
-    root: Hash32,
-    /// Block CVs, when kept (never for holes: those are computed).
-    cvs: Option<Vec<Cv>>,
-    hole: bool,
+    cvs: Vec<Cv>,
 }
 
-#[derive(Default)]
+fn cost(w: &Window) -> usize {
+    ENTRY + w.cvs.len() * std::mem::size_of::<Cv>()
+}
+
 pub struct BasisCache {
     windows: HashMap<u64, Window>,
     bytes: usize,
+    budget: Budget,
+}
+
+impl Drop for BasisCache {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
+    }
 }
 
 fn read(basis: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> io::Result<()> {
@@ -43,81 +96,49 @@ fn is_hole(basis: &File, off: u64, len: u64) -> io::Result<bool> {
 }
 
 impl BasisCache {
-    fn insert(&mut self, index: u64, w: Window) {
-        if let Some(old) = self.windows.remove(&index) {
-            self.bytes -= old.cvs.map_or(0, |c| c.len() * 32);
+    pub fn new(budget: &Budget) -> BasisCache {
+        BasisCache {
+            windows: HashMap::new(),
+            bytes: 0,
+            budget: budget.clone(),
         }
-        self.bytes += w.cvs.as_ref().map_or(0, |c| c.len() * 32);
-        self.windows.insert(index, w);
     }
 
-    fn room_for(&self, blocks: usize) -> bool {
-        self.bytes + blocks * 32 <= BUDGET
+    /// Keeps a window's CVs if the shared budget has room.
+    fn keep(&mut self, index: u64, w: Window) {
+        if let Some(old) = self.windows.remove(&index) {
+            self.bytes -= cost(&old);
+            self.budget.give(cost(&old));
+        }
+        let c = cost(&w);
+        if self.budget.take(c) {
+            self.bytes += c;
+            self.windows.insert(index, w);
+        }
     }
 
-    /// Hashes `len` bytes of window `index` of `basis` (a hole costs no read).
+    /// Hashes `len` bytes of window `index` of `basis` (a hole costs no
+    /// read); returns the hash and the bytes read.
     pub fn hash_window(
         &mut self,
         basis: &File,
         index: u64,
         len: u64,
         buf: &mut Vec<u8>,
-    ) -> io::Result<Hash32> {
+    ) -> io::Result<(Hash32, u64)> {
         let off = index * WINDOW;
         if is_hole(basis, off, len)? {
-            let root = digest::zero_hash(len);
-            self.insert(
-                index,
-                Window {
-                    len,
-                    root,
-                    cvs: None,
-                    hole: true,
-                },
-            );
-            return Ok(root);
+            return Ok((digest::zero_hash(len), 0));
         }
         read(basis, off, len, buf)?;
         let (root, cvs) = blocktree::window_tree(buf);
-        let keep = self.room_for(cvs.len());
-        self.insert(
-            index,
-            Window {
-                len,
-                root,
-                cvs: keep.then_some(cvs),
-                hole: false,
-            },
-        );
-        Ok(root)
-    }
-
-    /// The hash of window `index` if it was hashed over exactly `len` bytes.
-    pub fn window_root(&self, index: u64, len: u64) -> Option<Hash32> {
-        self.windows
-            .get(&index)
-            .filter(|w| w.len == len)
-            .map(|w| w.root)
-    }
-
-    /// The CV of block `k` of window `index` if that block was hashed over
-    /// exactly `n` bytes (a whole block, or the same short final block).
-    pub fn cv(&self, index: u64, k: usize, n: u64) -> Option<Cv> {
-        let w = self.windows.get(&index)?;
-        let start = k as u64 * BLOCK;
-        let same = start + n <= w.len && (n == BLOCK || start + n == w.len);
-        if !same {
-            return None;
-        }
-        if w.hole {
-            return Some(blocktree::zero_cv(k, n));
-        }
-        w.cvs.as_ref()?.get(k).copied()
+        self.keep(index, Window { len, cvs });
+        Ok((root, len))
     }
 
     /// Comparison hashes of the basis blocks in `[offset, offset + len)`
     /// (block-aligned `offset`), cut at `limit`: from the kept CVs, else by
-    /// hashing the window's blocks (kept if the budget allows).
+    /// hashing (a whole window asked for is kept if the budget allows).
     pub fn block_keys(
         &mut self,
         basis: &File,
@@ -131,64 +152,44 @@ impl BasisCache {
         let mut out = Vec::with_capacity(((end.saturating_sub(offset)) / BLOCK + 1) as usize);
         let mut o = offset;
         while o < end {
-            let n = BLOCK.min(end - o);
-            let (index, k) = (o / WINDOW, ((o % WINDOW) / BLOCK) as usize);
-            let cv = match self.cv(index, k, n) {
-                Some(cv) => cv,
-                None => {
-                    let woff = index * WINDOW;
-                    let wlen = WINDOW.min(limit - woff);
-                    let known = self
-                        .windows
-                        .get(&index)
-                        .is_some_and(|w| w.cvs.is_some() || w.hole);
-                    if !known && n == BLOCK.min(limit - o) {
-                        // Hash the whole window once, so its other blocks and
-                        // the copies from it need no read.
-                        self.hash_window_blocks(basis, index, wlen, buf)?;
-                    }
-                    match self.cv(index, k, n) {
-                        Some(cv) => cv,
-                        None => {
-                            read(basis, o, n, buf)?;
-                            let mut v = Vec::with_capacity(1);
-                            blocktree::block_cvs(o % WINDOW, buf, &mut v);
-                            v[0]
-                        }
-                    }
+            let index = o / WINDOW;
+            let woff = index * WINDOW;
+            let wlen = WINDOW.min(limit - woff);
+            let wend = (woff + WINDOW).min(end);
+            let k0 = ((o - woff) / BLOCK) as usize;
+            let cached = self.windows.get(&index).filter(|w| w.len == wlen);
+            let tail_cut = wend < woff + wlen && (wend - woff) % BLOCK != 0;
+            if let Some(w) = cached.filter(|_| !tail_cut) {
+                out.extend(
+                    w.cvs[k0..]
+                        .iter()
+                        .take(((wend - o).div_ceil(BLOCK)) as usize)
+                        .map(blocktree::key),
+                );
+            } else if is_hole(basis, o, wend - o)? {
+                let mut b = o;
+                while b < wend {
+                    let n = BLOCK.min(wend - b);
+                    out.push(blocktree::key(&blocktree::zero_cv(
+                        ((b - woff) / BLOCK) as usize,
+                        n,
+                    )));
+                    b += n;
                 }
-            };
-            out.push(blocktree::key(&cv));
-            o += n;
+            } else if o == woff && wend == woff + wlen {
+                read(basis, woff, wlen, buf)?;
+                let (_, cvs) = blocktree::window_tree(buf);
+                out.extend(cvs.iter().map(blocktree::key));
+                self.keep(index, Window { len: wlen, cvs });
+            } else {
+                read(basis, o, wend - o, buf)?;
+                let mut cvs = Vec::new();
+                blocktree::block_cvs(o - woff, buf, &mut cvs);
+                out.extend(cvs.iter().map(blocktree::key));
+            }
+            o = wend;
         }
         Ok(out)
-    }
-
-    /// Hashes window `index` for its blocks, kept whatever the budget: the
-    /// assembly reaches it soon and evicts it then.
-    fn hash_window_blocks(
-        &mut self,
-        basis: &File,
-        index: u64,
-        len: u64,
-        buf: &mut Vec<u8>,
-    ) -> io::Result<()> {
-        if is_hole(basis, index * WINDOW, len)? {
-            self.hash_window(basis, index, len, buf)?;
-            return Ok(());
-        }
-        read(basis, index * WINDOW, len, buf)?;
-        let (root, cvs) = blocktree::window_tree(buf);
-        self.insert(
-            index,
-            Window {
-                len,
-                root,
-                cvs: Some(cvs),
-                hole: false,
-            },
-        );
-        Ok(())
     }
 
     /// Forgets the windows before `index` (the assembly is past them).
@@ -198,15 +199,16 @@ impl BasisCache {
             self.windows.retain(|&k, w| {
                 let keep = k >= index;
                 if !keep {
-                    freed += w.cvs.as_ref().map_or(0, |c| c.len() * 32);
+                    freed += cost(w);
                 }
                 keep
             });
             self.bytes -= freed;
+            self.budget.give(freed);
         }
     }
 
-    /// Bytes of CVs held.
+    /// Bytes held.
     #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -217,52 +219,81 @@ impl BasisCache {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_and_cvs_match_fresh_hashing_cached_or_not() {
-        let size = WINDOW + 3 * BLOCK + 100;
-        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        let f = tempfile::tempfile().unwrap();
-        f.write_all_at(&data, 0).unwrap();
-        let mut buf = Vec::new();
-        let mut c = BasisCache::default();
-        let r0 = c.hash_window(&f, 0, WINDOW, &mut buf).unwrap();
-        assert_eq!(r0, digest::hash(&data[..WINDOW as usize]));
-        let fresh = |o: u64, n: u64| {
+    fn fresh_keys(data: &[u8], off: u64, len: u64, limit: u64) -> Vec<Hash16> {
+        let mut want = Vec::new();
+        let end = (off + len).min(limit);
+        let mut o = off;
+        while o < end {
+            let n = BLOCK.min(end - o);
             let mut v = Vec::new();
             blocktree::block_cvs(o % WINDOW, &data[o as usize..(o + n) as usize], &mut v);
-            blocktree::key(&v[0])
-        };
-        // Cached window, uncached window, and a request cut short of the basis's end.
+            want.push(blocktree::key(&v[0]));
+            o += n;
+        }
+        want
+    }
+
+    #[test]
+    fn keys_match_fresh_hashing_cached_or_not_holes_included() {
+        let size = 2 * WINDOW + 3 * BLOCK + 100;
+        let mut data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 | 1).collect();
+        // The second window is a hole.
+        data[WINDOW as usize..2 * WINDOW as usize].fill(0);
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(&data[..WINDOW as usize], 0).unwrap();
+        f.write_all_at(&data[2 * WINDOW as usize..], 2 * WINDOW)
+            .unwrap();
+        let budget = Budget::default();
+        let mut buf = Vec::new();
+        let mut c = BasisCache::new(&budget);
+        let (r0, n) = c.hash_window(&f, 0, WINDOW, &mut buf).unwrap();
+        assert_eq!((r0, n), (digest::hash(&data[..WINDOW as usize]), WINDOW));
+        let (r1, n) = c.hash_window(&f, 1, WINDOW, &mut buf).unwrap();
+        assert_eq!(
+            (r1, n),
+            (digest::zero_hash(WINDOW), 0),
+            "a hole is not read"
+        );
         for (off, len, limit) in [
             (0, 64 * BLOCK, size),
-            (WINDOW, 4 * BLOCK, size),
-            (WINDOW, 4 * BLOCK, WINDOW + 2 * BLOCK + 5),
+            (0, WINDOW + 3 * BLOCK, size),
+            (WINDOW - 2 * BLOCK, 5 * BLOCK, size),
+            (2 * WINDOW, 4 * BLOCK, size),
+            (2 * WINDOW, 4 * BLOCK, 2 * WINDOW + 2 * BLOCK + 5),
+            (2 * WINDOW, BLOCK + 7, size),
         ] {
             let keys = c.block_keys(&f, off, len, limit, &mut buf).unwrap();
-            let mut want = Vec::new();
-            let mut o = off;
-            while o < (off + len).min(limit) {
-                let n = BLOCK.min((off + len).min(limit) - o);
-                want.push(fresh(o, n));
-                o += n;
-            }
-            assert_eq!(keys, want, "{off} {len} {limit}");
+            assert_eq!(
+                keys,
+                fresh_keys(&data, off, len, limit),
+                "{off} {len} {limit}"
+            );
         }
-        assert!(c.cv(1, 0, BLOCK).is_some(), "the second window is kept now");
+        assert_eq!(c.bytes(), budget.used());
+        c.evict_below(3);
+        assert_eq!((c.bytes(), budget.used()), (0, 0));
+    }
+
+    #[test]
+    fn the_budget_is_shared_by_all_files_and_given_back() {
+        let data: Vec<u8> = (0..WINDOW).map(|i| (i % 253) as u8 | 1).collect();
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        let per = ENTRY + blocktree::WINDOW_BLOCKS * std::mem::size_of::<Cv>();
+        let room = 5;
+        let budget = Budget::with_limit(room * per + per / 2);
+        let mut buf = Vec::new();
+        let mut caches: Vec<BasisCache> = (0..room + 5).map(|_| BasisCache::new(&budget)).collect();
+        for c in caches.iter_mut() {
+            c.hash_window(&f, 0, WINDOW, &mut buf).unwrap();
+        }
         assert_eq!(
-            c.cv(1, 3, 100),
-            Some({
-                let mut v = Vec::new();
-                blocktree::block_cvs(3 * BLOCK, &data[(WINDOW + 3 * BLOCK) as usize..], &mut v);
-                v[0]
-            })
+            budget.used(),
+            room * per,
+            "five windows kept, the others not"
         );
-        assert!(
-            c.cv(1, 3, BLOCK).is_none(),
-            "a short block is not a whole one"
-        );
-        c.evict_below(1);
-        assert!(c.cv(0, 0, BLOCK).is_none());
-        assert_eq!(c.bytes(), 4 * 32);
+        caches.clear();
+        assert_eq!(budget.used(), 0);
     }
 }

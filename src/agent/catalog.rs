@@ -31,6 +31,9 @@ pub fn rename_noreplace(root: &Root, from: &RelPath, to: &RelPath) -> WResult<()
     nix::unistd::fsync(fdir.as_fd()).map_err(|e| errno_err(e, "fsync directory of", from))
 }
 
+/// Opens a regular file of the root, refusing one on another file system;
+/// for writing, a name whose inode has hard links georep did not make is
+/// removed instead (see `meta::foreign_links`).
 fn open_regular(root: &Root, path: &RelPath, write: bool) -> WResult<File> {
     let (dir, name) = root.parent(path)?;
     let fd = if write {
@@ -44,12 +47,18 @@ fn open_regular(root: &Root, path: &RelPath, write: bool) -> WResult<File> {
         open_nofollow(dir.as_fd(), OsStr::from_bytes(name), false)
     }
     .map_err(|e| errno_err(e, "open", path))?;
+    root.check_dev(fd.as_fd(), path)?;
     let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| errno_err(e, "stat", path))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(WireError::new(
             ErrorKind::Invalid,
             format!("{path}: not a regular file"),
         ));
+    }
+    if write {
+        root.break_foreign_links(dir.as_fd(), name, fd.as_fd(), path)?;
+    } else if super::meta::foreign_links(fd.as_fd()) {
+        return Err(super::meta::foreign_links_error(path, false));
     }
     if !write {
         nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
@@ -71,24 +80,55 @@ pub fn read_file(root: &Root, path: &RelPath, offset: u64, max: u64) -> WResult<
     Ok(out)
 }
 
-/// The merged disk ranges the journal's points after `after` write.
+/// Separate extents one `JournalExtents` reply carries at most (a few MiB encoded).
+pub const MAX_EXTENTS: usize = 256 << 10;
+
+/// The merged disk ranges the journal's points after `after` write, from
+/// the record headers alone (never the records' data), merged as they
+/// accumulate so memory stays bounded.
 pub fn journal_extents(
     root: &Root,
     path: &RelPath,
     after: u64,
     limit: u64,
 ) -> WResult<Vec<(u64, u64)>> {
-    use crate::catalog::cdp;
+    use crate::catalog::{cdp, merge_extents};
     let f = open_regular(root, path, false)?;
     let bad = |e: cdp::JournalError| WireError::new(ErrorKind::Invalid, format!("{path}: {e}"));
     let mut s = cdp::Scanner::new(&f, limit, false).map_err(bad)?;
     let mut ext: Vec<(u64, u64)> = Vec::new();
-    while let Some(p) = s.next_point().map_err(bad)? {
-        if p.span.time > after {
-            ext.extend(p.writes.iter().map(|(o, d)| (*o, d.len() as u64)));
+    let mut merged = 0;
+    while let Some(span) = s.next_span().map_err(bad)? {
+        if span.time <= after {
+            continue;
+        }
+        let mut at = span.start;
+        while at < span.end {
+            let rec = cdp::read_record(&f, at).map_err(|e| io_err(e, "read", path))?;
+            if rec.length > 0 {
+                ext.push((rec.offset, rec.length as u64));
+            }
+            at += cdp::RECORD_HEADER_LEN + rec.length as u64;
+            if ext.len() >= merged.max(4096) * 2 {
+                ext = merge_extents(ext);
+                merged = ext.len();
+                if merged > MAX_EXTENTS {
+                    return Err(WireError::new(
+                        ErrorKind::Invalid,
+                        format!("{path}: more than {MAX_EXTENTS} separate extents after {after}: send the journal whole"),
+                    ));
+                }
+            }
         }
     }
-    Ok(crate::catalog::merge_extents(ext))
+    let ext = merge_extents(ext);
+    if ext.len() > MAX_EXTENTS {
+        return Err(WireError::new(
+            ErrorKind::Invalid,
+            format!("{path}: more than {MAX_EXTENTS} separate extents after {after}: send the journal whole"),
+        ));
+    }
+    Ok(ext)
 }
 
 /// Appends `data` at `at` of an existing file (see `Request::AppendTail`);

@@ -7,10 +7,11 @@
 //! 1. Before the file is first touched, an undo log in `.georep/undo/`
 //!    records its path, inode, old size and old metadata, and is made
 //!    durable (the log and its directory synced).
-//! 2. Changes are grouped (up to [`GROUP_BYTES`]): the old contents of every
-//!    range about to be overwritten (or zeroed, or cut off by shrinking) go
-//!    to the log, one fdatasync makes them durable, then the new data is
-//!    written.
+//! 2. Changes are grouped (up to [`GROUP_BYTES`] of data or
+//!    [`GROUP_CHANGES`] changes): the old contents of every range about to
+//!    be overwritten (or zeroed, or cut off by shrinking) go to the log —
+//!    holes as hole records, never as zeros — one fdatasync makes them
+//!    durable, then the new data is written. Zeroing a hole is nothing.
 //! 3. At commit the digest of the whole content is checked against the
 //!    master's; then metadata is applied, the file synced and the log
 //!    deleted (durably). A mismatch, an abort or a lost connection rolls
@@ -23,6 +24,7 @@
 //! while a sync runs (or until the next agent start after a crash).
 
 use super::root::{apply_meta, errno_err, io_err, Root, WResult, STATE_DIR};
+use super::settings::Policy;
 use super::undo;
 use crate::fs::meta::{Meta, Timestamp};
 use crate::fs::relpath::RelPath;
@@ -41,6 +43,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 pub const SHRINK_LIMIT: u64 = 16 << 20;
 /// New data held before its undo records are made durable and it is written.
 pub const GROUP_BYTES: u64 = 8 << 20;
+/// Changes queued before they are applied, at most (scattered tiny writes).
+pub const GROUP_CHANGES: usize = 4096;
 /// The undo logs' directory, under the state directory.
 pub const UNDO_DIR: &[u8] = b"undo";
 const PIECE: u64 = undo::MAX_RECORD as u64;
@@ -68,6 +72,7 @@ pub struct InPlace {
     group: Vec<Change>,
     group_bytes: u64,
     written: u64,
+    policy: Policy,
 }
 
 fn undo_dir(state: &OwnedFd) -> WResult<OwnedFd> {
@@ -157,6 +162,9 @@ impl InPlace {
         let Ok(file) = open_rw(dir, name) else {
             return Ok(None);
         };
+        if root.check_dev(file.as_fd(), path).is_err() {
+            return Ok(None);
+        }
         let md = file.metadata().map_err(|e| io_err(e, "stat", path))?;
         if md.nlink() != 1 || size + SHRINK_LIMIT < md.len() || busy(md.dev(), md.ino()) {
             return Ok(None);
@@ -179,6 +187,7 @@ impl InPlace {
             group: Vec::new(),
             group_bytes: 0,
             written: 0,
+            policy: *root.policy(),
         };
         if size > ip.header.old_size {
             if let Err(e) = ip.grow() {
@@ -279,24 +288,58 @@ impl InPlace {
         Ok(())
     }
 
-    /// Appends the current contents of `[offset, offset + len)` (within the old size) to the log.
+    /// The data ranges of the file in `[offset, end)`.
+    fn data(&self, offset: u64, end: u64) -> WResult<Vec<(u64, u64)>> {
+        crate::fs::sparse::data_ranges(&self.file, offset, end)
+            .map_err(|e| io_err(e, "seek", &self.path))
+    }
+
+    /// Appends the current contents of `[offset, offset + len)` (within the
+    /// old size) to the log: data as data, holes as hole records.
     fn save(&mut self, offset: u64, len: u64) -> WResult<()> {
         let end = (offset + len).min(self.header.old_size);
+        if end <= offset {
+            return Ok(());
+        }
         let mut buf = Vec::new();
-        let mut o = offset;
-        while o < end {
-            let n = PIECE.min(end - o);
-            buf.resize(n as usize, 0);
-            self.file
-                .read_exact_at(&mut buf, o)
-                .map_err(|e| io_err(e, "read old data of", &self.path))?;
-            self.log
-                .as_mut()
-                .expect("log created first")
-                .writer
-                .record(o, &buf)
-                .map_err(|e| io_err(e, "write undo log of", &self.path))?;
-            o += n;
+        let mut pos = offset;
+        let werr = |e, p: &RelPath| io_err(e, "write undo log of", p);
+        // A hole part is recorded by whole blocks (holes are), so that the
+        // roll-back punches them out again rather than leaving zeroed blocks.
+        let old_size = self.header.old_size;
+        let hole = |a: u64, b: u64| {
+            (
+                a / 4096 * 4096,
+                b.div_ceil(4096).saturating_mul(4096).min(old_size),
+            )
+        };
+        for (d, n) in self.data(offset, end)? {
+            let writer = &mut self.log.as_mut().expect("log created first").writer;
+            if d > pos {
+                let (a, b) = hole(pos, d);
+                writer
+                    .record_zero(a, b - a)
+                    .map_err(|e| werr(e, &self.path))?;
+            }
+            let mut o = d;
+            while o < d + n {
+                let m = PIECE.min(d + n - o);
+                buf.resize(m as usize, 0);
+                self.file
+                    .read_exact_at(&mut buf, o)
+                    .map_err(|e| io_err(e, "read old data of", &self.path))?;
+                let writer = &mut self.log.as_mut().expect("log created first").writer;
+                writer.record(o, &buf).map_err(|e| werr(e, &self.path))?;
+                o += m;
+            }
+            pos = d + n;
+        }
+        if end > pos {
+            let writer = &mut self.log.as_mut().expect("log created first").writer;
+            let (a, b) = hole(pos, end);
+            writer
+                .record_zero(a, b - a)
+                .map_err(|e| werr(e, &self.path))?;
         }
         Ok(())
     }
@@ -314,23 +357,28 @@ impl InPlace {
     pub fn write(&mut self, offset: u64, data: Vec<u8>) -> WResult<()> {
         self.group_bytes += data.len() as u64;
         self.group.push(Change::Write { offset, data });
-        if self.group_bytes >= GROUP_BYTES {
+        self.flush_if_full()
+    }
+
+    fn flush_if_full(&mut self) -> WResult<()> {
+        if self.group_bytes >= GROUP_BYTES || self.group.len() >= GROUP_CHANGES {
             self.flush()?;
         }
         Ok(())
     }
 
     /// Queues `[offset, offset + len)` to read as zeros (a gap the master
-    /// left for zeros or a hole). Only the old contents need it: data
-    /// beyond the old size reads as zeros already.
-    pub fn zero(&mut self, offset: u64, len: u64) {
+    /// left for zeros or a hole). Only old data needs it: holes and what
+    /// lies beyond the old size read as zeros already.
+    pub fn zero(&mut self, offset: u64, len: u64) -> WResult<()> {
         let end = (offset + len).min(self.header.old_size);
         if end > offset {
-            self.group.push(Change::Zero {
-                offset,
-                len: end - offset,
-            });
+            for (o, n) in self.data(offset, end)? {
+                self.group.push(Change::Zero { offset: o, len: n });
+                self.flush_if_full()?;
+            }
         }
+        Ok(())
     }
 
     /// Applies the queued changes: their old contents into the log, one
@@ -371,7 +419,7 @@ impl InPlace {
     pub fn commit(mut self, meta: &Meta) -> Result<u64, (WireError, Option<WireError>)> {
         let res = self
             .shrink()
-            .and_then(|_| apply_meta(self.file.as_fd(), meta, &self.path))
+            .and_then(|_| apply_meta(self.file.as_fd(), meta, &self.path, &self.policy))
             .and_then(|_| {
                 self.file
                     .sync_all()
@@ -397,7 +445,7 @@ impl InPlace {
         let (Some(log), Some(dir)) = (self.log.take(), self.undo_dir.as_ref()) else {
             return Ok(()); // nothing was touched
         };
-        let res = restore(log.writer.file(), &self.file, &self.path).and_then(|_| {
+        let res = restore(log.writer.file(), &self.file, &self.path, &self.policy).and_then(|_| {
             unlink_log(dir, &log.name).map_err(|e| errno_err(e, "remove undo log of", &self.path))
         });
         if let Err(e) = &res {
@@ -408,12 +456,12 @@ impl InPlace {
 }
 
 /// Restores the file from its log: old ranges, old size, old metadata, synced.
-fn restore(log: &File, file: &File, path: &dyn std::fmt::Display) -> WResult<()> {
+fn restore(log: &File, file: &File, path: &dyn std::fmt::Display, policy: &Policy) -> WResult<()> {
     let (header, start) = undo::read_header(log)
         .map_err(|e| io_err(e, "read undo log of", path))?
         .ok_or_else(|| WireError::new(ErrorKind::Io, format!("{path}: undo log unreadable")))?;
     undo::restore(log, start, &header, file).map_err(|e| io_err(e, "roll back", path))?;
-    apply_meta(file.as_fd(), &header.meta, path)?;
+    apply_meta(file.as_fd(), &header.meta, path, policy)?;
     file.sync_all().map_err(|e| io_err(e, "fsync", path))
 }
 
@@ -502,7 +550,7 @@ fn recover_one(root: &Root, dir: &OwnedFd, name: &[u8]) -> Result<(), Stuck> {
     });
     match target {
         Some((path, file)) if same => {
-            restore(&log, &file, &path).map_err(|e| fail(&header.path, e))?;
+            restore(&log, &file, &path, root.policy()).map_err(|e| fail(&header.path, e))?;
             tracing::warn!(path = %path, "rolled back an interrupted in-place update");
         }
         _ => tracing::warn!(
@@ -511,4 +559,52 @@ fn recover_one(root: &Root, dir: &OwnedFd, name: &[u8]) -> Result<(), Stuck> {
         ),
     }
     unlink_log(dir, name).map_err(|e| fail(&header.path, errno_err(e, "remove undo log", &shown)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scattered_tiny_writes_are_queued_boundedly_and_roll_back_to_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 256u64 << 20;
+        std::fs::File::create(d.path().join("img"))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let path = RelPath::new(b"img".to_vec()).unwrap();
+        let (dir, name) = root.parent(&path).unwrap();
+        let mut ip = InPlace::open(&root, &dir, name, &path, size, &|_, _| false)
+            .unwrap()
+            .expect("qualifies");
+        let mut most = 0;
+        for k in 0..3 * GROUP_CHANGES as u64 {
+            ip.zero(k * 8192 + 1, 8191).unwrap();
+            ip.write(k * 8192, vec![1]).unwrap();
+            most = most.max(ip.group.len());
+        }
+        assert!(most <= GROUP_CHANGES, "{most} changes queued");
+        ip.flush().unwrap();
+        let log = ip
+            .log
+            .as_ref()
+            .unwrap()
+            .writer
+            .file()
+            .metadata()
+            .unwrap()
+            .len();
+        assert!(log < 2 << 20, "holes saved as {log} bytes of log");
+        ip.rollback().unwrap();
+        let f = std::fs::File::open(d.path().join("img")).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), size);
+        assert!(
+            crate::fs::sparse::data_ranges(&f, 0, size)
+                .unwrap()
+                .is_empty(),
+            "the roll-back leaves holes where there were holes"
+        );
+    }
 }

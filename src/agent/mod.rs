@@ -4,28 +4,34 @@
 
 mod basis;
 mod catalog;
+mod conn;
 mod dr;
 mod files;
 mod inplace;
+mod meta;
 pub mod promote;
 pub mod quarantine;
+mod queue;
+mod remove;
 pub mod role;
 mod root;
+mod settings;
+mod sys;
 mod undo;
 
 pub use root::Root;
+pub use settings::Policy;
 
 use crate::protocol::{
-    read_frame, write_frame, Envelope, ErrorKind, Reply, Request, Response, WireError, BANNER,
-    PROTOCOL_VERSION,
+    Envelope, ErrorKind, Reply, Request, Response, WireError, MAX_FRAME, PROTOCOL_VERSION,
 };
+use conn::{Conn, Incoming, Replies};
 use files::Files;
 use nix::fcntl::{Flock, FlockArg};
-use std::io::{BufReader, BufWriter, Read, Write};
+use queue::TryPop;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Settings of one agent run.
 #[derive(Debug, Clone)]
@@ -48,11 +54,6 @@ pub enum AgentError {
     Refused(String),
 }
 
-enum Incoming {
-    Frame(Envelope),
-    Garbage(String),
-}
-
 /// Serves one connection until the input ends. Frames that cannot be
 /// decoded are answered with an error and the connection is closed;
 /// nothing outside `opts.root` is ever touched.
@@ -61,99 +62,38 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let (out_tx, out_rx) = mpsc::channel::<Response>();
-    let writer = std::thread::Builder::new()
-        .name("agent-writer".into())
-        .spawn(move || write_loop(output, out_rx))
-        .expect("spawn writer");
-    let last_input = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let (in_tx, in_rx) = mpsc::sync_channel::<Incoming>(16);
-    {
-        let last_input = last_input.clone();
-        std::thread::Builder::new()
-            .name("agent-reader".into())
-            .spawn(move || read_loop(input, in_tx, last_input, started))
-            .expect("spawn reader");
-    }
-    let result = run(opts, &in_rx, &out_tx, &last_input, started);
-    drop(out_tx);
+    let (conn, writer) = conn::start(input, output);
+    let result = run(opts, &conn);
+    conn.requests.close();
+    conn.replies.close();
     let written = writer.join().unwrap_or(Ok(()));
     result?;
     written.map_err(AgentError::Output)
 }
 
-fn read_loop<R: Read>(
-    input: R,
-    tx: mpsc::SyncSender<Incoming>,
-    last: Arc<AtomicU64>,
-    started: Instant,
-) {
-    let mut r = BufReader::with_capacity(256 << 10, input);
-    let mut buf = Vec::new();
-    loop {
-        match read_frame(&mut r, &mut buf) {
-            Ok(None) => return,
-            Ok(Some(())) => {
-                last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                let msg = match postcard::from_bytes::<Envelope>(&buf) {
-                    Ok(env) => Incoming::Frame(env),
-                    Err(e) => Incoming::Garbage(format!("undecodable request: {e}")),
-                };
-                let stop = matches!(msg, Incoming::Garbage(_));
-                if tx.send(msg).is_err() || stop {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Incoming::Garbage(e.to_string()));
-                return;
-            }
-        }
-    }
-}
-
-fn write_loop<W: Write>(output: W, rx: mpsc::Receiver<Response>) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, output);
-    w.write_all(BANNER)?;
-    w.flush()?;
-    while let Ok(resp) = rx.recv() {
-        write_frame(&mut w, &resp)?;
-        while let Ok(resp) = rx.try_recv() {
-            write_frame(&mut w, &resp)?;
-        }
-        w.flush()?;
-    }
-    w.flush()
-}
-
 struct Agent<'a> {
     root: Root,
     files: Files,
-    out: &'a mpsc::Sender<Response>,
+    out: &'a Replies,
     /// The root's role and the worker's claim: writes of a fenced writer are refused.
     fence: role::Fence,
     /// A failback's quarantine being built (see `quarantine`).
     quarantine: Option<quarantine::Job>,
 }
 
-fn run(
-    opts: &AgentOptions,
-    rx: &mpsc::Receiver<Incoming>,
-    out: &mpsc::Sender<Response>,
-    last_input: &AtomicU64,
-    started: Instant,
-) -> Result<(), AgentError> {
+fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
+    let out = &conn.replies;
     let send = |id: u64, result: Result<Reply, WireError>| {
-        let _ = out.send(Response {
+        out.send(&Response {
             id,
             last: true,
             result,
         });
     };
+    let keepalive = |_| AgentError::KeepAlive(opts.keepalive.as_secs());
     // The handshake comes first, whatever the root's state, so that the
     // worker always gets a reason rather than a closed pipe.
-    let first = match recv(rx, opts.keepalive, last_input, started)? {
+    let first = match conn.recv(opts.keepalive).map_err(keepalive)? {
         Some(Incoming::Frame(env)) => env,
         Some(Incoming::Garbage(why)) => return Err(AgentError::Refused(why)),
         None => return Ok(()),
@@ -177,9 +117,14 @@ fn run(
         return Err(AgentError::Refused(msg));
     }
     // The state directory exists before any crawl, so creating it never
-    // moves the root's mtime after the worker has set it.
-    let (root, _lock) = match open_root(&opts.root).and_then(|(r, l)| r.state_dir().map(|_| (r, l)))
-    {
+    // moves the root's mtime after the worker has set it; the slave's
+    // settings are in it.
+    let opened = open_root(&opts.root).and_then(|(mut r, l)| {
+        let state = r.state_dir()?;
+        r.set_policy(Policy::load(std::os::fd::AsFd::as_fd(&state))?);
+        Ok((r, l))
+    });
+    let (root, _lock) = match opened {
         Ok(r) => r,
         Err(e) => {
             send(first.id, Err(e.clone()));
@@ -197,6 +142,7 @@ fn run(
     // Interrupted in-place updates are rolled back before anything is served.
     let files = Files::start(&root);
     let fence = role::Fence::load(&root);
+    conn.serving();
     let mut agent = Agent {
         root,
         files,
@@ -205,17 +151,17 @@ fn run(
         quarantine: None,
     };
     let result = loop {
-        let msg = match rx.try_recv() {
-            Ok(m) => Some(m),
-            Err(mpsc::TryRecvError::Empty) => {
+        let msg = match conn.try_recv() {
+            TryPop::Item(m) => Some(m),
+            TryPop::Empty => {
                 // Input is idle: publish what is waiting before blocking.
                 agent.flush();
-                match recv(rx, opts.keepalive, last_input, started) {
+                match conn.recv(opts.keepalive) {
                     Ok(m) => m,
-                    Err(e) => break Err(e),
+                    Err(()) => break Err(keepalive(())),
                 }
             }
-            Err(mpsc::TryRecvError::Disconnected) => None,
+            TryPop::Closed => None,
         };
         match msg {
             Some(Incoming::Frame(env)) => agent.handle(env),
@@ -225,6 +171,9 @@ fn run(
             }
             None => break Ok(()),
         }
+        if out.dead() {
+            break Ok(()); // the writer's error says why
+        }
         if agent.files.batch_full() {
             agent.flush();
         }
@@ -232,29 +181,6 @@ fn run(
     agent.flush();
     agent.files.abort_all();
     result
-}
-
-/// Waits for the next message, enforcing the keep-alive timeout.
-fn recv(
-    rx: &mpsc::Receiver<Incoming>,
-    keepalive: Duration,
-    last_input: &AtomicU64,
-    started: Instant,
-) -> Result<Option<Incoming>, AgentError> {
-    loop {
-        match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(m) => return Ok(Some(m)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Saturating: the reader may store a newer time than the one just read.
-                let idle = (started.elapsed().as_millis() as u64)
-                    .saturating_sub(last_input.load(Ordering::Relaxed));
-                if idle > keepalive.as_millis() as u64 {
-                    return Err(AgentError::KeepAlive(keepalive.as_secs()));
-                }
-            }
-        }
-    }
 }
 
 /// Opens the root and takes its exclusive lock (held while the returned lock lives).
@@ -293,7 +219,7 @@ fn open_root(path: &Path) -> Result<(Root, Flock<std::fs::File>), WireError> {
 impl Agent<'_> {
     fn reply(&self, id: u64, result: Result<Reply, WireError>) {
         if id != 0 || result.is_err() {
-            let _ = self.out.send(Response {
+            self.out.send(&Response {
                 id,
                 last: true,
                 result,
@@ -332,8 +258,7 @@ impl Agent<'_> {
             }
             Request::ListDir { path } => {
                 self.flush_if(|p| p.parent().as_ref() == Some(&path));
-                let files = &self.files;
-                return self.send_entries(id, self.root.list(&path, &|n| files.in_use(n)));
+                return self.list(id, &path);
             }
             Request::Stat { path } => {
                 self.flush_if(|p| p == &path);
@@ -499,24 +424,43 @@ impl Agent<'_> {
         self.reply(id, result);
     }
 
-    /// Sends a listing in frames of bounded size.
-    fn send_entries(&self, id: u64, entries: Result<Vec<crate::fs::meta::Entry>, WireError>) {
-        let entries = match entries {
-            Ok(e) => e,
-            Err(e) => return self.reply(id, Err(e)),
-        };
-        const PER_FRAME: usize = 512;
-        let mut chunks = entries.chunks(PER_FRAME).peekable();
-        if chunks.peek().is_none() {
-            return self.reply(id, Ok(Reply::Entries(Vec::new())));
-        }
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            let _ = self.out.send(Response {
-                id,
-                last,
-                result: Ok(Reply::Entries(chunk.to_vec())),
-            });
+    /// Sends a listing in frames of bounded encoded size, read entry by
+    /// entry; an entry too large for any frame ends it with an error.
+    fn list(&self, id: u64, path: &crate::fs::relpath::RelPath) {
+        const FRAME_TARGET: usize = 4 << 20;
+        let mut chunk: Vec<crate::fs::meta::Entry> = Vec::new();
+        let mut size = 0;
+        let files = &self.files;
+        let res = self.root.list(path, &|n| files.in_use(n), &mut |e| {
+            let n = postcard::to_stdvec(&e).map_or(usize::MAX, |v| v.len());
+            if n > MAX_FRAME - (64 << 10) {
+                return Err(WireError::new(
+                    ErrorKind::Invalid,
+                    format!(
+                        "{}: its metadata takes {n} bytes, more than a frame carries",
+                        path.join(&e.name)
+                            .map_or_else(|_| path.to_string(), |p| p.to_string())
+                    ),
+                ));
+            }
+            if !chunk.is_empty() && size + n > FRAME_TARGET {
+                let sent = self.out.send(&Response {
+                    id,
+                    last: false,
+                    result: Ok(Reply::Entries(std::mem::take(&mut chunk))),
+                });
+                if !sent {
+                    return Err(WireError::new(ErrorKind::Io, "connection closed"));
+                }
+                size = 0;
+            }
+            size += n;
+            chunk.push(e);
+            Ok(())
+        });
+        match res {
+            Ok(()) => self.reply(id, Ok(Reply::Entries(chunk))),
+            Err(e) => self.reply(id, Err(e)),
         }
     }
 }

@@ -1,53 +1,34 @@
 //! Filesystem operations confined to the agent's root.
 //!
-//! Every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
-//! from the root's file descriptor to the entry's parent directory, and the
-//! final name is operated on with `*at` calls that never follow a symlink.
-//! So whatever the master sends, nothing outside the root is touched.
+//! Every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+//! | RESOLVE_NO_XDEV)` from the root's file descriptor to the entry's parent
+//! directory, and the final name is operated on with `*at` calls that never
+//! follow a symlink; a final component on another file system is refused
+//! too (unless the slave's settings allow `cross_mounts`). So whatever the
+//! master sends, nothing outside the root is touched.
 
-use crate::fs::meta::{replicated_xattr, Entry, Kind, Meta};
+use super::meta::{apply_owner_mode, foreign_links, foreign_links_error, mark_links};
+use super::settings::Policy;
+use crate::fs::meta::{Entry, Kind, Meta};
 use crate::fs::relpath::RelPath;
 use crate::protocol::{ErrorKind, SlaveIdentity, WireError};
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fchmod, fstatat, futimens, mkdirat, utimensat, Mode, UtimensatFlags};
-use nix::sys::time::TimeSpec;
-use nix::unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
+use nix::sys::stat::{fstatat, mkdirat, utimensat, Mode, UtimensatFlags};
+use nix::unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
 use serde_bytes::ByteBuf;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+pub use super::meta::apply_meta;
+pub use super::sys::{
+    errno_err, io_err, is_root_user, open_nofollow, rename_over, timespec, tmp_name, WResult,
+};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 pub use crate::protocol::{STATE_DIR, TMP_PREFIX};
-
-pub type WResult<T> = Result<T, WireError>;
-
-pub fn errno_err(e: Errno, what: &str, path: &dyn std::fmt::Display) -> WireError {
-    let kind = match e {
-        Errno::ENOENT | Errno::ENOTDIR => ErrorKind::NotFound,
-        Errno::EEXIST | Errno::ENOTEMPTY => ErrorKind::Exists,
-        Errno::ENOSPC | Errno::EDQUOT => ErrorKind::NoSpace,
-        Errno::EACCES | Errno::EPERM | Errno::EROFS => ErrorKind::Permission,
-        Errno::ELOOP | Errno::EXDEV => ErrorKind::InvalidPath,
-        _ => ErrorKind::Io,
-    };
-    let hint = match e {
-        Errno::ELOOP | Errno::EXDEV => {
-            " (the path goes through a symlink or leaves the slave root)".to_string()
-        }
-        _ => String::new(),
-    };
-    WireError::new(kind, format!("{what} {path}: {}{hint}", e.desc()))
-}
-
-pub fn io_err(e: std::io::Error, what: &str, path: &dyn std::fmt::Display) -> WireError {
-    match e.raw_os_error() {
-        Some(n) => errno_err(Errno::from_raw(n), what, path),
-        None => WireError::new(ErrorKind::Io, format!("{what} {path}: {e}")),
-    }
-}
 
 /// Refuses paths that name georep's own files on the slave.
 fn check_reserved(p: &RelPath) -> WResult<()> {
@@ -67,23 +48,68 @@ fn check_reserved(p: &RelPath) -> WResult<()> {
 pub struct Root {
     fd: OwnedFd,
     path: PathBuf,
+    /// The root's device: entries on another one are refused (see [`Policy`]).
+    dev: u64,
+    policy: Policy,
 }
 
 impl Root {
+    /// Opens the root with the default policy (see [`Root::set_policy`]).
     pub fn open(path: &Path) -> std::io::Result<Root> {
         let fd = nix::fcntl::open(
             path,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
+        let dev = nix::sys::stat::fstat(fd.as_fd())?.st_dev;
         Ok(Root {
             fd,
             path: path.to_path_buf(),
+            dev,
+            policy: Policy::default(),
         })
+    }
+
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The device an entry must be on (None: any, `cross_mounts`).
+    pub fn dev(&self) -> Option<u64> {
+        (!self.policy.cross_mounts).then_some(self.dev)
+    }
+
+    /// Refuses an opened entry on another file system than the root's.
+    pub fn check_dev(&self, fd: BorrowedFd<'_>, rel: &dyn std::fmt::Display) -> WResult<()> {
+        let Some(dev) = self.dev() else { return Ok(()) };
+        let st = nix::sys::stat::fstat(fd).map_err(|e| errno_err(e, "stat", rel))?;
+        if st.st_dev != dev {
+            return Err(errno_err(Errno::EXDEV, "open", rel));
+        }
+        Ok(())
+    }
+
+    /// Opens `name` in `dir` (an entry of the root) without following a
+    /// symlink, refused on another file system.
+    pub fn open_entry(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        is_dir: bool,
+        rel: &dyn std::fmt::Display,
+    ) -> WResult<OwnedFd> {
+        let fd = open_nofollow(dir, OsStr::from_bytes(name), is_dir)
+            .map_err(|e| errno_err(e, "open", rel))?;
+        self.check_dev(fd.as_fd(), rel)?;
+        Ok(fd)
     }
 
     pub fn path(&self) -> &Path {
@@ -92,13 +118,15 @@ impl Root {
 
     /// Opens the directory `rel` beneath the root without following any symlink.
     pub fn dir(&self, rel: &RelPath) -> WResult<OwnedFd> {
+        let mut resolve = ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS;
+        if !self.policy.cross_mounts {
+            resolve |= ResolveFlag::RESOLVE_NO_XDEV;
+        }
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-            );
+            .resolve(resolve);
         openat2(self.fd.as_fd(), rel.as_os_str(), how)
             .map_err(|e| errno_err(e, "open directory", rel))
     }
@@ -131,9 +159,16 @@ impl Root {
         }
     }
 
-    /// Lists `rel`, hiding georep's own files and removing stale temporaries
-    /// (`in_use` says which temporaries belong to files being assembled).
-    pub fn list(&self, rel: &RelPath, in_use: &dyn Fn(&[u8]) -> bool) -> WResult<Vec<Entry>> {
+    /// Lists `rel` in name order, one entry at a time into `sink` (so that
+    /// the metadata of a large directory is never all in memory), hiding
+    /// georep's own files and removing stale temporaries (`in_use` says
+    /// which temporaries belong to files being assembled).
+    pub fn list(
+        &self,
+        rel: &RelPath,
+        in_use: &dyn Fn(&[u8]) -> bool,
+        sink: &mut dyn FnMut(Entry) -> WResult<()>,
+    ) -> WResult<()> {
         check_reserved(rel)?;
         let dir = self.dir(rel)?;
         let mut d =
@@ -162,15 +197,14 @@ impl Root {
             names.push(name.to_vec());
         }
         names.sort();
-        let mut out = Vec::with_capacity(names.len());
         for name in names {
             match stat_entry(dir.as_fd(), OsStr::from_bytes(&name), &name) {
-                Ok(e) => out.push(e),
+                Ok(e) => sink(e)?,
                 Err(e) if e.kind == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn mkdir(&self, rel: &RelPath, meta: &Meta) -> WResult<()> {
@@ -180,13 +214,16 @@ impl Root {
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(e) => return Err(errno_err(e, "mkdir", rel)),
         }
-        let fd = open_nofollow(dir.as_fd(), name, true).map_err(|e| errno_err(e, "mkdir", rel))?;
-        apply_owner_mode(fd.as_fd(), meta, rel)
+        let fd = self.open_entry(dir.as_fd(), name.as_bytes(), true, rel)?;
+        apply_owner_mode(fd.as_fd(), meta, rel, &self.policy)
     }
 
+    /// Removes an entry, a directory with everything below it (never
+    /// into another file system unless `cross_mounts`).
     pub fn remove(&self, rel: &RelPath) -> WResult<()> {
         let (dir, name) = self.parent(rel)?;
-        remove_at(dir.as_fd(), OsStr::from_bytes(name)).map_err(|e| errno_err(e, "remove", rel))
+        super::remove::remove_tree(dir.as_fd(), OsStr::from_bytes(name), self.dev())
+            .map_err(|e| errno_err(e, "remove", rel))
     }
 
     pub fn symlink(&self, rel: &RelPath, target: &[u8], meta: &Meta) -> WResult<()> {
@@ -251,6 +288,17 @@ impl Root {
                 return Ok(());
             }
         }
+        // A regular file's inode must be one georep owns: never link to a
+        // local user's link (symlinks are linked as they are).
+        let tfd = if tst.st_mode & libc::S_IFMT == libc::S_IFREG {
+            let fd = self.open_entry(tdir.as_fd(), tname, false, target)?;
+            if foreign_links(fd.as_fd()) {
+                return Err(foreign_links_error(target, false));
+            }
+            Some(fd)
+        } else {
+            None
+        };
         let tmp = tmp_name();
         let tmp_os = OsStr::from_bytes(&tmp);
         linkat(
@@ -264,12 +312,16 @@ impl Root {
         rename_over(dir.as_fd(), tmp_os, OsStr::from_bytes(name)).map_err(|e| {
             let _ = unlinkat(dir.as_fd(), tmp_os, UnlinkatFlags::NoRemoveDir);
             errno_err(e, "rename", rel)
-        })
+        })?;
+        match tfd {
+            Some(fd) => mark_links(fd.as_fd(), target),
+            None => Ok(()),
+        }
     }
 
     pub fn set_meta(&self, rel: &RelPath, meta: &Meta) -> WResult<()> {
         if rel.is_root() {
-            return apply_meta(self.fd.as_fd(), meta, rel);
+            return apply_meta(self.fd.as_fd(), meta, rel, &self.policy);
         }
         let (dir, name) = self.parent(rel)?;
         let name_os = OsStr::from_bytes(name);
@@ -298,9 +350,31 @@ impl Root {
             .map_err(|e| errno_err(e, "utimes", rel));
         }
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-        let fd =
-            open_nofollow(dir.as_fd(), name_os, is_dir).map_err(|e| errno_err(e, "open", rel))?;
-        apply_meta(fd.as_fd(), meta, rel)
+        let fd = self.open_entry(dir.as_fd(), name, is_dir, rel)?;
+        if foreign_links(fd.as_fd()) {
+            // Never through a local user's link: break it (the name goes).
+            unlinkat(dir.as_fd(), name_os, UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| errno_err(e, "unlink", rel))?;
+            return Err(foreign_links_error(rel, true));
+        }
+        apply_meta(fd.as_fd(), meta, rel, &self.policy)
+    }
+
+    /// Removes the name `name` in `dir` if its inode has hard links georep
+    /// did not make (`fd` is that inode): the error to answer, else Ok.
+    pub fn break_foreign_links(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        fd: BorrowedFd<'_>,
+        rel: &dyn std::fmt::Display,
+    ) -> WResult<()> {
+        if !foreign_links(fd) {
+            return Ok(());
+        }
+        unlinkat(dir, OsStr::from_bytes(name), UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| errno_err(e, "unlink", rel))?;
+        Err(foreign_links_error(rel, true))
     }
 
     pub fn identity(&self) -> WResult<Option<SlaveIdentity>> {
@@ -351,46 +425,6 @@ impl Root {
     }
 }
 
-pub fn is_root_user() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-pub fn tmp_name() -> Vec<u8> {
-    let mut n = TMP_PREFIX.to_vec();
-    n.extend_from_slice(format!("{:016x}", rand_u64()).as_bytes());
-    n
-}
-
-fn rand_u64() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom(&mut b).is_err() {
-        let t = crate::fs::xtime::now_ns();
-        return t ^ (std::process::id() as u64) << 32;
-    }
-    u64::from_le_bytes(b)
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    File::open("/dev/urandom")?.read_exact(buf)
-}
-
-pub fn open_nofollow(dir: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> nix::Result<OwnedFd> {
-    let mut flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-    if is_dir {
-        flags |= OFlag::O_DIRECTORY;
-    }
-    openat(dir, name, flags, Mode::empty())
-}
-
-pub fn rename_over(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> nix::Result<()> {
-    nix::fcntl::renameat(dir, from, dir, to)
-}
-
-pub fn timespec(meta: &Meta) -> TimeSpec {
-    TimeSpec::new(meta.mtime.sec, meta.mtime.nsec as _)
-}
-
 fn stat_entry(dir: BorrowedFd<'_>, name_os: &OsStr, name: &[u8]) -> WResult<Entry> {
     let disp = String::from_utf8_lossy(name);
     let st = fstatat(dir, name_os, AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -411,11 +445,10 @@ fn stat_entry(dir: BorrowedFd<'_>, name_os: &OsStr, name: &[u8]) -> WResult<Entr
     } else {
         None
     };
-    let xattrs = if matches!(kind, Kind::File | Kind::Dir) {
-        let p = proc_path(dir, name);
-        read_xattrs_lossy(&p)
+    let (xattrs, setid) = if matches!(kind, Kind::File | Kind::Dir) {
+        super::meta::read_xattrs(&proc_path(dir, name), &disp)?
     } else {
-        Vec::new()
+        (Vec::new(), 0)
     };
     Ok(Entry {
         name: ByteBuf::from(name.to_vec()),
@@ -426,7 +459,8 @@ fn stat_entry(dir: BorrowedFd<'_>, name_os: &OsStr, name: &[u8]) -> WResult<Entr
             0
         },
         meta: Meta {
-            mode: st.st_mode & 0o7777,
+            // With the setuid/setgid bits the agent stripped (as the master sent them).
+            mode: st.st_mode & 0o7777 | setid,
             uid: st.st_uid,
             gid: st.st_gid,
             mtime: crate::fs::meta::Timestamp {
@@ -450,90 +484,4 @@ fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> PathBuf {
         p.push(OsStr::from_bytes(name));
     }
     p
-}
-
-fn read_xattrs_lossy(p: &Path) -> Vec<(ByteBuf, ByteBuf)> {
-    crate::fs::meta::read_xattrs(p).unwrap_or_default()
-}
-
-fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<()> {
-    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
-        Err(Errno::EISDIR) | Err(Errno::EPERM) => {}
-        Err(e) => return Err(e),
-    }
-    // A directory: empty it through a no-follow fd, then remove it.
-    let fd = match open_nofollow(dir, name, true) {
-        Ok(fd) => fd,
-        Err(Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let mut d = nix::dir::Dir::from_fd(nix::unistd::dup(&fd)?)?;
-    let names: Vec<Vec<u8>> = d
-        .iter()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_bytes().to_vec())
-        .filter(|n| n != b"." && n != b"..")
-        .collect();
-    for n in names {
-        remove_at(fd.as_fd(), OsStr::from_bytes(&n))?;
-    }
-    match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn apply_owner_mode(fd: BorrowedFd<'_>, meta: &Meta, rel: &dyn std::fmt::Display) -> WResult<()> {
-    match fchown(
-        fd,
-        Some(Uid::from_raw(meta.uid)),
-        Some(Gid::from_raw(meta.gid)),
-    ) {
-        Ok(()) => {}
-        Err(Errno::EPERM) if !is_root_user() => {}
-        Err(e) => return Err(errno_err(e, "chown", rel)),
-    }
-    fchmod(fd, Mode::from_bits_truncate(meta.mode)).map_err(|e| errno_err(e, "chmod", rel))
-}
-
-/// Owner, mode, replicated xattrs, then mtime (last, as the others touch ctime only).
-pub fn apply_meta(fd: BorrowedFd<'_>, meta: &Meta, rel: &dyn std::fmt::Display) -> WResult<()> {
-    apply_owner_mode(fd, meta, rel)?;
-    sync_xattrs(fd, &meta.xattrs, rel)?;
-    let ts = timespec(meta);
-    futimens(fd, &ts, &ts).map_err(|e| errno_err(e, "utimes", rel))
-}
-
-fn sync_xattrs(
-    fd: BorrowedFd<'_>,
-    want: &[(ByteBuf, ByteBuf)],
-    rel: &dyn std::fmt::Display,
-) -> WResult<()> {
-    use xattr::FileExt;
-    // xattr's fd API wants a File: use a duplicate of the descriptor.
-    let file = File::from(fd.try_clone_to_owned().map_err(|e| io_err(e, "dup", rel))?);
-    {
-        let have = file
-            .list_xattr()
-            .map_err(|e| io_err(e, "list xattrs", rel))?;
-        for name in have {
-            let n = name.as_bytes();
-            if replicated_xattr(n) && !want.iter().any(|(w, _)| w.as_slice() == n) {
-                file.remove_xattr(&name)
-                    .map_err(|e| io_err(e, "remove xattr", rel))?;
-            }
-        }
-        for (n, v) in want {
-            if !replicated_xattr(n) {
-                continue;
-            }
-            let name = OsStr::from_bytes(n);
-            if file.get_xattr(name).ok().flatten().as_deref() != Some(v.as_slice()) {
-                file.set_xattr(name, v)
-                    .map_err(|e| io_err(e, "set xattr", rel))?;
-            }
-        }
-        Ok(())
-    }
 }

@@ -3,7 +3,9 @@
 //!
 //! Layout: a header (magic, length, postcard-encoded [`Header`]: the file's
 //! path, device and inode, old size and old metadata; a 128-bit BLAKE3
-//! check), then records `UREC | offset u64 | len u32 | old bytes | check`,
+//! check), then records `UREC | offset u64 | len u32 | old bytes | check`
+//! for old data and `UZER | offset u64 | len u64 | check` for a range that
+//! was a hole (restored as a hole, so a sparse file's log stays small),
 //! each check a truncated BLAKE3 of the record. The log is made durable
 //! before the file is touched (header) and before each group of ranges is
 //! overwritten (records), so every modified range has a durable record.
@@ -20,6 +22,7 @@ use std::os::unix::fs::FileExt;
 
 const MAGIC: &[u8; 12] = b"GEOREPUNDO1\n";
 const REC: &[u8; 4] = b"UREC";
+const ZREC: &[u8; 4] = b"UZER";
 /// Largest record: bigger ranges are split, so replay memory stays bounded.
 pub const MAX_RECORD: usize = 1 << 20;
 const CHECK: usize = 16;
@@ -85,6 +88,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Appends that `[offset, offset + len)` was a hole (reads as zeros).
+    pub fn record_zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let (o, l) = (offset.to_le_bytes(), len.to_le_bytes());
+        let mut buf = Vec::with_capacity(20 + CHECK);
+        buf.extend_from_slice(ZREC);
+        buf.extend_from_slice(&o);
+        buf.extend_from_slice(&l);
+        buf.extend_from_slice(&check(&[ZREC, &o, &l]));
+        self.file.write_all_at(&buf, self.end)?;
+        self.end += buf.len() as u64;
+        Ok(())
+    }
+
     /// Makes everything written so far durable.
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -123,12 +139,14 @@ pub fn read_header(log: &File) -> io::Result<Option<(Header, u64)>> {
     }
 }
 
-/// One valid record: where its old bytes go and where they are in the log.
+/// One valid record: where its old bytes go and where they are in the
+/// log (`zero`: the range was a hole, no bytes in the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub offset: u64,
-    pub len: u32,
+    pub len: u64,
     pub at: u64,
+    pub zero: bool,
 }
 
 /// The valid records from `start` on, up to the first torn or invalid one.
@@ -143,6 +161,28 @@ pub fn records(log: &File, start: u64) -> io::Result<Vec<Record>> {
             break;
         }
         log.read_exact_at(&mut head, pos)?;
+        if &head[..4] == ZREC {
+            let mut rest = [0u8; 4 + CHECK];
+            if pos + 20 + CHECK as u64 > len {
+                break;
+            }
+            log.read_exact_at(&mut rest, pos + 16)?;
+            let o = &head[4..12];
+            let mut l = [0u8; 8];
+            l[..4].copy_from_slice(&head[12..16]);
+            l[4..].copy_from_slice(&rest[..4]);
+            if check(&[ZREC, o, &l]) != rest[4..] {
+                break;
+            }
+            out.push(Record {
+                offset: u64::from_le_bytes(o.try_into().expect("8 bytes")),
+                len: u64::from_le_bytes(l),
+                at: pos,
+                zero: true,
+            });
+            pos += 20 + CHECK as u64;
+            continue;
+        }
         if &head[..4] != REC {
             break;
         }
@@ -159,8 +199,9 @@ pub fn records(log: &File, start: u64) -> io::Result<Vec<Record>> {
         }
         out.push(Record {
             offset,
-            len: n,
+            len: n as u64,
             at: pos + 16,
+            zero: false,
         });
         pos += 16 + n as u64 + CHECK as u64;
     }
@@ -173,6 +214,10 @@ pub fn records(log: &File, start: u64) -> io::Result<Vec<Record>> {
 pub fn restore(log: &File, start: u64, header: &Header, target: &File) -> io::Result<()> {
     let mut buf = Vec::new();
     for r in records(log, start)?.iter().rev() {
+        if r.zero {
+            zero_range(target, r.offset, r.len)?;
+            continue;
+        }
         buf.resize(r.len as usize, 0);
         log.read_exact_at(&mut buf, r.at)?;
         write_back(target, r.offset, &buf)?;
@@ -351,6 +396,41 @@ mod tests {
         assert!(read_header(&tempfile::tempfile().unwrap())
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn hole_records_restore_holes_and_cost_no_bytes() {
+        let size = 64u64 << 20;
+        let target = tempfile::tempfile().unwrap();
+        target.set_len(size).unwrap();
+        target.write_all_at(b"head", 0).unwrap();
+        let mut w = Writer::create(tempfile::tempfile().unwrap(), &header(size)).unwrap();
+        w.record_zero(4096, size - 4096).unwrap();
+        w.sync().unwrap();
+        target.write_all_at(&pattern(1 << 20, 3), 1 << 20).unwrap();
+        target.write_all_at(b"tail", size - 4).unwrap();
+        let log = w.file().try_clone().unwrap();
+        assert!(
+            log.metadata().unwrap().len() < 4096,
+            "a hole costs no bytes"
+        );
+        let (h, start) = read_header(&log).unwrap().unwrap();
+        let recs = records(&log, start).unwrap();
+        assert_eq!(recs.len(), 1);
+        assert!(recs[0].zero && recs[0].len == size - 4096);
+        restore(&log, start, &h, &target).unwrap();
+        let data = crate::fs::sparse::data_ranges(&target, 0, size).unwrap();
+        assert!(data.iter().all(|&(o, _)| o < 4096), "{data:?}");
+        let mut head = [0u8; 4];
+        target.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(&head, b"head");
+        // A damaged hole record is not replayed (nor anything after it).
+        let bad = tempfile::tempfile().unwrap();
+        let mut w2 = Writer::create(bad.try_clone().unwrap(), &header(10)).unwrap();
+        w2.record_zero(0, 10).unwrap();
+        let (_, s2) = read_header(&bad).unwrap().unwrap();
+        bad.write_all_at(b"X", s2 + 5).unwrap();
+        assert!(records(&bad, s2).unwrap().is_empty());
     }
 
     #[test]

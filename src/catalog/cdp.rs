@@ -181,6 +181,21 @@ pub struct PointSpan {
     pub end: u64,
 }
 
+/// The header fields of the record at `at` (unchecked: for a range a
+/// [`Scanner`] already validated).
+pub fn read_record(file: &File, at: u64) -> io::Result<Record> {
+    let mut head = [0u8; RECORD_HEADER_LEN as usize];
+    file.read_exact_at(&mut head, at)?;
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().unwrap());
+    Ok(Record {
+        time: u64_at(0),
+        flags: u32_at(8),
+        length: u32_at(12),
+        offset: u64_at(16),
+    })
+}
+
 /// A record's header fields and, when asked for, its data.
 type RecordRead = (Record, Option<Vec<u8>>);
 

@@ -221,6 +221,10 @@ pub fn create(
         inplace_min_size: opts.inplace_min_size,
         epoch,
         failback,
+        on_event: None,
+        on_event_timeout_secs: crate::session::default_event_timeout(),
+        rpo_warning_secs: None,
+        persistent_failure_crawls: crate::session::default_persistent_failure_crawls(),
     };
     let staging = sessions_dir().join(format!(".{name}.creating-{}", config.session_id));
     std::fs::create_dir_all(&staging).map_err(|e| {
@@ -297,9 +301,20 @@ fn key_tag(name: &str) -> String {
 /// stimes from the master so nothing of it is left there.
 pub fn delete(name: &str, reset_sync_time: bool) -> Result<u64, UserError> {
     let session = Session::load(name)?;
-    if let Some(pid) = session.running_pid() {
+    let live = |p: &Path| {
+        georep_monitor::PidRecord::read_live(p)
+            .ok()
+            .flatten()
+            .map(|r| r.pid)
+    };
+    if let Some(pid) = live(&session.monitor_pid_path()) {
         return Err(user_err!(
-            "session {name:?} is running (pid {pid}): `georep stop {name}` first"
+            "session {name:?} is running (monitor pid {pid}): `georep stop {name}` first"
+        ));
+    }
+    if let Some(pid) = live(&session.worker_pid_path()) {
+        return Err(user_err!(
+            "session {name:?} is being synced (georep sync, pid {pid}): wait for it to end, or stop it"
         ));
     }
     let mut removed = 0;
@@ -406,7 +421,12 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
         }
         "ssh_port" => {
             c.ssh_port = value
-                .map(|v| v.parse().map_err(|_| bad("a port number")))
+                .map(|v| {
+                    v.parse()
+                        .ok()
+                        .filter(|&p: &u16| p > 0)
+                        .ok_or_else(|| bad("a port number, 1-65535"))
+                })
                 .transpose()?
         }
         "identity" => c.identity = value.map(PathBuf::from),
@@ -427,6 +447,46 @@ pub fn config_set(session: &mut Session, key: &str, value: Option<&str>) -> Resu
                         .ok_or_else(|| bad("a size in bytes, e.g. 1073741824 or 1G (or off)"))?,
                 ),
             }
+        }
+        "on_event" => c.on_event = value.filter(|v| !v.trim().is_empty()).map(str::to_string),
+        "on_event_timeout_secs" => {
+            c.on_event_timeout_secs = value
+                .map(|v| {
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &u64| n >= 1)
+                        .ok_or_else(|| bad("a number of seconds, at least 1"))
+                })
+                .transpose()?
+                .unwrap_or(crate::session::default_event_timeout())
+        }
+        "rpo_warning_secs" => {
+            c.rpo_warning_secs = match value {
+                None | Some("off") | Some("none") => None,
+                Some(v) => Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &u64| n >= 1)
+                        .ok_or_else(|| bad("a number of seconds, at least 1 (or off)"))?,
+                ),
+            }
+        }
+        "persistent_failure_crawls" => {
+            c.persistent_failure_crawls = value
+                .map(|v| {
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &u32| n >= 1)
+                        .ok_or_else(|| bad("a number of crawls, at least 1"))
+                })
+                .transpose()?
+                .unwrap_or(crate::session::default_persistent_failure_crawls())
+        }
+        k if crate::session::READ_ONLY_KEYS.contains(&k) => {
+            return Err(user_err!(
+                "config key {key} is read-only: it is set by `georep create`; to change it, `georep delete {}` and create the session again",
+                session.name
+            ))
         }
         _ => return Err(unknown_key(key)),
     }

@@ -4,11 +4,28 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// `georep --version`: the program's version and the protocol version
+/// both sites must speak.
+pub fn version() -> String {
+    format!(
+        "{} (protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        crate::protocol::PROTOCOL_VERSION
+    )
+}
+
 #[derive(Parser)]
 #[command(
     name = "georep",
-    version,
-    about = "Geo-replication of snapshot stores: xtime crawl, rsync deltas, SSH"
+    version = version(),
+    about = "Geo-replication of snapshot stores: xtime crawl, rsync deltas, SSH",
+    long_about = "Geo-replication of snapshot stores: a master directory is replicated to a slave \
+(a local directory or [user@]host:/path over SSH) continuously and asynchronously, \
+gsyncd-style: xtime stamps in extended attributes, a crawl that descends only where something \
+changed, rsync-style deltas shipped through an agent on the slave.",
+    after_help = "State lives under $GEOREP_HOME (default /var/lib/georep for root, \
+~/.local/state/georep otherwise). Exit codes: 0 success, 1 some entries failed (retried), \
+2 bad arguments or configuration, 3 temporary failure, 4 permanent failure."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -19,9 +36,13 @@ pub struct Cli {
 pub enum Cmd {
     /// Create a session replicating MASTER to SLAVE (a directory, or [user@]host:/path).
     Create {
+        /// The session's name (letters, digits, '-', '_', '.').
         session: String,
+        /// The master directory to replicate.
         master: PathBuf,
+        /// The slave: a local directory, or [user@]host:/path over SSH.
         slave: String,
+        /// continuous: crawl whenever something changes; interval: one pass every --interval seconds.
         #[arg(long, value_enum, default_value = "continuous")]
         mode: ModeArg,
         /// Seconds between passes in interval mode.
@@ -30,8 +51,8 @@ pub enum Cmd {
         /// auto: trust xtimes only while georep's watcher runs; mark: every writer calls `georep mark`.
         #[arg(long, value_enum, default_value = "auto")]
         marker: MarkerArg,
-        /// SSH port of the slave.
-        #[arg(long)]
+        /// SSH port of the slave (1-65535).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         ssh_port: Option<u16>,
         /// SSH private key to connect with (with --push-pem: to install the session key).
         #[arg(long)]
@@ -48,7 +69,7 @@ pub enum Cmd {
         /// tree: mirror any tree; store: a snapshot store replicated point by point (catalog mode); auto: store if MASTER/store.json exists.
         #[arg(long, value_enum, default_value = "auto")]
         layout: LayoutArg,
-        /// Patch files of at least SIZE bytes (e.g. 1G) in place on the slave instead of rewriting them (see README: in-place mode).
+        /// Patch files of at least SIZE bytes (e.g. 1G) in place on the slave instead of rewriting them (see docs/operations.md, in-place mode).
         #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
         inplace_min_size: Option<u64>,
         /// Fail back: MASTER is a promoted store, SLAVE its old master; what changed there since the last common point is quarantined first.
@@ -60,6 +81,7 @@ pub enum Cmd {
     },
     /// Run one crawl in the foreground; exit 0 once the slave equals the master.
     Sync {
+        /// The session to sync.
         session: String,
         /// Print a JSON summary on stdout.
         #[arg(long)]
@@ -67,27 +89,38 @@ pub enum Cmd {
         /// Compare every entry, whatever the xtimes say.
         #[arg(long)]
         full: bool,
+        /// Show a live progress line on stderr even when it is not a terminal.
+        #[arg(long, overrides_with = "no_progress")]
+        progress: bool,
+        /// Never show the progress line (default: shown when stderr is a terminal).
+        #[arg(long, overrides_with = "progress")]
+        no_progress: bool,
     },
     /// Stamp PATHs as changed (for writers that integrate with georep).
     Mark {
+        /// Files or directories just written (a vanished path stamps its directory).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
     /// Delete a stopped session.
     Delete {
+        /// The session to delete (it must be stopped).
         session: String,
         /// Also remove the session's stime xattrs from the master.
         #[arg(long)]
         reset_sync_time: bool,
     },
-    /// Show or change a session's settings.
+    /// Show or change a session's settings (without KEY: print the config file).
+    #[command(after_help = crate::session::config_keys_help())]
     Config {
+        /// The session whose config to show or change.
         session: String,
         #[command(subcommand)]
         op: Option<ConfigOp>,
     },
     /// Start the session's monitor (daemonised; --foreground for systemd); it runs the worker.
     Start {
+        /// The session to start.
         session: String,
         /// Stay in the foreground, logging to stderr too (for systemd).
         #[arg(long)]
@@ -98,21 +131,33 @@ pub enum Cmd {
     },
     /// Stop the session's monitor and worker cleanly (--force: kill them).
     Stop {
+        /// The session to stop.
         session: String,
+        /// Kill the monitor and the worker instead of asking them to stop.
         #[arg(long)]
         force: bool,
     },
-    /// Suspend the session's worker (the monitor keeps running).
-    Pause { session: String },
-    /// Continue a paused worker.
-    Resume { session: String },
+    /// Hold the session's crawls (the monitor and the watcher keep running, pending changes are counted).
+    Pause {
+        /// The session to pause.
+        session: String,
+    },
+    /// Let a paused session crawl again.
+    Resume {
+        /// The session to resume.
+        session: String,
+    },
     /// Show sessions' status: a table, --detail, --json, --prometheus, or a --nagios check.
     Status {
+        /// One session (default: every session).
         session: Option<String>,
+        /// One JSON object (an array without SESSION).
         #[arg(long, group = "format")]
         json: bool,
+        /// Prometheus text format, for node_exporter's textfile collector.
         #[arg(long, group = "format")]
         prometheus: bool,
+        /// Every field, one per line.
         #[arg(long, group = "format")]
         detail: bool,
         /// Nagios/Icinga check: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
@@ -124,12 +169,23 @@ pub enum Cmd {
         /// With --nagios: lag (seconds) that is critical.
         #[arg(long, requires = "nagios")]
         critical: Option<u64>,
+        /// With --nagios: persistent failures (entries failing in every crawl) that are critical; fewer warn.
+        #[arg(long, requires = "nagios", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        critical_failures: u64,
     },
     /// Set a checkpoint: `now`, an RFC 3339 time or @SECONDS; status says when it completes.
-    Checkpoint { session: String, when: String },
+    Checkpoint {
+        /// The session to set the checkpoint of.
+        session: String,
+        /// `now`, an RFC 3339 time (2026-01-31T12:00:00Z) or @SECONDS since the epoch.
+        when: String,
+    },
     /// Internal: the worker the monitor runs.
     #[command(hide = true)]
-    Worker { session: String },
+    Worker {
+        /// The session to work for.
+        session: String,
+    },
     /// Restorable points of a snapshot store (master or replica).
     Point {
         #[command(subcommand)]
@@ -137,9 +193,12 @@ pub enum Cmd {
     },
     /// Make a sample snapshot store (hosts, qcow2 chains, CDP journals, records), or add activity to one.
     SampleStore {
+        /// The store's directory (created if missing).
         dir: PathBuf,
+        /// Hosts to make.
         #[arg(long, default_value_t = 2)]
         hosts: usize,
+        /// Seed of the random content, so a store can be made again identically.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Disks per host (odd-numbered hosts get one more).
@@ -202,6 +261,7 @@ pub enum Cmd {
     },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {
+        /// The slave root: the agent touches nothing outside it.
         #[arg(long)]
         root: PathBuf,
         /// Exit when no request arrives for this many seconds.
@@ -214,30 +274,41 @@ pub enum Cmd {
 pub enum PointOp {
     /// List the restorable points (and each host's newest complete point).
     List {
+        /// A snapshot store (a master, or a replica).
         store: PathBuf,
+        /// Only this host.
         #[arg(long)]
         host: Option<String>,
+        /// Only this disk.
         #[arg(long)]
         disk: Option<String>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Materialise POINT (HOST/DISK@TIME, TIME as listed or `latest`) as a qcow2 image.
     Restore {
+        /// A snapshot store (a master, or a replica).
         store: PathBuf,
+        /// HOST/DISK@TIME, TIME as listed or `latest`.
         point: String,
+        /// The qcow2 image to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
     },
     /// Check every record against its data; exit 1 if any does not verify.
     Verify {
+        /// A snapshot store (a master, or a replica).
         store: PathBuf,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show the point locks held on a master store (and stale ones).
     Locks {
+        /// A master snapshot store.
         store: PathBuf,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -273,23 +344,33 @@ pub enum QuarantineOp {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum LayoutArg {
+    /// A store if MASTER/store.json exists, else a tree.
     Auto,
+    /// Mirror any tree entry by entry.
     Tree,
+    /// A snapshot store, replicated point by point (catalog mode).
     Store,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum KindsArg {
+    /// Even-numbered hosts keep qcow images, odd-numbered ones CDP journals.
     Mixed,
+    /// Every host keeps qcow images only.
     Qcow,
+    /// Every host keeps CDP journals.
     Cdp,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ActivityArg {
+    /// A new host snapshot.
     Snapshot,
+    /// CDP journal appends.
     Cdp,
+    /// A reclamation split of a journal.
     Reclaim,
+    /// A retention delete of the oldest snapshot.
     Retention,
 }
 
@@ -307,19 +388,106 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[derive(Subcommand)]
 pub enum ConfigOp {
-    Get { key: String },
-    Set { key: String, value: String },
-    Reset { key: String },
+    /// Print one key's value (empty when unset).
+    #[command(after_help = crate::session::config_keys_help())]
+    Get {
+        /// The key (see `georep config --help`).
+        key: String,
+    },
+    /// Change one key; a running session's monitor restarts its worker with it.
+    #[command(after_help = crate::session::config_keys_help())]
+    Set {
+        /// The key (see `georep config --help`).
+        key: String,
+        /// Its new value.
+        value: String,
+    },
+    /// Restore one key's default.
+    #[command(after_help = crate::session::config_keys_help())]
+    Reset {
+        /// The key (see `georep config --help`).
+        key: String,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ModeArg {
+    /// Crawl whenever the watcher or a mark says something changed.
     Continuous,
+    /// One pass every interval; only the newest point of a store.
     Interval,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum MarkerArg {
+    /// Trust xtimes only while georep's own watcher ran since the last crawl.
     Auto,
+    /// Every writer calls `georep mark`: xtimes are always trusted.
     Mark,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand says what it does and every argument what it is, so
+    /// `--help`, the man pages and the completions never show a bare name.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+                let values = if a.get_action().takes_values() {
+                    a.get_possible_values()
+                } else {
+                    Vec::new()
+                };
+                for v in values {
+                    if !v.is_hide_set() && v.get_help().is_none() {
+                        missing.push(format!("{path} {id}={}", v.get_name()));
+                    }
+                }
+            }
+            for s in cmd.get_subcommands() {
+                if s.is_hide_set() || s.get_name() == "help" {
+                    continue;
+                }
+                let p = format!("{path} {}", s.get_name());
+                if s.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        walk(&cmd, "georep", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+    }
+
+    #[test]
+    fn version_names_the_protocol_and_config_help_lists_every_key() {
+        assert!(version().contains(&format!("protocol {}", crate::protocol::PROTOCOL_VERSION)));
+        let help = Cli::command()
+            .find_subcommand_mut("config")
+            .unwrap()
+            .render_help()
+            .to_string();
+        for (k, _) in crate::session::CONFIG_KEYS {
+            assert!(help.contains(k), "config --help lacks {k}: {help}");
+        }
+        assert!(
+            help.contains("keepalive_secs             default 30"),
+            "{help}"
+        );
+        assert!(help.contains("Read-only"), "{help}");
+    }
 }

@@ -26,7 +26,7 @@ pub fn point_list(root: &Path, filter: &Filter, json: bool) -> Result<(), Catalo
         .collect();
     if json {
         let v = serde_json::json!({ "points": pts, "hosts": rpo });
-        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+        crate::outln!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
         return Ok(());
     }
     use std::fmt::Write as _;
@@ -100,15 +100,15 @@ pub fn point_restore(root: &Path, point: &str, out: &Path) -> Result<(), Catalog
 pub fn point_verify(root: &Path, json: bool) -> Result<bool, CatalogError> {
     let problems = points::verify(root)?;
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({ "ok": problems.is_empty(), "problems": problems })
         );
     } else if problems.is_empty() {
-        println!("{}: every record verifies against its data", root.display());
+        crate::outln!("{}: every record verifies against its data", root.display());
     } else {
         for p in &problems {
-            println!("{p}");
+            crate::outln!("{p}");
         }
     }
     Ok(problems.is_empty())
@@ -118,14 +118,14 @@ pub fn point_verify(root: &Path, json: bool) -> Result<bool, CatalogError> {
 pub fn point_locks(root: &Path, json: bool) -> Result<(), CatalogError> {
     let l = locks::list(root)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&l).expect("serializes"));
+        crate::outln!("{}", serde_json::to_string_pretty(&l).expect("serializes"));
         return Ok(());
     }
     if l.is_empty() {
-        println!("no point locks in {}", root.display());
+        crate::outln!("no point locks in {}", root.display());
     }
     for x in &l {
-        println!(
+        crate::outln!(
             "{} {}/{}@{} session {} pid {} since {} ({}): {}",
             if x.live { "held " } else { "stale" },
             x.record.host,
@@ -155,14 +155,14 @@ pub fn sample_store(
         sample::create(dir, o)?
     };
     for l in log {
-        println!("{l}");
+        crate::outln!("{l}");
     }
     Ok(())
 }
 
 /// The text summary of a catalog-mode `georep sync`.
 pub fn print_sync(s: &crate::engine::outcome::Summary, c: &crate::engine::outcome::CatalogSummary) {
-    println!(
+    crate::outln!(
         "catalog sync: {} host snapshots published, {} deleted; images {} copied, {} built, {} already there; {} cdp points appended ({} bytes); {} bytes sent; {} failures; {} ms",
         c.generations_published,
         c.generations_deleted,
@@ -177,7 +177,7 @@ pub fn print_sync(s: &crate::engine::outcome::Summary, c: &crate::engine::outcom
     );
     for r in &c.newest {
         if let (Some(t), Some(age)) = (r.newest_complete, r.age_secs) {
-            println!(
+            crate::outln!(
                 "  {}: newest complete point on the slave {} (age {})",
                 r.host,
                 time::rfc3339(t),

@@ -9,6 +9,7 @@ pub mod args;
 pub mod catalog;
 pub mod dr;
 pub mod switchover;
+pub mod sync;
 
 use crate::error::{exit, Retry, UserError};
 use crate::session::{MarkerPolicy, Session, SyncMode};
@@ -23,6 +24,7 @@ fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(sync::stderr_colour())
         .with_target(false)
         .try_init();
 }
@@ -117,7 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let s = &created.session;
             if let Some(c) = &created.check {
-                println!(
+                crate::outln!(
                     "slave checked: georep {} agent runs on {}, writable, {:.1} GiB free of {:.1} GiB",
                     c.agent_version,
                     c.root,
@@ -125,7 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     c.total_bytes as f64 / (1u64 << 30) as f64
                 );
             }
-            println!(
+            crate::outln!(
                 "created session {} : {} -> {} ({}){}",
                 s.name,
                 s.config.master.display(),
@@ -143,61 +145,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             session,
             json,
             full,
-        } => {
-            let s = Session::load(&session)?;
-            let rt = runtime()?;
-            let summary = rt.block_on(async {
-                let shutdown = tokio_util::sync::CancellationToken::new();
-                let on_signal = shutdown.clone();
-                tokio::spawn(async move {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("signal handler");
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                    on_signal.cancel();
-                });
-                crate::engine::worker::sync_once(
-                    &s,
-                    &crate::engine::outcome::SyncOptions {
-                        full,
-                        marker_continuous: false,
-                    },
-                    shutdown,
-                )
-                .await
-            });
-            rt.shutdown_timeout(Duration::from_secs(5));
-            let summary = summary?;
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else if let Some(c) = &summary.catalog {
-                crate::cli::catalog::print_sync(&summary, c);
-            } else {
-                println!(
-                    "{} crawl: {} entries visited, {} files synced, {} bytes sent ({} literal, {} delta), {} deleted, {} failures, {} ms",
-                    summary.crawl,
-                    summary.entries_visited,
-                    summary.files_synced,
-                    summary.bytes_sent,
-                    summary.bytes_literal,
-                    summary.bytes_delta,
-                    summary.deletes,
-                    summary.failures,
-                    summary.duration_ms
-                );
-                for f in &summary.errors {
-                    eprintln!("failed: {}: {}", f.path, f.error);
-                }
-            }
-            Ok(if summary.complete {
-                exit::OK
-            } else {
-                exit::PARTIAL
-            })
-        }
+            progress,
+            no_progress,
+        } => sync::run(&session, json, full, progress, no_progress),
         Cmd::Mark { paths } => {
             for p in &paths {
                 crate::fs::xtime::mark(p)
@@ -211,11 +161,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             let n = crate::cli::admin::delete(&session, reset_sync_time)?;
             if reset_sync_time {
-                println!(
+                crate::outln!(
                     "deleted session {session}; removed its sync time from {n} master directories"
                 );
             } else {
-                println!("deleted session {session}");
+                crate::outln!("deleted session {session}");
             }
             Ok(exit::OK)
         }
@@ -223,9 +173,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut s = Session::load(&session)?;
             let changes = matches!(op, Some(ConfigOp::Set { .. } | ConfigOp::Reset { .. }));
             match op {
-                None => print!("{}", std::fs::read_to_string(s.config_path())?),
+                None => crate::out!("{}", std::fs::read_to_string(s.config_path())?),
                 Some(ConfigOp::Get { key }) => {
-                    println!("{}", crate::cli::admin::config_get(&s, &key)?)
+                    crate::outln!("{}", crate::cli::admin::config_get(&s, &key)?)
                 }
                 Some(ConfigOp::Set { key, value }) => {
                     crate::cli::admin::config_set(&mut s, &key, Some(&value))?
@@ -259,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             nagios,
             warning,
             critical,
+            critical_failures,
         } => {
             use crate::daemon::status::Format;
             let format = match (json, prometheus, detail, nagios) {
@@ -268,7 +219,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 (.., true) => Format::Nagios,
                 _ => Format::Table,
             };
-            crate::daemon::status::status(session.as_deref(), format, warning, critical)
+            crate::daemon::status::status(
+                session.as_deref(),
+                format,
+                warning,
+                critical,
+                critical_failures,
+            )
         }
         Cmd::Checkpoint { session, when } => crate::daemon::status::set_checkpoint(&session, &when),
         Cmd::Worker { session } => crate::daemon::run_worker(&session),
@@ -383,13 +340,37 @@ fn one_line(e: &anyhow::Error) -> String {
     msg.replace('\n', " | ")
 }
 
+/// Bad arguments: clap's message and exit 2, except for a Nagios check,
+/// which must answer UNKNOWN (3) with one line on stdout, never 2 (CRITICAL).
+fn parse_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    let nagios = std::env::args().any(|a| a == "--nagios");
+    let info = matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion);
+    if nagios && !info {
+        let text = e.to_string();
+        let first = text
+            .lines()
+            .map(|l| l.trim_start_matches("error: ").trim())
+            .find(|l| !l.is_empty())
+            .unwrap_or("bad arguments")
+            .to_string();
+        crate::outln!("GEOREP UNKNOWN - {first}");
+        std::process::exit(georep_monitor::nagios::UNKNOWN);
+    }
+    e.exit()
+}
+
 /// Runs the command line and exits the process with its exit code.
 pub fn main() -> ! {
-    let cli = Cli::parse();
-    // The monitor and the worker set up their own logging.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => parse_error(e),
+    };
+    // The monitor, the worker and sync set up their own logging.
     let own_logging = matches!(
         &cli.cmd,
         Cmd::Worker { .. }
+            | Cmd::Sync { .. }
             | Cmd::Start {
                 foreground: true,
                 ..

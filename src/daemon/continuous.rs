@@ -5,10 +5,12 @@
 //! [`Worker::crawl`]; this module only decides when, and with what
 //! continuity, to make it.
 
+use crate::daemon::failures::Tracker;
 use crate::daemon::watcher::Watcher;
 use crate::engine::context::CrawlKind;
 use crate::engine::context::Engine;
 use crate::engine::outcome::{SyncOptions, WorkerError};
+use crate::engine::progress::{self, Rate};
 use crate::engine::worker::Worker;
 use crate::error::Retry;
 use crate::fs::xtime;
@@ -16,7 +18,7 @@ use crate::session::{MarkerPolicy, Session, SyncMode};
 use georep_monitor::backoff::Backoff;
 use georep_monitor::checkpoint::{self, Checkpoint};
 use georep_monitor::report::{WorkerReport, HEARTBEAT};
-use georep_monitor::status::WorkerStatus;
+use georep_monitor::status::{HostPoint, WorkerStatus};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -27,6 +29,9 @@ use tokio_util::sync::CancellationToken;
 /// A quiet master still gets a crawl (of the root) this often, so
 /// `last_synced` keeps moving and the whole path is proven alive.
 pub const IDLE_CRAWL: Duration = Duration::from_secs(60);
+/// An idle worker claims the slave current up to this long ago (the
+/// watcher gathers events for 50 ms before it stamps them).
+const IDLE_MARGIN: Duration = Duration::from_secs(1);
 /// Backoff between crawls that did not complete (failed entries, lost slave).
 const RETRY: Backoff = Backoff {
     base: Duration::from_secs(1),
@@ -46,6 +51,13 @@ struct Reported {
 
 type Live = Arc<Mutex<Option<Arc<Engine>>>>;
 
+/// The rate of the crawl in progress.
+#[derive(Default)]
+struct Pace {
+    crawl: usize,
+    rate: Rate,
+}
+
 /// Sends reports to the monitor: one JSON line on stdout.
 #[derive(Clone)]
 struct Reporter {
@@ -53,9 +65,11 @@ struct Reporter {
     live: Live,
     watcher: Option<Arc<crate::daemon::watcher::Shared>>,
     shutdown: CancellationToken,
+    pause: tokio::sync::watch::Receiver<bool>,
+    pace: Arc<Mutex<Pace>>,
 }
 
-fn engine_progress(e: &Engine) -> (u64, u64, u64, u64) {
+fn engine_progress(e: &Engine) -> (u64, u64, u64) {
     let s = &e.stats;
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let wire = e.slave.client().stats();
@@ -75,7 +89,6 @@ fn engine_progress(e: &Engine) -> (u64, u64, u64, u64) {
         + ((l(&wire.bytes_in) + l(&wire.bytes_out)) >> 16);
     (
         progress,
-        e.failure_count(),
         l(&s.bytes_literal) + l(&s.bytes_delta),
         l(&s.files_synced),
     )
@@ -98,12 +111,21 @@ impl Reporter {
             r
         };
         if let Some(e) = self.live.lock().unwrap().clone() {
-            let (progress, failures, bytes, files) = engine_progress(&e);
+            let (progress, bytes, files) = engine_progress(&e);
             r.busy = true;
             r.progress += progress;
-            r.failures += failures;
             r.bytes_sent += bytes;
             r.files_synced += files;
+            let mut pace = self.pace.lock().unwrap();
+            let id = Arc::as_ptr(&e) as usize;
+            if pace.crawl != id {
+                *pace = Pace {
+                    crawl: id,
+                    rate: Rate::since(e.started),
+                };
+            }
+            let held = *self.pause.borrow();
+            r.crawl_progress = Some(progress::snapshot(&e, &mut pace.rate, held));
             r.crawl_status = Some(
                 match e.kind {
                     CrawlKind::Full => "Full Crawl",
@@ -114,6 +136,9 @@ impl Reporter {
         }
         if let Some(w) = &self.watcher {
             (r.entry, r.data, r.meta) = w.pending.lock().unwrap().counts();
+        }
+        if *self.pause.borrow() && r.status != Some(WorkerStatus::Stopped) {
+            r.status = Some(WorkerStatus::Paused);
         }
         let line = serde_json::to_string(&r).expect("report serializes");
         let mut out = std::io::stdout().lock();
@@ -154,13 +179,21 @@ fn checkpoint_due(session: &Session, root_x: u64) -> bool {
     })
 }
 
-/// Runs until `shutdown`; returns an error only for what the monitor must handle (a restart).
-pub async fn run(session: &Session, shutdown: CancellationToken) -> Result<(), WorkerError> {
+/// Runs until `shutdown`; returns an error only for what the monitor must
+/// handle (a restart). While `pause` says true no crawl starts and the one
+/// in progress waits; the watcher goes on counting changes.
+pub async fn run(
+    session: &Session,
+    shutdown: CancellationToken,
+    pause: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
     let mut reporter = Reporter {
         state: Arc::default(),
         live: Arc::default(),
         watcher: None,
         shutdown: shutdown.clone(),
+        pause,
+        pace: Arc::default(),
     };
     reporter.update(|r| {
         r.report.status = Some(WorkerStatus::Initializing);
@@ -208,6 +241,9 @@ async fn run_loop(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let mut worker = Worker::open(session)?;
+    worker.pause = Some(reporter.pause.clone());
+    let mut pause = reporter.pause.clone();
+    let mut tracker = Tracker::new(session.config.persistent_failure_crawls);
     let root = session.config.master.clone();
     let master = worker.master_id();
     reporter.live = worker.live.clone();
@@ -242,8 +278,31 @@ async fn run_loop(
                 worker.close().await;
                 return Ok(());
             }
+            if *pause.borrow_and_update() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = pause.changed() => {}
+                }
+                continue;
+            }
             let now = Instant::now();
             let root_x = root_xtime(&root, &master);
+            if last_start.is_some() && retry.is_none() {
+                // The last crawl was complete; if nothing changed since it
+                // started (no stamp, no watcher event, no gap), the slave is
+                // current now, not as of that crawl: lag stays near 0.
+                let quiet = watcher
+                    .as_ref()
+                    .is_none_or(|w| w.changes() == prev_changes && Some(w.gaps()) == prev_gaps);
+                if quiet && prev_root_x == Some(root_x) {
+                    let proven = xtime::now_ns().saturating_sub(IDLE_MARGIN.as_nanos() as u64);
+                    reporter.update(|r| {
+                        if r.report.last_synced_ns.is_some_and(|t| t < proven) {
+                            r.report.last_synced_ns = Some(proven);
+                        }
+                    });
+                }
+            }
             let due = match (retry, last_start) {
                 (_, None) => true,
                 (Some((_, at)), _) => now >= at,
@@ -310,24 +369,64 @@ async fn run_loop(
         }
         match result {
             Ok(summary) => {
-                tracing::info!(
-                    crawl = summary.crawl,
-                    complete = summary.complete,
-                    files_synced = summary.files_synced,
-                    bytes_sent = summary.bytes_sent,
-                    failures = summary.failures,
-                    duration_ms = summary.duration_ms,
-                    "crawl done"
-                );
+                let quiet = summary.files_synced == 0
+                    && summary.deletes == 0
+                    && summary.meta_updates == 0
+                    && summary.dirs_created == 0
+                    && summary.symlinks == 0
+                    && summary.failures == 0
+                    && summary.full_reason.is_none();
+                // A quiet crawl (the idle one every minute) is routine: debug, not info.
+                macro_rules! crawl_done {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            crawl = summary.crawl,
+                            complete = summary.complete,
+                            files_synced = summary.files_synced,
+                            bytes_sent = summary.bytes_sent,
+                            failures = summary.failures,
+                            duration_ms = summary.duration_ms,
+                            "crawl done"
+                        )
+                    };
+                }
+                if quiet {
+                    crawl_done!(debug);
+                } else {
+                    crawl_done!(info);
+                }
                 let synced = session.state().last_synced_xtime;
                 if complete {
                     complete_checkpoint(session, synced);
                 }
-                let error = summary.errors.first().map(|f| {
-                    format!(
-                        "{} entries failed, e.g. {}: {}",
-                        summary.failures, f.path, f.error
-                    )
+                let started_failing = tracker.crawl(&summary.failed);
+                let persistent = tracker.persistent_entries();
+                let error = match persistent.first() {
+                    Some(p) => Some(format!(
+                        "{} entries failing in every crawl ({}+ in a row), e.g. {}: {}",
+                        tracker.persistent(),
+                        p.crawls,
+                        p.path,
+                        p.error
+                    )),
+                    None => summary.errors.first().map(|f| {
+                        format!(
+                            "{} entries failed, e.g. {}: {}",
+                            summary.failures, f.path, f.error
+                        )
+                    }),
+                };
+                let hosts = summary.catalog.as_ref().map(|c| {
+                    c.newest
+                        .iter()
+                        .map(|h| HostPoint {
+                            host: h.host.clone(),
+                            newest_complete: h
+                                .newest_complete
+                                .map(georep_monitor::time::format_rfc3339),
+                            age_seconds: None,
+                        })
+                        .collect::<Vec<_>>()
                 });
                 retry = if complete {
                     None
@@ -337,7 +436,14 @@ async fn run_loop(
                 };
                 reporter.update(|r| {
                     r.crawls += 1;
-                    r.failures += summary.failures;
+                    r.failures += started_failing;
+                    r.report.failing_entries = tracker.failing();
+                    r.report.persistent_failures = tracker.persistent();
+                    r.report.persistent_failure_entries = persistent;
+                    r.report.crawl_progress = None;
+                    if hosts.is_some() {
+                        r.report.hosts = hosts;
+                    }
                     r.bytes_sent += summary.bytes_sent;
                     r.files_synced += summary.files_synced;
                     r.report.status = Some(WorkerStatus::Active);

@@ -6,6 +6,7 @@
 //! below; never `cli`.
 
 pub mod continuous;
+pub mod failures;
 pub mod status;
 pub mod watcher;
 
@@ -45,6 +46,11 @@ fn settings(s: &Session) -> Settings {
         },
         stop_timeout: STOP_TIMEOUT,
         stable_after: Duration::from_secs(60),
+        events: georep_monitor::events::EventSettings {
+            command: s.config.on_event.clone(),
+            timeout: Duration::from_secs(s.config.on_event_timeout_secs.max(1)),
+            rpo_warning_secs: s.config.rpo_warning_secs,
+        },
     }
 }
 
@@ -57,7 +63,7 @@ fn live(path: &std::path::Path) -> Option<PidRecord> {
 pub fn start(name: &str) -> anyhow::Result<i32> {
     let s = Session::load(name)?;
     if let Some(r) = live(&s.monitor_pid_path()) {
-        println!("session {name} is already running (monitor pid {})", r.pid);
+        crate::outln!("session {name} is already running (monitor pid {})", r.pid);
         return Ok(exit::OK);
     }
     let exe = std::env::current_exe().context("locating the georep binary")?;
@@ -73,12 +79,12 @@ pub fn start(name: &str) -> anyhow::Result<i32> {
     let mut words = line.split_whitespace();
     match (words.next(), words.next()) {
         (Some("started"), Some(pid)) => {
-            println!("started session {name} (monitor pid {pid})");
+            crate::outln!("started session {name} (monitor pid {pid})");
             Ok(exit::OK)
         }
         (Some("running"), pid) => {
             let _ = child.wait();
-            println!(
+            crate::outln!(
                 "session {name} is already running (monitor pid {})",
                 pid.unwrap_or("?")
             );
@@ -116,7 +122,7 @@ pub fn run_monitor(name: &str, detach: bool) -> anyhow::Result<i32> {
                 .map(|h| h.pid.to_string())
                 .unwrap_or_else(|| "?".into());
             if detach {
-                println!("running {pid}");
+                crate::outln!("running {pid}");
                 return Ok(exit::OK);
             }
             return Err(UserError::new(format!(
@@ -153,6 +159,8 @@ pub fn run_monitor(name: &str, detach: bool) -> anyhow::Result<i32> {
         }),
         log,
         last_synced_ns: s.state().last_synced_xtime,
+        detector: Default::default(),
+        hooks: None,
     };
     let on_ready: Box<dyn FnOnce() + Send> = Box::new(move || {
         if detach {
@@ -195,7 +203,7 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
                 fatal: Some(e.to_string()),
                 ..Default::default()
             };
-            println!("{}", serde_json::to_string(&r)?);
+            crate::outln!("{}", serde_json::to_string(&r)?);
             return Err(e.into());
         }
     };
@@ -214,15 +222,28 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
             on_signal.cancel();
         });
         let on_eof = shutdown.clone();
+        let (pause_tx, pause) = tokio::sync::watch::channel(false);
+        // The monitor's commands, one per line; EOF: the monitor is gone.
         std::thread::spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 64];
-            while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                match line.trim() {
+                    "pause" => {
+                        tracing::info!("paused");
+                        let _ = pause_tx.send(true);
+                    }
+                    "resume" => {
+                        tracing::info!("resumed");
+                        let _ = pause_tx.send(false);
+                    }
+                    other => tracing::warn!(command = other, "unknown command from the monitor"),
+                }
+            }
             tracing::warn!("the monitor is gone (stdin closed): stopping");
             on_eof.cancel();
         });
         use tracing::Instrument;
-        crate::daemon::continuous::run(&s, shutdown)
+        crate::daemon::continuous::run(&s, shutdown, pause)
             .instrument(tracing::info_span!("worker", session = %s.name))
             .await
     });
@@ -234,9 +255,10 @@ pub fn run_worker(name: &str) -> anyhow::Result<i32> {
 /// After `config set`: tells whether the running monitor picks the change up.
 pub fn note_config_change(s: &Session) {
     if let Some(r) = live(&s.monitor_pid_path()) {
-        println!(
+        crate::outln!(
             "session {} is running: its monitor (pid {}) restarts the worker with the new settings",
-            s.name, r.pid
+            s.name,
+            r.pid
         );
     }
 }
@@ -258,7 +280,7 @@ pub fn stop(name: &str, force: bool) -> anyhow::Result<i32> {
     let monitor = live(&s.monitor_pid_path());
     let worker = live(&s.worker_pid_path());
     if monitor.is_none() && worker.is_none() {
-        println!("session {name} is not running");
+        crate::outln!("session {name} is not running");
         return Ok(exit::OK);
     }
     if force {
@@ -286,7 +308,7 @@ pub fn stop(name: &str, force: bool) -> anyhow::Result<i32> {
         st.set_error("stopped with --force (processes killed)");
         st.write(&s.status_path())
             .with_context(|| format!("writing {}", s.status_path().display()))?;
-        println!("killed session {name}");
+        crate::outln!("killed session {name}");
         return Ok(exit::OK);
     }
     let (target, what) = match (&monitor, &worker) {
@@ -312,7 +334,7 @@ pub fn stop(name: &str, force: bool) -> anyhow::Result<i32> {
             wait_gone(w, limit);
         }
     }
-    println!("stopped session {name}");
+    crate::outln!("stopped session {name}");
     Ok(exit::OK)
 }
 
@@ -334,7 +356,7 @@ pub fn pause(name: &str, resume: bool) -> anyhow::Result<i32> {
     loop {
         let st = Status::read(&s.status_path()).ok().flatten();
         if st.is_some_and(|st| st.monitor_status == want) {
-            println!(
+            crate::outln!(
                 "{} session {name}",
                 if resume { "resumed" } else { "paused" }
             );

@@ -79,6 +79,20 @@ pub fn collect(s: &Session) -> Status {
     );
     st.epoch = Some(s.config.epoch);
     st.slave_role = state.slave_role.clone();
+    if s.config.layout == crate::session::Layout::Store && st.hosts.is_empty() {
+        // No monitor has reported the points: read them (a local slave) or take the last sync's.
+        if let Ok(Some(c)) = crate::catalog::status::session_status(s) {
+            st.hosts = c
+                .newest
+                .iter()
+                .map(|h| georep_monitor::status::HostPoint {
+                    host: h.host.clone(),
+                    newest_complete: h.newest_complete.map(format_rfc3339),
+                    age_seconds: None,
+                })
+                .collect();
+        }
+    }
     effective(st, monitor_alive, worker_alive, now_ns())
 }
 
@@ -100,15 +114,18 @@ pub fn status(
     format: Format,
     warning: Option<u64>,
     critical: Option<u64>,
+    critical_failures: u64,
 ) -> anyhow::Result<i32> {
     if format == Format::Nagios {
+        // A check answers in Nagios's terms even about its own arguments: UNKNOWN, never 2.
         let Some(name) = name else {
-            return Err(UserError::new("--nagios checks one session: give its name").into());
+            crate::outln!("GEOREP UNKNOWN - --nagios checks one session: give its name");
+            return Ok(nagios::UNKNOWN);
         };
         let s = match Session::load(name) {
             Ok(s) => s,
             Err(e) => {
-                println!("GEOREP UNKNOWN - {e}");
+                crate::outln!("GEOREP UNKNOWN - {e}");
                 return Ok(nagios::UNKNOWN);
             }
         };
@@ -117,16 +134,18 @@ pub fn status(
             warning: warning.unwrap_or(dw),
             critical: critical.unwrap_or(dc),
             stale: georep_monitor::supervise::STATUS_REFRESH.as_secs() * 8,
+            failures_critical: critical_failures,
         };
         if t.warning > t.critical {
-            println!(
+            crate::outln!(
                 "GEOREP UNKNOWN - --warning {} is above --critical {}",
-                t.warning, t.critical
+                t.warning,
+                t.critical
             );
             return Ok(nagios::UNKNOWN);
         }
         let (code, line) = nagios::check(&collect(&s), &t, now_ns());
-        println!("{line}");
+        crate::outln!("{line}");
         return Ok(code);
     }
     let mut rows = Vec::new();
@@ -142,17 +161,19 @@ pub fn status(
         }
     }
     match format {
-        Format::Json if name.is_some() => println!("{}", serde_json::to_string_pretty(&rows[0])?),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Format::Prometheus => print!("{}", prometheus::render(&rows)),
+        Format::Json if name.is_some() => {
+            crate::outln!("{}", serde_json::to_string_pretty(&rows[0])?)
+        }
+        Format::Json => crate::outln!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Prometheus => crate::out!("{}", prometheus::render(&rows)),
         Format::Detail => {
             let texts: Vec<String> = rows.iter().map(render::detail).collect();
-            print!("{}", texts.join("\n"));
+            crate::out!("{}", texts.join("\n"));
         }
         Format::Table if rows.is_empty() => {
-            println!("no sessions: create one with `georep create SESSION MASTER SLAVE`")
+            crate::outln!("no sessions: create one with `georep create SESSION MASTER SLAVE`")
         }
-        Format::Table => print!("{}", render::table(&rows)),
+        Format::Table => crate::out!("{}", render::table(&rows)),
         Format::Nagios => unreachable!(),
     }
     Ok(exit::OK)
@@ -200,7 +221,7 @@ pub fn set_checkpoint(name: &str, when: &str) -> anyhow::Result<i32> {
             )
         })?;
     }
-    println!(
+    crate::outln!(
         "checkpoint of session {name} set to {}{}",
         format_rfc3339(t),
         if done {

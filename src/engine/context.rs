@@ -35,6 +35,23 @@ const LARGE_FILES: usize = 2;
 /// stays above the agent's commit batch (512 files): 256 made every batch
 /// end early (input idle) and cost one more syncfs per 256 files.
 const FILE_SLOTS: usize = 1024;
+/// Counters of the work a crawl found and handled; exact, updated by the
+/// crawl (found) and by file shipping (handled).
+#[derive(Debug, Default)]
+pub struct Work {
+    /// Files the crawl planned to ship, and their sizes.
+    pub files_found: AtomicU64,
+    pub bytes_found: AtomicU64,
+    /// Files handled (sent, unchanged or failed), and the bytes of master
+    /// data handled (large files count window by window).
+    pub files_done: AtomicU64,
+    pub bytes_done: AtomicU64,
+    /// Whether `*_found` mean anything (the tree crawl plans; catalog mode does not).
+    pub planned: std::sync::atomic::AtomicBool,
+}
+
+/// Distinct failing paths remembered per crawl (beyond it, only counted).
+pub const FAILED_PATHS: usize = 10_000;
 /// Counters of one crawl; exact, so tests assert on them.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -67,6 +84,11 @@ pub struct Engine {
     pub slave: Slave,
     pub kind: CrawlKind,
     pub stats: Stats,
+    /// Work found and handled, for progress and ETA.
+    pub work: Work,
+    /// When the pass started (ns since the epoch, and as an instant for rates).
+    pub started_ns: u64,
+    pub started: std::time::Instant,
     pub read_budget: Semaphore,
     pub large_files: Semaphore,
     /// See [`FILE_SLOTS`].
@@ -76,7 +98,11 @@ pub struct Engine {
     /// Directories completed and their new stimes, not yet written (see `engine::crawl`).
     pub(crate) stimes: Mutex<Vec<(RelPath, u64)>>,
     failures: Mutex<Vec<Failure>>,
+    /// Distinct failing paths (the first [`FAILED_PATHS`]) with their error.
+    failed: Mutex<std::collections::HashMap<String, String>>,
     failure_count: AtomicU64,
+    /// While it says true, the crawl waits at its next directory, file or window.
+    pause: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>,
     fatal: Mutex<Option<ProtoError>>,
     /// The slave ran out of space: the first such error (the crawl stops).
     full: Mutex<Option<String>>,
@@ -98,6 +124,9 @@ impl Engine {
             slave,
             kind,
             stats: Stats::default(),
+            work: Default::default(),
+            started_ns: crate::fs::xtime::now_ns(),
+            started: std::time::Instant::now(),
             read_budget: Semaphore::new(READ_BUDGET),
             large_files: Semaphore::new(LARGE_FILES),
             file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),
@@ -105,7 +134,9 @@ impl Engine {
             links,
             stimes: Mutex::new(Vec::new()),
             failures: Mutex::new(Vec::new()),
+            failed: Mutex::default(),
             failure_count: AtomicU64::new(0),
+            pause: std::sync::OnceLock::new(),
             fatal: Mutex::new(None),
             full: Mutex::new(None),
             shutdown,
@@ -132,9 +163,37 @@ impl Engine {
         &self.links
     }
 
+    /// Holds the crawl while `pause` says true (`georep pause`).
+    pub fn set_pause(&self, pause: tokio::sync::watch::Receiver<bool>) {
+        let _ = self.pause.set(pause);
+    }
+
+    /// Waits while the session is paused (returns at once when stopping).
+    pub(crate) async fn gate(&self) {
+        let Some(rx) = self.pause.get() else { return };
+        let mut rx = rx.clone();
+        while *rx.borrow_and_update() {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
     pub(crate) fn fail(&self, path: &RelPath, error: impl std::fmt::Display) {
         let error = error.to_string();
         tracing::warn!(path = %path, %error, "entry failed; it will be retried by the next crawl");
+        {
+            // Counted once per entry: a path failing twice in a crawl is one failing entry.
+            let mut failed = self.failed.lock().unwrap();
+            let key = path.to_string();
+            if failed.contains_key(&key) {
+                return;
+            }
+            if failed.len() < FAILED_PATHS {
+                failed.insert(key, error.clone());
+            }
+        }
         self.failure_count.fetch_add(1, Ordering::Relaxed);
         let mut f = self.failures.lock().unwrap();
         if f.len() < 100 {
@@ -203,6 +262,22 @@ impl Engine {
     /// The first failures recorded (at most 100).
     pub(crate) fn failures(&self) -> Vec<Failure> {
         self.failures.lock().unwrap().clone()
+    }
+
+    /// Every distinct failing entry (up to [`FAILED_PATHS`]), sorted by path.
+    pub fn failed_entries(&self) -> Vec<Failure> {
+        let mut v: Vec<Failure> = self
+            .failed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, e)| Failure {
+                path: p.clone(),
+                error: e.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
     }
 
     pub(crate) fn shutdown_requested(&self) -> bool {

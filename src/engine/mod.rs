@@ -14,6 +14,7 @@ pub mod lineage;
 pub mod links;
 pub mod master;
 pub mod outcome;
+pub mod progress;
 pub mod slave;
 pub mod transfer;
 pub mod worker;

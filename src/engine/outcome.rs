@@ -93,6 +93,29 @@ pub struct Summary {
     /// Catalog mode (layout = store): generations, points, locks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub catalog: Option<CatalogSummary>,
+    /// Bytes of master file data handled (sent, or found equal by hashes).
+    pub bytes_processed: u64,
+    /// `bytes_processed` per second of the whole sync.
+    pub throughput_bytes_per_sec: f64,
+    /// Every distinct failing entry (up to 10,000), for persistent-failure tracking.
+    #[serde(skip)]
+    pub failed: Vec<Failure>,
+}
+
+impl Summary {
+    /// Sets the duration and the throughput it implies.
+    pub fn with_duration(self, d: std::time::Duration) -> Summary {
+        let secs = d.as_secs_f64();
+        Summary {
+            duration_ms: d.as_millis() as u64,
+            throughput_bytes_per_sec: if secs > 0.0 {
+                self.bytes_processed as f64 / secs
+            } else {
+                0.0
+            },
+            ..self
+        }
+    }
 }
 
 /// Options of one sync.

@@ -51,14 +51,22 @@ pub async fn sync_once(
     opts: &SyncOptions,
     shutdown: CancellationToken,
 ) -> Result<Summary, WorkerError> {
+    sync_once_live(session, opts, shutdown, Arc::default()).await
+}
+
+/// [`sync_once`], with the crawl's engine put in `live` while it runs (for a progress line).
+pub async fn sync_once_live(
+    session: &Session,
+    opts: &SyncOptions,
+    shutdown: CancellationToken,
+    live: Arc<Mutex<Option<Arc<Engine>>>>,
+) -> Result<Summary, WorkerError> {
     let started = Instant::now();
     let mut worker = Worker::open(session)?;
+    worker.live = live;
     let summary = worker.crawl(opts, shutdown).await;
     worker.close().await;
-    let summary = Summary {
-        duration_ms: started.elapsed().as_millis() as u64,
-        ..summary?
-    };
+    let summary = summary?.with_duration(started.elapsed());
     let _ = georep_monitor::write_atomic_volatile(
         &session.dir.join("last-sync.json"),
         &serde_json::to_vec_pretty(&summary).unwrap_or_default(),
@@ -77,6 +85,8 @@ pub struct Worker<'a> {
     conn: Option<Connection>,
     /// The engine of the crawl in progress, for live progress reports.
     pub live: Arc<Mutex<Option<Arc<Engine>>>>,
+    /// `georep pause`: crawls wait while it says true.
+    pub pause: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl<'a> Worker<'a> {
@@ -115,6 +125,7 @@ impl<'a> Worker<'a> {
             master_id,
             conn: None,
             live: Arc::default(),
+            pause: None,
         })
     }
 
@@ -169,6 +180,7 @@ impl<'a> Worker<'a> {
             )
         };
         if session.config.layout == crate::session::Layout::Store {
+            let catalog_started = xtime::now_ns();
             // Catalog mode: points and generations instead of the tree crawl.
             let root_xtime =
                 xtime::read(&root, &xtime::xtime_attr(&master_id)).map_err(master_err)?;
@@ -189,10 +201,16 @@ impl<'a> Worker<'a> {
                     })?;
                 let _ = slave.synced(stamp, xtime::now_ns()).await;
             }
-            return res.map(|summary| Summary {
-                duration_ms: started.elapsed().as_millis() as u64,
-                ..summary
-            });
+            let res = res.map(|summary| summary.with_duration(started.elapsed()));
+            if let Ok(s) = &res {
+                if s.complete {
+                    // Everything the store held when this sync started is on the slave.
+                    state.last_complete_ns = Some(xtime::now_ns());
+                    state.last_synced_xtime = Some(catalog_started);
+                    let _ = session.save_state_volatile(&state);
+                }
+            }
+            return res;
         }
         let slave_err = |source| WorkerError::Slave {
             slave: session.config.slave.clone(),
@@ -245,6 +263,9 @@ impl<'a> Worker<'a> {
         let links = Links::load(session.dir.join("links.json"));
         let engine = Engine::new(master, slave.clone(), kind, links, shutdown.clone());
         engine.set_inplace_min_size(session.config.inplace_min_size);
+        if let Some(p) = &self.pause {
+            engine.set_pause(p.clone());
+        }
         *self.live.lock().unwrap() = Some(engine.clone());
         let outcome = engine.run().await;
         *self.live.lock().unwrap() = None;
@@ -346,11 +367,11 @@ impl<'a> Worker<'a> {
             errors: outcome.failures,
             duration_ms: 0,
             catalog: None,
+            bytes_processed: engine.work.bytes_done.load(Ordering::Relaxed),
+            throughput_bytes_per_sec: 0.0,
+            failed: engine.failed_entries(),
         };
-        Ok(Summary {
-            duration_ms: started.elapsed().as_millis() as u64,
-            ..summary
-        })
+        Ok(summary.with_duration(started.elapsed()))
     }
 }
 

@@ -27,6 +27,9 @@ pub enum Request {
         version: u32,
         client: String,
     },
+    /// A liveness check: answered at once by the agent's reader, even
+    /// while a long request is being handled, so it is not a barrier
+    /// (`Barrier`, or any other request, is answered in order).
     Ping,
     GetIdentity,
     SetIdentity(SlaveIdentity),

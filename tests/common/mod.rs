@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod daemon;
 pub mod dr;
+pub mod mount;
 pub mod mutate;
 pub mod proxy;
 pub mod raw_agent;

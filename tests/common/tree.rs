@@ -1,5 +1,7 @@
 //! Whole-tree comparison: kind, bytes, mode, owner, mtime (ns), user
-//! xattrs, symlink targets, hard-link structure, and sparseness.
+//! xattrs, symlink targets, hard-link structure, and sparseness. A slave's
+//! files never carry setuid/setgid bits on disk (the agent's default
+//! policy): their mode is compared with the bits the agent recorded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -17,7 +19,11 @@ pub enum Node {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snap {
     pub node: Node,
+    /// The mode as replicated: on disk, with the setuid/setgid bits the
+    /// agent recorded (`*.georep.setid`) for a file it stripped them from.
     pub mode: u32,
+    /// The mode on disk.
+    pub disk_mode: u32,
     pub uid: u32,
     pub gid: u32,
     /// (sec, nsec); directories included.
@@ -92,15 +98,22 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Snap>) {
             v.sort();
             v
         };
+        let disk_mode = if ft.is_symlink() {
+            0
+        } else {
+            md.mode() & 0o7777
+        };
+        let recorded = ["trusted.georep.setid", "user.georep.setid"]
+            .iter()
+            .filter_map(|a| xattr::get(&p, a).ok().flatten())
+            .filter_map(|v| u32::from_str_radix(std::str::from_utf8(&v).ok()?, 8).ok())
+            .fold(0, |a, b| a | b);
         out.insert(
             rel,
             Snap {
                 node: node.clone(),
-                mode: if ft.is_symlink() {
-                    0
-                } else {
-                    md.mode() & 0o7777
-                },
+                mode: disk_mode | recorded,
+                disk_mode,
                 uid: md.uid(),
                 gid: md.gid(),
                 mtime: (md.mtime(), md.mtime_nsec()),
@@ -174,6 +187,13 @@ pub fn differences(master: &Path, slave: &Path) -> Vec<String> {
                         ss.mode,
                         ss.uid,
                         ss.gid
+                    ));
+                }
+                if matches!(ss.node, Node::File { .. }) && ss.disk_mode & 0o6000 != 0 {
+                    problems.push(format!(
+                        "{}: setuid/setgid on the slave's disk ({:o})",
+                        show(p),
+                        ss.disk_mode
                     ));
                 }
                 if ms.mtime != ss.mtime {
@@ -261,4 +281,66 @@ pub fn temporaries(root: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// A file's whole replicated state: content, mode (with recorded
+/// setuid/setgid bits), owner, mtime and user xattrs — what a kill test
+/// compares against the versions the master had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileState {
+    pub hash: [u8; 32],
+    pub len: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The state of the file at `p`, None when it is absent.
+pub fn file_state(p: &Path) -> Option<FileState> {
+    let data = std::fs::read(p).ok()?;
+    let md = std::fs::metadata(p).unwrap();
+    let recorded = ["trusted.georep.setid", "user.georep.setid"]
+        .iter()
+        .filter_map(|a| xattr::get(p, a).ok().flatten())
+        .filter_map(|v| u32::from_str_radix(std::str::from_utf8(&v).ok()?, 8).ok())
+        .fold(0, |a, b| a | b);
+    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = xattr::list(p)
+        .unwrap()
+        .filter(|n| {
+            n.as_bytes().starts_with(b"user.") && !n.as_bytes().starts_with(b"user.georep.")
+        })
+        .map(|n| {
+            (
+                n.as_bytes().to_vec(),
+                xattr::get(p, &n).unwrap().unwrap_or_default(),
+            )
+        })
+        .collect();
+    xattrs.sort();
+    Some(FileState {
+        hash: *blake3::hash(&data).as_bytes(),
+        len: data.len() as u64,
+        mode: md.mode() & 0o7777 | recorded,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: (md.mtime(), md.mtime_nsec()),
+        xattrs,
+    })
+}
+
+/// Writes a new version of a master file: content, then a mode and an
+/// xattr that name the version, so a replica mixing versions' data and
+/// metadata is caught. Returns the version's state.
+pub fn write_version(p: &Path, data: &[u8], version: u32) -> FileState {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(p, data).unwrap();
+    std::fs::set_permissions(
+        p,
+        std::fs::Permissions::from_mode(0o600 | (version % 8) << 3),
+    )
+    .unwrap();
+    xattr::set(p, "user.version", version.to_string().as_bytes()).unwrap();
+    file_state(p).unwrap()
 }

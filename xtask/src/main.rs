@@ -1,11 +1,16 @@
 //! Project tasks. `cargo run --release -p xtask -- bench [--quick] [--json FILE]`
-//! runs georep and rsync side by side on generated workloads (see README);
-//! `cargo run -p xtask -- arch` checks the crate's layering.
+//! runs georep and rsync side by side on generated workloads (see docs/benchmarks.md);
+//! `cargo run -p xtask -- arch` checks the crate's layering;
+//! `cargo run -p xtask -- deb` builds the Debian package (`assets`: only
+//! the man pages and completions);
+//! `cargo run -p xtask -- fuzz [--secs N]` runs the AFL++ fuzz targets.
 
 mod arch;
 mod bench;
 mod catalog;
 mod data;
+mod dist;
+mod fuzz;
 mod procs;
 mod proxy;
 mod sshd;
@@ -28,6 +33,30 @@ struct Cli {
 enum Cmd {
     /// Check the crate's layers: no module names a higher layer, no import cycles, no overlong file.
     Arch,
+    /// Generate the man pages and shell completions from the CLI definition.
+    Assets {
+        /// Output directory (man/ and completions/ are made in it).
+        #[arg(long, default_value = dist::ASSETS)]
+        out: PathBuf,
+    },
+    /// Build the Debian package into target/debian/ (installs cargo-deb if missing).
+    Deb {
+        /// Package this georep binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Run the AFL++ fuzz targets (see docs/fuzzing.md), all at once.
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Only these targets (frame, agent, delta, journal).
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
+        /// Output directory (default: fuzz/out); an existing one is resumed.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmark georep against rsync (and the link's limits).
     Bench {
         /// Small sizes: the whole run in about two minutes.
@@ -136,6 +165,46 @@ fn main() -> anyhow::Result<()> {
             let root = workspace_root();
             let report = arch::check(&root.join("src")).context("reading src/")?;
             if !arch::print(&report, &root) {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        Cmd::Assets { out } => {
+            let root = workspace_root();
+            for p in dist::assets(&root.join(out))? {
+                println!("{}", p.display());
+            }
+            return Ok(());
+        }
+        Cmd::Deb { binary } => {
+            let deb = dist::deb(&workspace_root(), binary.as_deref())?;
+            println!("{}", deb.display());
+            return Ok(());
+        }
+        Cmd::Fuzz { secs, target, out } => {
+            let targets: Vec<String> = if target.is_empty() {
+                fuzz::TARGETS.iter().map(|t| t.to_string()).collect()
+            } else {
+                target
+            };
+            if let Some(t) = targets
+                .iter()
+                .find(|t| !fuzz::TARGETS.contains(&t.as_str()))
+            {
+                anyhow::bail!(
+                    "unknown fuzz target {t}: the targets are {:?}",
+                    fuzz::TARGETS
+                );
+            }
+            let bins = fuzz::build()?;
+            let out = out.unwrap_or_else(|| workspace_root().join("fuzz/out"));
+            let runs = fuzz::run(&bins, &targets, secs, &out)?;
+            fuzz::print(&runs);
+            if runs.iter().any(|r| r.crashes > 0) {
+                eprintln!(
+                    "crashes found: see {}/TARGET/default/crashes/",
+                    out.display()
+                );
                 std::process::exit(1);
             }
             return Ok(());

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Bytes of data (holes not counted) one hash request may read, at most:
+/// a request's time stays bounded (the worker asks for 256 MiB at a time).
+pub const MAX_HASHED: u64 = 1 << 30;
+
 impl Files {
     /// Reads `[offset, offset+len)` of the basis into the shared buffer.
     pub(super) fn read_basis(
@@ -56,13 +60,23 @@ impl Files {
         let res = (|| {
             let f = self.get(fid)?;
             let mut out = Vec::new();
+            let mut read = 0;
             for (o, n) in Self::ranges(offset, len, window, f.basis_size)? {
+                if read + n > MAX_HASHED {
+                    return Err(invalid(format!(
+                        "{}: hash request reads more than {MAX_HASHED} bytes: ask for less at a time",
+                        f.path
+                    )));
+                }
                 let basis = f.basis.as_ref().ok_or_else(|| invalid("no basis file"))?;
                 let h = if window as u64 == WINDOW && o % WINDOW == 0 {
                     // Digest windows: hashed by blocks, whose CVs are kept.
-                    f.cache
+                    let (h, n) = f
+                        .cache
                         .hash_window(basis, o / WINDOW, n, &mut buf)
-                        .map_err(|e| io_err(e, "read basis of", &f.path))?
+                        .map_err(|e| io_err(e, "read basis of", &f.path))?;
+                    read += n;
+                    h
                 } else if sparse::data_ranges(basis, o, o + n)
                     .map_err(|e| io_err(e, "seek", &f.path))?
                     .is_empty()
@@ -70,6 +84,7 @@ impl Files {
                     digest::zero_hash(n)
                 } else {
                     Self::read_basis(&mut buf, f, o, n)?;
+                    read += n;
                     digest::hash(&buf)
                 };
                 out.push(h);

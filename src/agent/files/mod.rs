@@ -7,19 +7,22 @@
 //! (see `inplace`): only changed ranges are written, under an undo log.
 //!
 //! Copies from the basis move in the kernel (`copy_file_range`, a reflink
-//! where the file system can) and enter the digest by the block CVs the
-//! agent computed hashing the basis (`basis`), so unchanged data is read
-//! and hashed once per sync.
+//! where the file system can); the digest is always computed over the bytes
+//! the target holds once written (copied ranges are read back from it), so
+//! a basis that changed after it was hashed cannot slip content past the
+//! master's digest.
 
 mod hashes;
 mod publish;
 mod write;
 
-use super::basis::BasisCache;
+use super::basis::{BasisCache, Budget};
 use super::inplace::{self, InPlace};
+use super::meta::foreign_links;
 use super::root::{
     apply_meta, errno_err, io_err, open_nofollow, rename_over, tmp_name, Root, WResult,
 };
+use super::settings::Policy;
 use crate::fs::meta::Meta;
 use crate::fs::relpath::RelPath;
 use crate::fs::sparse;
@@ -46,6 +49,9 @@ const BATCH_FILES: usize = 512;
 const BATCH_BYTES: u64 = 256 << 20;
 /// From this many files on, one syncfs is cheaper than an fsync each.
 const SYNCFS_MIN: usize = 16;
+/// Files patched in place at once, at most (each queues up to
+/// `inplace::GROUP_BYTES`); more are assembled in temporary files.
+pub const MAX_IN_PLACE: usize = 8;
 
 /// Where a file is assembled.
 enum Target {
@@ -110,6 +116,10 @@ pub struct Files {
     stuck: Vec<inplace::Stuck>,
     /// A roll-back failed since the last recovery.
     unrecovered: bool,
+    /// The slave's policy for metadata.
+    policy: Policy,
+    /// Block CVs cached for all open files together.
+    budget: Budget,
 }
 
 /// How a commit is answered.
@@ -152,7 +162,10 @@ impl Files {
     /// The file assembly of an agent that starts serving `root`: first
     /// rolls back in-place updates a crash interrupted.
     pub fn start(root: &Root) -> Files {
-        let mut f = Files::default();
+        let mut f = Files {
+            policy: *root.policy(),
+            ..Files::default()
+        };
         f.recover(root);
         f
     }
@@ -216,9 +229,15 @@ impl Files {
         let (dir, name) = root.parent(path)?;
         let name = name.to_vec();
         let open = &self.open;
+        let in_place = open
+            .values()
+            .filter(|f| matches!(f.target, Target::InPlace(_)))
+            .count();
         let busy = |dev: u64, ino: u64| {
-            open.values()
-                .any(|f| matches!(&f.target, Target::InPlace(ip) if ip.inode() == (dev, ino)))
+            in_place >= MAX_IN_PLACE
+                || open
+                    .values()
+                    .any(|f| matches!(&f.target, Target::InPlace(ip) if ip.inode() == (dev, ino)))
         };
         let ip = match InPlace::open(root, &dir, &name, path, size, &busy) {
             Ok(Some(ip)) => ip,
@@ -241,7 +260,7 @@ impl Files {
                 basis_size: old,
                 size,
                 digest: FileDigest::new(size),
-                cache: BasisCache::default(),
+                cache: BasisCache::new(&self.budget),
                 error: None,
                 written: 0,
             },
@@ -260,12 +279,21 @@ impl Files {
         self.check_open(fid, path, size)?;
         let (dir, name) = root.parent(path)?;
         let name = name.to_vec();
+        // Never a basis whose inode a local user linked from elsewhere:
+        // hashes and copies would read it.
         let basis = match basis {
             Some(b) => {
                 let (bdir, bname) = root.parent(b)?;
-                Some(open_regular(&bdir, bname).map_err(|e| errno_err(e, "open basis", b))?)
+                let f =
+                    open_regular(root, &bdir, bname).map_err(|e| errno_err(e, "open basis", b))?;
+                if foreign_links(f.as_fd()) {
+                    return Err(super::meta::foreign_links_error(b, false));
+                }
+                Some(f)
             }
-            None => open_regular(&dir, &name).ok(),
+            None => open_regular(root, &dir, &name)
+                .ok()
+                .filter(|f| !foreign_links(f.as_fd())),
         };
         let basis_size = match &basis {
             Some(f) => f
@@ -295,7 +323,7 @@ impl Files {
                 basis_size,
                 size,
                 digest: FileDigest::new(size),
-                cache: BasisCache::default(),
+                cache: BasisCache::new(&self.budget),
                 error: None,
                 written: 0,
             },
@@ -394,7 +422,7 @@ impl Files {
         let pos = digest.position();
         let res = error.map_or(Ok(()), Err).and_then(|_| {
             digest.feed_zeros(size - pos);
-            ip.zero(pos, size - pos);
+            ip.zero(pos, size - pos)?;
             ip.flush()
         });
         let res = res.and_then(|_| {
@@ -479,7 +507,7 @@ impl Files {
             pending.discard();
             return Err(WireError::new(ErrorKind::Mismatch, msg));
         }
-        if let Err(e) = apply_meta(pending.file.as_fd(), meta, &pending.path) {
+        if let Err(e) = apply_meta(pending.file.as_fd(), meta, &pending.path, &self.policy) {
             pending.discard();
             return Err(e);
         }
@@ -489,9 +517,13 @@ impl Files {
     }
 }
 
-fn open_regular(dir: &OwnedFd, name: &[u8]) -> nix::Result<File> {
+/// Opens a regular file of the root (not on another file system).
+fn open_regular(root: &Root, dir: &OwnedFd, name: &[u8]) -> nix::Result<File> {
     let fd = open_nofollow(dir.as_fd(), OsStr::from_bytes(name), false)?;
     let st = nix::sys::stat::fstat(fd.as_fd())?;
+    if root.dev().is_some_and(|d| d != st.st_dev) {
+        return Err(nix::errno::Errno::EXDEV);
+    }
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(nix::errno::Errno::EINVAL);
     }

@@ -18,7 +18,7 @@ impl Files {
         }
         f.digest.feed_zeros(offset - pos);
         if let Target::InPlace(ip) = &mut f.target {
-            ip.zero(pos, offset - pos);
+            ip.zero(pos, offset - pos)?;
         }
         Ok(())
     }
@@ -72,39 +72,37 @@ impl Files {
                 }
                 f.written += len;
             }
-            // In place the data is already there.
+            // In place the data is already there. Either way the digest is
+            // of what the target now holds, not of the basis as hashed before.
             Self::digest_copied(f, offset + len, buf)
         })
     }
 
-    /// Feeds the basis up to `end` to the digest: whole windows and blocks
-    /// by the hashes computed from the basis, the rest read again.
+    /// Feeds `[pos, end)` of the target, as written, to the digest: holes
+    /// as zeros, data read back. (In place, queued changes all lie before
+    /// `pos`: data ops come in offset order.)
     fn digest_copied(f: &mut OpenFile, end: u64, buf: &mut Vec<u8>) -> WResult<()> {
-        while f.digest.position() < end {
-            let pos = f.digest.position();
-            let index = pos / WINDOW;
-            if f.digest.at_window_start() {
-                let wl = f.digest.window_len();
-                if pos + wl <= end {
-                    if let Some(h) = f.cache.window_root(index, wl) {
-                        f.digest.feed_window_hash(&h, wl);
-                        continue;
-                    }
-                }
+        let target = match &f.target {
+            Target::Temp { file, .. } => file,
+            Target::InPlace(ip) => ip.file(),
+        };
+        let pos = f.digest.position();
+        let data = sparse::data_ranges(target, pos, end).map_err(|e| io_err(e, "seek", &f.path))?;
+        for (o, n) in data {
+            f.digest.feed_zeros(o - f.digest.position());
+            let mut at = o;
+            while at < o + n {
+                let m = (o + n - at).min(1 << 20);
+                buf.clear();
+                buf.resize(m as usize, 0);
+                target
+                    .read_exact_at(buf, at)
+                    .map_err(|e| io_err(e, "read back", &f.path))?;
+                f.digest.feed(buf);
+                at += m;
             }
-            if let Some((k, bl)) = f.digest.next_block() {
-                if pos + bl <= end {
-                    if let Some(cv) = f.cache.cv(index, k, bl) {
-                        f.digest.feed_cv(&cv);
-                        continue;
-                    }
-                }
-            }
-            // Read: to the next block boundary, or the range's end.
-            let n = (end - pos).min(BLOCK - pos % BLOCK).min(MAX_RANGE);
-            Self::read_basis(buf, f, pos, n)?;
-            f.digest.feed(buf);
         }
+        f.digest.feed_zeros(end - f.digest.position());
         Ok(())
     }
 

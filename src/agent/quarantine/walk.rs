@@ -209,23 +209,35 @@ mod tests {
         let mut b = peer_of(&a, true);
         b.mtime = ts(200);
         assert_eq!(
-            plan(Mode::Stamped { eff: 50 }, &[a.clone()], &[b.clone()]),
+            plan(
+                Mode::Stamped { eff: 50 },
+                std::slice::from_ref(&a),
+                &[b.clone()]
+            ),
             [Decision::Skip]
         );
         assert_eq!(
-            plan(Mode::Full { eff: 50 }, &[a.clone()], &[b.clone()]),
+            plan(
+                Mode::Full { eff: 50 },
+                std::slice::from_ref(&a),
+                &[b.clone()]
+            ),
             [Decision::Take]
         );
         // Equal and unchanged there: nothing can be lost, whatever the mode.
         let same = peer_of(&a, false);
         assert_eq!(
-            plan(Mode::Full { eff: 50 }, &[a.clone()], &[same]),
+            plan(Mode::Full { eff: 50 }, std::slice::from_ref(&a), &[same]),
             [Decision::Skip]
         );
         // Stamped after the common point: taken in both modes.
         a.xtime = 60;
         assert_eq!(
-            plan(Mode::Stamped { eff: 50 }, &[a.clone()], &[b.clone()]),
+            plan(
+                Mode::Stamped { eff: 50 },
+                std::slice::from_ref(&a),
+                &[b.clone()]
+            ),
             [Decision::Take]
         );
         assert_eq!(plan(Mode::Full { eff: 50 }, &[a], &[b]), [Decision::Take]);
@@ -236,18 +248,18 @@ mod tests {
         let a = local("l", Kind::Symlink, 0);
         let m = Mode::Stamped { eff: 50 };
         assert_eq!(
-            plan(m, &[a.clone()], &[peer_of(&a, false)]),
+            plan(m, std::slice::from_ref(&a), &[peer_of(&a, false)]),
             [Decision::Skip]
         );
         let mut b = peer_of(&a, false);
         b.mtime = ts(7);
-        assert_eq!(plan(m, &[a.clone()], &[b]), [Decision::Take]);
+        assert_eq!(plan(m, std::slice::from_ref(&a), &[b]), [Decision::Take]);
         let mut b = peer_of(&a, false);
         b.uid = 1000;
-        assert_eq!(plan(m, &[a.clone()], &[b]), [Decision::Take]);
+        assert_eq!(plan(m, std::slice::from_ref(&a), &[b]), [Decision::Take]);
         let mut b = peer_of(&a, false);
         b.target = Some(ByteBuf::from(b"u".to_vec()));
-        assert_eq!(plan(m, &[a.clone()], &[b]), [Decision::Take]);
+        assert_eq!(plan(m, std::slice::from_ref(&a), &[b]), [Decision::Take]);
         assert_eq!(plan(m, &[a], &[]), [Decision::Take]);
     }
 
@@ -257,7 +269,10 @@ mod tests {
         let m = Mode::Stamped { eff: 50 };
         let mut b = peer_of(&a, false);
         b.mode = 0o600;
-        assert_eq!(plan(m, &[a.clone()], &[b.clone()]), [Decision::Take]);
+        assert_eq!(
+            plan(m, std::slice::from_ref(&a), &[b.clone()]),
+            [Decision::Take]
+        );
         // Changed there too and not stamped here: the new master's own change.
         b.changed = true;
         assert_eq!(plan(m, &[a], &[b]), [Decision::Skip]);
@@ -280,8 +295,11 @@ mod tests {
         );
         let mut as_file = peer_of(&old, false);
         as_file.kind = Kind::File;
-        assert_eq!(plan(m, &[old.clone()], &[as_file]), [Decision::Whole]);
-        assert_eq!(plan(m, &[old.clone()], &[]), [Decision::Whole]);
+        assert_eq!(
+            plan(m, std::slice::from_ref(&old), &[as_file]),
+            [Decision::Whole]
+        );
+        assert_eq!(plan(m, std::slice::from_ref(&old), &[]), [Decision::Whole]);
         assert_eq!(
             plan(Mode::Whole, &[old, local("f", Kind::File, 0)], &[]),
             [Decision::Whole, Decision::Take]

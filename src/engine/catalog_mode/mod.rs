@@ -585,8 +585,11 @@ pub async fn sync_store(
         stimes_written: 0,
         skipped: 0,
         failures,
+        failed: out.failures.clone(),
         errors: out.failures,
         duration_ms: 0,
         catalog: Some(out.summary),
+        bytes_processed: engine.work.bytes_done.load(Ordering::Relaxed),
+        throughput_bytes_per_sec: 0.0,
     })
 }

@@ -70,6 +70,7 @@ impl Engine {
 
     /// Runs the whole crawl from the root.
     pub async fn run(self: &Arc<Self>) -> Result<CrawlOutcome, CrawlError> {
+        self.work.planned.store(true, Ordering::Relaxed);
         let span =
             tracing::info_span!("crawl", kind = ?self.kind, master = %self.master.root().display());
         let complete = async {
@@ -139,6 +140,7 @@ impl Engine {
         kind: CrawlKind,
     ) -> BoxFuture<'static, bool> {
         async move {
+            self.gate().await;
             if self.stopped() {
                 return false;
             }
@@ -204,6 +206,12 @@ impl Engine {
             };
             self.stats.entries_visited.fetch_add(mlist.len() as u64, Ordering::Relaxed);
             let plan = plan::plan_dir(kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
+            for (i, a) in &plan.actions {
+                if let Action::Ship { .. } = a {
+                    self.work.files_found.fetch_add(1, Ordering::Relaxed);
+                    self.work.bytes_found.fetch_add(mlist[*i].entry.size, Ordering::Relaxed);
+                }
+            }
             for &i in &plan.skipped {
                 tracing::debug!(path = %dir.join(&mlist[i].entry.name).unwrap_or_default(), "not replicated (special file or reserved name)");
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -352,6 +360,7 @@ impl Engine {
         kind: CrawlKind,
     ) -> BoxFuture<'static, bool> {
         async move {
+            self.gate().await;
             if self.stopped() {
                 return false;
             }

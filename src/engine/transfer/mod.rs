@@ -151,10 +151,11 @@ pub async fn ship(
     if basis && size_hint > SMALL && e.in_place(size_hint) {
         let span = tracing::info_span!("transfer", path = %rel, size = size_hint, in_place = true);
         let src = e.master.path(rel);
-        return Ok(Box::pin(windows::large(e, &src, rel, Basis::Dest, true))
+        let r = Box::pin(windows::large(e, &src, rel, Basis::Dest, true))
             .instrument(span)
-            .await?
-            .0);
+            .await;
+        handled(e, size_hint, false, &r);
+        return Ok(r?.0);
     }
     let basis = if basis { Basis::Dest } else { Basis::None };
     Ok(ship_from(e, &e.master.path(rel), rel, size_hint, basis)
@@ -174,16 +175,30 @@ pub async fn ship_from(
 ) -> Result<(Shipped, Hash32), FileError> {
     let span = tracing::info_span!("transfer", path = %dest, size = size_hint, basis = ?basis);
     async move {
+        e.gate().await;
         let has_basis = basis != Basis::None;
         if size_hint <= SMALL || (!has_basis && size_hint <= MAX_DATA as u64) {
-            small(e, src, dest, size_hint).await
+            let r = small(e, src, dest, size_hint).await;
+            handled(e, size_hint, true, &r);
+            r
         } else {
             // Boxed: its state is large, and most files are small.
-            Box::pin(windows::large(e, src, dest, basis, false)).await
+            let r = Box::pin(windows::large(e, src, dest, basis, false)).await;
+            handled(e, size_hint, false, &r);
+            r
         }
     }
     .instrument(span)
     .await
+}
+
+/// Counts a file as handled for progress. Large files count their windows
+/// as they go; one found unchanged by its hashes counts its size here.
+fn handled(e: &Engine, size: u64, whole: bool, r: &Result<(Shipped, Hash32), FileError>) {
+    e.work.files_done.fetch_add(1, Ordering::Relaxed);
+    if whole || matches!(r, Ok((Shipped::Unchanged, _))) {
+        e.work.bytes_done.fetch_add(size, Ordering::Relaxed);
+    }
 }
 
 async fn small(

@@ -265,10 +265,12 @@ async fn send_windows(
     let mut digest = Digester::new();
     let mut rolling = delta::RollingPolicy::default();
     for i in 0..nwin {
+        e.gate().await;
         if e.shutting_down() {
             return Err(FileError::Interrupted);
         }
         let (off, len) = window_range(size, i);
+        e.work.bytes_done.fetch_add(len, Ordering::Relaxed);
         let ov = ov_of(i);
         if full_copy(i) {
             e.slave.copy(fid, off, len).await?;
