@@ -39,7 +39,7 @@ impl Agent<'_> {
                 self.files.abort_all();
                 let report = super::promote::promote(&self.root, Some((session, epoch)))
                     .map_err(|e| WireError::new(ErrorKind::Invalid, e.to_string()))?;
-                if let Ok(Some(r)) = crate::fs::role::read(self.root.path()) {
+                if let Ok(Some(r)) = super::role::read_role(&self.root) {
                     self.fence.promoted(r);
                 }
                 Ok(Reply::Promoted {

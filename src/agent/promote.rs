@@ -14,10 +14,15 @@ use super::root::Root;
 use crate::catalog::points::{self, HostRpo};
 use crate::catalog::record::{self, StorageBody};
 use crate::catalog::store;
+use crate::fs::relpath::RelPath;
 use crate::fs::role::{self, Role, RoleRecord};
 use crate::fs::xtime;
 use crate::protocol::TMP_PREFIX;
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -100,9 +105,11 @@ pub fn promote_dir(dir: &Path) -> Result<PromoteReport, PromoteError> {
         ))
     })?;
     // A promoted root answers without the lock: a second promote is harmless.
-    if let Some(r) = read_role(&abs)? {
-        if r.is_live() {
-            return Ok(already(&abs, &r));
+    if let Ok(r) = Root::open(&abs) {
+        if let Some(r) = read_role(&r)? {
+            if r.is_live() {
+                return Ok(already(&abs, &r));
+            }
         }
     }
     let (root, _lock) = super::open_root(&abs).map_err(|e| match e.kind {
@@ -115,8 +122,8 @@ pub fn promote_dir(dir: &Path) -> Result<PromoteReport, PromoteError> {
     promote(&root, None)
 }
 
-fn read_role(root: &Path) -> Result<Option<RoleRecord>, PromoteError> {
-    role::read(root).map_err(|e| PromoteError::Io(e.to_string()))
+fn read_role(root: &Root) -> Result<Option<RoleRecord>, PromoteError> {
+    super::role::read_role(root).map_err(PromoteError::Io)
 }
 
 fn already(root: &Path, r: &RoleRecord) -> PromoteReport {
@@ -150,7 +157,7 @@ fn already(root: &Path, r: &RoleRecord) -> PromoteReport {
 pub fn promote(root: &Root, expect: Option<(Uuid, u64)>) -> Result<PromoteReport, PromoteError> {
     let started = Instant::now();
     let path = root.path().to_path_buf();
-    let current = read_role(&path)?;
+    let current = read_role(root)?;
     if let Some(r) = &current {
         if r.is_live() {
             return Ok(already(&path, r));
@@ -180,7 +187,7 @@ pub fn promote(root: &Root, expect: Option<(Uuid, u64)>) -> Result<PromoteReport
         }
     }
     let mut cleaned = Cleaned {
-        undo_logs: count_undo_logs(&path),
+        undo_logs: count_undo_logs(root),
         ..Cleaned::default()
     };
     let files = Files::start(root);
@@ -191,17 +198,17 @@ pub fn promote(root: &Root, expect: Option<(Uuid, u64)>) -> Result<PromoteReport
         )));
     }
     drop(files);
-    cleaned.temporaries = remove_temporaries(&path)?;
-    let is_store = path.join(record::STORE_FILE).is_file();
+    cleaned.temporaries = remove_temporaries(root)?;
+    let is_store = file_beneath(root, record::STORE_FILE, false).is_some();
     let mut problems = Vec::new();
     let mut hosts = Vec::new();
     let (mut last_synced, mut last_synced_age_secs) = (None, None);
     if is_store {
-        clean_store(&path, &mut cleaned)?;
+        clean_store(root, &mut cleaned)?;
         problems = points::verify(&path).map_err(|e| PromoteError::Io(e.to_string()))?;
         hosts = points::store_rpo(&path).map_err(|e| PromoteError::Io(e.to_string()))?;
     } else {
-        match read_synced(&path) {
+        match read_synced(root) {
             Some(s) => {
                 last_synced = Some(role::format_time(s.stime));
                 last_synced_age_secs =
@@ -248,48 +255,80 @@ pub fn promote(root: &Root, expect: Option<(Uuid, u64)>) -> Result<PromoteReport
         promote_stamp: Some(stamp),
         report: serde_json::to_value(&report).ok(),
     };
-    role::write(&path, &rec).map_err(|e| PromoteError::Io(e.to_string()))?;
+    super::role::write_role(root, &rec).map_err(|e| PromoteError::Io(e.message))?;
     tracing::info!(root = %path.display(), epoch = epoch + 1, "promoted");
     Ok(report)
 }
 
-fn count_undo_logs(root: &Path) -> u64 {
-    let dir = root
-        .join(role::STATE_DIR)
-        .join(std::ffi::OsStr::from_bytes(super::inplace::UNDO_DIR));
-    std::fs::read_dir(dir)
+fn count_undo_logs(root: &Root) -> u64 {
+    let undo = format!(
+        "{}/{}",
+        role::STATE_DIR,
+        String::from_utf8_lossy(super::inplace::UNDO_DIR)
+    );
+    dir_beneath(root, &undo)
+        .and_then(|(_fd, p)| std::fs::read_dir(p).ok())
         .map(|d| d.flatten().count() as u64)
         .unwrap_or(0)
 }
 
+/// The directory `rel` opened beneath the root through no symlink (see
+/// [`Root::dir`]), and a path naming it through that descriptor, so std's
+/// listing and removal act on it and on nothing a symlink points to.
+fn dir_beneath(root: &Root, rel: &str) -> Option<(OwnedFd, PathBuf)> {
+    let r = if rel.is_empty() {
+        RelPath::root()
+    } else {
+        RelPath::new(rel.as_bytes().to_vec()).ok()?
+    };
+    let fd = root.dir(&r).ok()?;
+    let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    Some((fd, p))
+}
+
+/// The regular file `rel` beneath the root, through no symlink.
+fn file_beneath(root: &Root, rel: &str, write: bool) -> Option<std::fs::File> {
+    let r = RelPath::new(rel.as_bytes().to_vec()).ok()?;
+    let (dir, name) = root.parent(&r).ok()?;
+    let flags = if write {
+        OFlag::O_WRONLY
+    } else {
+        OFlag::O_RDONLY
+    } | OFlag::O_NOFOLLOW
+        | OFlag::O_CLOEXEC
+        | OFlag::O_NONBLOCK;
+    let fd = openat(dir.as_fd(), OsStr::from_bytes(name), flags, Mode::empty()).ok()?;
+    let f = std::fs::File::from(fd);
+    f.metadata().ok()?.is_file().then_some(f)
+}
+
+/// Removes the entry `name` of `dir` (a file or a whole tree), beneath the root.
+fn remove_in(root: &Root, dir: &OwnedFd, name: &OsStr, shown: &str) -> Result<(), PromoteError> {
+    super::remove::remove_tree(dir.as_fd(), name, root.dev())
+        .map_err(|e| PromoteError::Io(format!("removing {shown}: {}", e.desc())))
+}
+
 /// Removes every temporary file below the root (never following symlinks).
-fn remove_temporaries(root: &Path) -> Result<u64, PromoteError> {
+fn remove_temporaries(root: &Root) -> Result<u64, PromoteError> {
     let mut n = 0;
-    let mut stack = vec![root.to_path_buf()];
+    let mut stack = vec![RelPath::root()];
     while let Some(dir) = stack.pop() {
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io("listing", &dir)(e)),
-        };
-        for e in rd {
-            let e = e.map_err(io("listing", &dir))?;
+        let Ok(fd) = root.dir(&dir) else { continue };
+        let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let shown = dir.to_string();
+        for e in std::fs::read_dir(&p).map_err(io("listing", Path::new(&shown)))? {
+            let e = e.map_err(io("listing", Path::new(&shown)))?;
             let name = e.file_name();
-            let name = name.as_bytes();
-            if dir == root && crate::protocol::reserved_at_root(name) {
+            if dir.is_root() && crate::protocol::reserved_at_root(name.as_bytes()) {
                 continue;
             }
-            let ft = e.file_type().map_err(io("stat", &e.path()))?;
-            if name.starts_with(TMP_PREFIX) {
-                let res = if ft.is_dir() {
-                    std::fs::remove_dir_all(e.path())
-                } else {
-                    std::fs::remove_file(e.path())
-                };
-                res.map_err(io("removing", &e.path()))?;
+            if name.as_bytes().starts_with(TMP_PREFIX) {
+                remove_in(root, &fd, &name, &shown)?;
                 n += 1;
-            } else if ft.is_dir() {
-                stack.push(e.path());
+            } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Ok(c) = dir.join(name.as_bytes()) {
+                    stack.push(c);
+                }
             }
         }
     }
@@ -298,9 +337,13 @@ fn remove_temporaries(root: &Path) -> Result<u64, PromoteError> {
 
 /// A store's unfinished work: hidden generations, journal tails beyond
 /// their records, snapshot files no record (or kept image's backing) needs.
-fn clean_store(root: &Path, cleaned: &mut Cleaned) -> Result<(), PromoteError> {
-    let hosts = root.join(record::HOSTS);
-    let Ok(rd) = std::fs::read_dir(&hosts) else {
+/// Everything is reached beneath the root through no symlink: a replica's
+/// content comes from a master it must not trust.
+fn clean_store(root: &Root, cleaned: &mut Cleaned) -> Result<(), PromoteError> {
+    let Some((_hosts, hosts_p)) = dir_beneath(root, record::HOSTS) else {
+        return Ok(());
+    };
+    let Ok(rd) = std::fs::read_dir(&hosts_p) else {
         return Ok(());
     };
     let host_names: Vec<String> = rd
@@ -309,15 +352,20 @@ fn clean_store(root: &Path, cleaned: &mut Cleaned) -> Result<(), PromoteError> {
         .filter(|n| record::valid_name(n))
         .collect();
     for h in &host_names {
-        let snaps = root.join(record::snapshots_dir(h));
-        for e in std::fs::read_dir(&snaps).into_iter().flatten().flatten() {
+        let snaps = record::snapshots_dir(h);
+        let Some((fd, p)) = dir_beneath(root, &snaps) else {
+            continue;
+        };
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
             if e.file_name().as_bytes().starts_with(b".") {
-                std::fs::remove_dir_all(e.path()).map_err(io("removing", &e.path()))?;
+                let shown = format!("{snaps}/{}", e.file_name().to_string_lossy());
+                remove_in(root, &fd, &e.file_name(), &shown)?;
                 cleaned.staging += 1;
             }
         }
     }
-    let cat = store::load(root).map_err(|e| PromoteError::Io(e.to_string()))?;
+    let path = root.path();
+    let cat = store::load(path).map_err(|e| PromoteError::Io(e.to_string()))?;
     let mut referenced = std::collections::BTreeSet::new();
     for h in cat.hosts.values() {
         for s in h.snapshots.values() {
@@ -326,17 +374,15 @@ fn clean_store(root: &Path, cleaned: &mut Cleaned) -> Result<(), PromoteError> {
                     referenced.insert(st.record.body.file().to_string());
                     if let StorageBody::Cdp(c) = &st.record.body {
                         referenced.insert(c.base_file.clone());
-                        let p = root.join(&c.file);
-                        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                        let Some(f) = file_beneath(root, &c.file, true) else {
+                            continue;
+                        };
+                        let p = Path::new(&c.file);
+                        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
                         if len > c.length {
-                            std::fs::OpenOptions::new()
-                                .write(true)
-                                .open(&p)
-                                .and_then(|f| {
-                                    f.set_len(c.length)?;
-                                    f.sync_all()
-                                })
-                                .map_err(io("cutting the unpublished tail of", &p))?;
+                            f.set_len(c.length)
+                                .and_then(|_| f.sync_all())
+                                .map_err(io("cutting the unpublished tail of", p))?;
                             cleaned.journal_tails += 1;
                         }
                     }
@@ -351,7 +397,7 @@ fn clean_store(root: &Path, cleaned: &mut Cleaned) -> Result<(), PromoteError> {
         if !keep.insert(f.clone()) || !f.ends_with(".qcow2") {
             continue;
         }
-        match backing_name(&root.join(&f)) {
+        match file_beneath(root, &f, false).and_then(|img| backing_name(&img)) {
             Some(b) if b.contains('/') => return Ok(()), // a backing elsewhere: keep everything
             Some(b) => {
                 let dir = f.rsplit_once('/').map(|x| x.0).unwrap_or("");
@@ -360,34 +406,43 @@ fn clean_store(root: &Path, cleaned: &mut Cleaned) -> Result<(), PromoteError> {
             None => {}
         }
     }
-    let unheld = hosts_unheld(root, &host_names, &keep);
-    for p in unheld {
-        std::fs::remove_file(&p).map_err(io("removing", &p))?;
+    for rel in hosts_unheld(root, &host_names, &keep) {
+        let Some((dir, name)) = rel.rsplit_once('/') else {
+            continue;
+        };
+        let Some((fd, _)) = dir_beneath(root, dir) else {
+            continue;
+        };
+        nix::unistd::unlinkat(fd.as_fd(), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| PromoteError::Io(format!("removing {rel}: {}", e.desc())))?;
         cleaned.unreferenced += 1;
     }
     Ok(())
 }
 
+/// Snapshot files under the hosts' disk directories that `keep` lacks.
 fn hosts_unheld(
-    root: &Path,
+    root: &Root,
     hosts: &[String],
     keep: &std::collections::BTreeSet<String>,
-) -> Vec<PathBuf> {
+) -> Vec<String> {
     let mut out = Vec::new();
     for h in hosts {
         let disks = format!("{}/{}", record::host_dir(h), record::DISKS);
-        for d in std::fs::read_dir(root.join(&disks))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        let Some((_fd, p)) = dir_beneath(root, &disks) else {
+            continue;
+        };
+        for d in std::fs::read_dir(&p).into_iter().flatten().flatten() {
             let Ok(dn) = d.file_name().into_string() else {
                 continue;
             };
             if !d.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            let Some((_dfd, dp)) = dir_beneath(root, &format!("{disks}/{dn}")) else {
+                continue;
+            };
+            for f in std::fs::read_dir(&dp).into_iter().flatten().flatten() {
                 let Ok(fname) = f.file_name().into_string() else {
                     continue;
                 };
@@ -397,7 +452,7 @@ fn hosts_unheld(
                     && record::time_of_file(&fname).is_some()
                     && !keep.contains(&rel)
                 {
-                    out.push(f.path());
+                    out.push(rel);
                 }
             }
         }
@@ -406,9 +461,8 @@ fn hosts_unheld(
 }
 
 /// The backing file name in a qcow2 image's header (read natively: no qemu-img).
-pub fn backing_name(p: &Path) -> Option<String> {
+pub fn backing_name(f: &std::fs::File) -> Option<String> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(p).ok()?;
     let mut head = [0u8; 20];
     f.read_exact_at(&mut head, 0).ok()?;
     if &head[0..4] != b"QFI\xfb" {

@@ -93,9 +93,9 @@ fn found(root: &std::path::Path, rec: Option<&RoleRecord>) -> String {
 impl Fence {
     /// Reads the role of `root` (at agent start).
     pub fn load(root: &Root) -> Fence {
-        let (role, broken) = match role::read(root.path()) {
+        let (role, broken) = match read_role(root) {
             Ok(r) => (r, None),
-            Err(e) => (None, Some(e.to_string())),
+            Err(e) => (None, Some(e)),
         };
         Fence {
             root: root.path().display().to_string(),
@@ -191,8 +191,8 @@ impl Fence {
                 promote_stamp: None,
                 report: None,
             };
-            role::write(root.path(), &rec).map_err(|e| {
-                WireError::new(ErrorKind::Io, format!("recording the root's role: {e}"))
+            write_role(root, &rec).map_err(|e| {
+                WireError::new(e.kind, format!("recording the root's role: {}", e.message))
             })?;
             tracing::info!(root = %self.root, role = kind.as_str(), epoch, %session, "root claimed");
             self.role = Some(rec);
@@ -224,24 +224,38 @@ pub struct Synced {
 
 pub const SYNCED_FILE: &str = "synced.json";
 
-/// Records the last complete sync (durably; small).
+/// The role of the agent's root, read beneath it through no symlink (see
+/// [`Root::read_state`]); the error says what is wrong in one line.
+pub fn read_role(root: &Root) -> Result<Option<RoleRecord>, String> {
+    match root.read_state(role::ROLE_FILE) {
+        Ok(None) => Ok(None),
+        Ok(Some(b)) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            format!(
+                "{} is not a georep role file ({e}): move it away if it is not georep's",
+                role::path(root.path()).display()
+            )
+        }),
+        Err(e) => Err(format!("{}: {}", root.path().display(), e.message)),
+    }
+}
+
+/// Records the role of the agent's root durably, beneath it.
+pub fn write_role(root: &Root, rec: &RoleRecord) -> WResult<()> {
+    root.write_state(
+        role::ROLE_FILE,
+        &serde_json::to_vec_pretty(rec).expect("role serializes"),
+    )
+}
+
+/// Records the last complete sync (durably; small), beneath the root.
 pub fn record_synced(root: &Root, s: Synced) -> WResult<()> {
-    let dir = root.path().join(role::STATE_DIR);
-    let p = dir.join(SYNCED_FILE);
-    let tmp = dir.join(format!(".{SYNCED_FILE}.tmp{}", std::process::id()));
     let data = serde_json::to_vec(&s).expect("serializes");
-    (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, &p)
-    })()
-    .map_err(|e| WireError::new(ErrorKind::Io, format!("recording the sync time: {e}")))
+    root.write_state(SYNCED_FILE, &data)
+        .map_err(|e| WireError::new(e.kind, format!("recording the sync time: {}", e.message)))
 }
 
 /// The last complete sync recorded on a replica root.
-pub fn read_synced(root: &std::path::Path) -> Option<Synced> {
-    let b = std::fs::read(root.join(role::STATE_DIR).join(SYNCED_FILE)).ok()?;
+pub fn read_synced(root: &Root) -> Option<Synced> {
+    let b = root.read_state(SYNCED_FILE).ok()??;
     serde_json::from_slice(&b).ok()
 }

@@ -124,7 +124,7 @@ fn peer_listing(
                 .map(|t| serde_bytes::ByteBuf::from(t.as_os_str().as_bytes().to_vec())),
             changed: changed_here(root, &rel, fb, attr),
             name: serde_bytes::ByteBuf::from(name),
-            mode: md.mode() & 0o7777,
+            mode: md.mode() & 0o7777 | crate::fs::meta::recorded_setid(&e.path(), &md),
             uid: md.uid(),
             gid: md.gid(),
         });
@@ -153,8 +153,10 @@ fn same_here(root: &Path, e: &QuarantinedEntry) -> bool {
         Kind::File => {
             md.is_file()
                 && md.len() == e.size
-                && crate::fs::meta::read_xattrs(&full)
-                    .is_ok_and(|x| crate::fs::meta::Meta::from_metadata(&md, x) == e.meta)
+                && crate::fs::meta::read_xattrs(&full).is_ok_and(|x| {
+                    crate::fs::meta::Meta::from_metadata(&md, x).with_recorded_setid(&full, &md)
+                        == e.meta
+                })
                 && crate::catalog::points::file_digest(&full)
                     .is_ok_and(|(_, d)| Some(d) == e.digest)
         }

@@ -126,7 +126,7 @@ impl Master {
                 name: ByteBuf::from(name),
                 kind,
                 size: if kind == Kind::File { md.len() } else { 0 },
-                meta: Meta::from_metadata(&md, xattrs),
+                meta: Meta::from_metadata(&md, xattrs).with_recorded_setid(p, &md),
                 dev: md.dev(),
                 ino: md.ino(),
                 nlink: md.nlink(),

@@ -11,8 +11,11 @@
 //! what equals the new master's version (`QuarantineResolve`). A file taken
 //! that has other names (hard links) may have changed through one whose
 //! directory was never stamped: once the walk is done, the tree is scanned
-//! for those names, which enter the quarantine as links of the copy. With
-//! `force` (a root that was never the session's master) everything is taken.
+//! for those names, which enter the quarantine as links of the copy. The
+//! same scan (one pass over the tree, as the failback's first crawl is a
+//! full one anyway) adopts the old master's own hard links, so the crawl
+//! does not take them for links a local user planted. With `force` (a root
+//! that was never the session's master) everything is taken.
 
 use super::copy::{apply_meta, copy_xattrs, symlink_meta};
 use super::walk::{self, Decision, Local, Mode};
@@ -50,13 +53,10 @@ struct Copying {
     digest: crate::hash::digest::Digester,
 }
 
-/// A file taken that has other names: where its copy is, and how many of
-/// its names the quarantine holds.
+/// A file taken that has other names: where its copy is, and its digest.
 struct Linked {
     copy: Vec<u8>,
     digest: [u8; 32],
-    nlink: u64,
-    held: u64,
 }
 
 /// One quarantine being built for a failback connection.
@@ -83,6 +83,9 @@ pub struct Job {
     /// The hard-link scan: None until the walk is done, then the
     /// directories left to list (empty: finished).
     scan: Option<Vec<Vec<u8>>>,
+    /// Every inode of the tree with several names: (links, names seen, one
+    /// of them). Those whose names are all in the tree are adopted.
+    names: BTreeMap<(u64, u64), (u64, u64, Vec<u8>)>,
     session: Uuid,
     old_session: Uuid,
     epoch: u64,
@@ -156,6 +159,7 @@ impl Job {
             items: BTreeMap::new(),
             linked: BTreeMap::new(),
             scan: committed.then(Vec::new),
+            names: BTreeMap::new(),
             session,
             old_session: fb.old_session,
             epoch,
@@ -233,15 +237,12 @@ impl Job {
             if !self.asking.is_empty() {
                 break;
             }
-            // The walk is done: other names of the linked files taken.
+            // The walk is done: other names of the linked files taken,
+            // and the tree's own hard links (see `adopt_links`).
             if self.scan.is_none() {
-                self.scan = Some(if self.links_missing() {
-                    vec![Vec::new()]
-                } else {
-                    Vec::new()
-                });
+                self.scan = Some(vec![Vec::new()]);
             }
-            if scanned >= SCAN_PER_STEP || !self.links_missing() {
+            if scanned >= SCAN_PER_STEP {
                 break;
             }
             let Some(dir) = self.scan.as_mut().and_then(|s| s.pop()) else {
@@ -261,29 +262,39 @@ impl Job {
                 .map(|a| RelPath::new(a.clone()).expect("a path under the root"))
                 .collect()
         };
-        let scanned_all = self
-            .scan
-            .as_ref()
-            .is_some_and(|s| s.is_empty() || !self.links_missing());
+        let scanned_all = self.scan.as_ref().is_some_and(|s| s.is_empty());
         Ok((out, ask, !walking && self.asking.is_empty() && scanned_all))
     }
 
-    fn links_missing(&self) -> bool {
-        self.linked.values().any(|l| l.held < l.nlink)
+    /// The old master's own hard links, made by its writers: an inode all
+    /// of whose names are in the tree is recorded as georep's (the count
+    /// the agent checks before it writes through a name, see
+    /// `agent::meta::foreign_links`), so the failback's crawl patches it
+    /// and links to it instead of breaking it and sending it whole. One
+    /// with a name elsewhere (outside the root) stays foreign.
+    fn adopt_links(&self) -> WResult<()> {
+        for (nlink, seen, rel) in self.names.values() {
+            if seen != nlink {
+                continue;
+            }
+            let p = join(&self.root, rel);
+            xattr::set(
+                &p,
+                crate::agent::meta::links_attr(),
+                nlink.to_string().as_bytes(),
+            )
+            .map_err(io("recording the hard links of", &p))?;
+        }
+        Ok(())
     }
 
     /// Notes a file taken: one of its names, if it has several.
     fn saw_linked(&mut self, rel: &[u8], md: &std::fs::Metadata, digest: [u8; 32]) {
         if md.nlink() > 1 {
-            self.linked
-                .entry((md.dev(), md.ino()))
-                .or_insert(Linked {
-                    copy: rel.to_vec(),
-                    digest,
-                    nlink: md.nlink(),
-                    held: 0,
-                })
-                .held += 1;
+            self.linked.entry((md.dev(), md.ino())).or_insert(Linked {
+                copy: rel.to_vec(),
+                digest,
+            });
         }
     }
 
@@ -314,7 +325,14 @@ impl Job {
                 self.scan.as_mut().expect("scanning").push(c);
                 continue;
             }
-            if !md.is_file() || md.nlink() < 2 || self.items.contains_key(&c) {
+            if !md.is_file() || md.nlink() < 2 {
+                continue;
+            }
+            self.names
+                .entry((md.dev(), md.ino()))
+                .or_insert((md.nlink(), 0, c.clone()))
+                .1 += 1;
+            if self.items.contains_key(&c) {
                 continue;
             }
             let Some(l) = self.linked.get(&(md.dev(), md.ino())) else {
@@ -329,9 +347,6 @@ impl Job {
                 // Its copy left the quarantine (equal to the new master's there): copy it again.
                 self.pending.push_back(c);
                 continue;
-            }
-            if let Some(l) = self.linked.get_mut(&(md.dev(), md.ino())) {
-                l.held += 1;
             }
             let xt = self.xtime(&e.path());
             out.push(self.item(&c, Kind::File, &md, xt, Some(digest), None));
@@ -380,7 +395,8 @@ impl Job {
             path: RelPath::new(rel.to_vec()).expect("a path under the root"),
             kind,
             size,
-            meta: crate::fs::meta::Meta::from_metadata(md, xattrs),
+            meta: crate::fs::meta::Meta::from_metadata(md, xattrs)
+                .with_recorded_setid(&join(&self.root, rel), md),
             digest,
             target: target.map(serde_bytes::ByteBuf::from),
         }
@@ -441,7 +457,7 @@ impl Job {
                     sec: md.mtime(),
                     nsec: md.mtime_nsec() as u32,
                 },
-                mode: md.mode() & 0o7777,
+                mode: md.mode() & 0o7777 | crate::fs::meta::recorded_setid(&cp, &md),
                 uid: md.uid(),
                 gid: md.gid(),
                 target: (kind == Kind::Symlink)
@@ -541,10 +557,7 @@ impl Job {
         if self.committed {
             return Ok(self.id.clone());
         }
-        let scanning = !self
-            .scan
-            .as_ref()
-            .is_some_and(|s| s.is_empty() || !self.links_missing());
+        let scanning = !self.scan.as_ref().is_some_and(|s| s.is_empty());
         if self.copying.is_some()
             || !self.pending.is_empty()
             || !self.dirs.is_empty()
@@ -556,6 +569,7 @@ impl Job {
                 "quarantine commit before its walk is done",
             ));
         }
+        self.adopt_links()?;
         let now = xtime::now_ns();
         let m = Manifest {
             id: self.id.clone(),
