@@ -95,3 +95,90 @@ fn a_role_file_that_is_a_symlink_is_not_believed_and_writes_are_refused() {
     assert_eq!(std::fs::read(&rec).unwrap(), before);
     assert_eq!(listing(&outside), ["role.json"]);
 }
+
+/// Copies a directory tree (files and directories) with `cp -a`.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// A store replicated to the slave, and a directory outside both roots.
+fn replicated_store() -> (World, std::path::PathBuf) {
+    let w = World::new();
+    common::catalog::sample(&w, &[]);
+    w.create("s1", &["--layout", "store"]);
+    w.sync("s1");
+    let outside = w.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    (w, outside)
+}
+
+fn promote(w: &World) {
+    let out = w.run(&["promote", w.slave.to_str().unwrap(), "--json"]);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "{}",
+        common::stderr(&out)
+    );
+}
+
+// What a hostile master can send, as symlinks are replicated data: a
+// host's disk directory replaced by a symlink to a copy elsewhere that
+// holds one more snapshot file no record needs; a journal replaced by a
+// symlink to a longer file elsewhere. Promote cleans a store up (files no
+// record needs, journal bytes beyond their records): never there.
+
+#[test]
+fn promote_of_a_store_removes_nothing_through_a_symlinked_disk_directory() {
+    let (w, outside) = replicated_store();
+    let host = std::fs::read_dir(w.slave.join("hosts"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let disks = host.join("disks");
+    copy_tree(&disks, &outside.join("disks"));
+    let disk = std::fs::read_dir(outside.join("disks"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bait = disk.join("123.qcow2");
+    std::fs::write(&bait, b"not the replica's").unwrap();
+    std::fs::remove_dir_all(&disks).unwrap();
+    std::os::unix::fs::symlink(outside.join("disks"), &disks).unwrap();
+    let before = common::tree::snapshot(&outside);
+    promote(&w);
+    assert!(bait.exists(), "promote removed a file outside the root");
+    assert_eq!(
+        common::tree::snapshot(&outside),
+        before,
+        "promote changed something outside the root"
+    );
+}
+
+#[test]
+fn promote_of_a_store_cuts_no_journal_through_a_symlink() {
+    let (w, outside) = replicated_store();
+    let journals = common::catalog::files_with(&w.slave, "cdp");
+    assert!(!journals.is_empty(), "the sample store has journals");
+    let long = outside.join("long.cdp");
+    let mut data = std::fs::read(&journals[0]).unwrap();
+    data.extend_from_slice(&[7u8; 1 << 16]);
+    std::fs::write(&long, &data).unwrap();
+    std::fs::remove_file(&journals[0]).unwrap();
+    std::os::unix::fs::symlink(&long, &journals[0]).unwrap();
+    promote(&w);
+    assert_eq!(
+        std::fs::read(&long).unwrap(),
+        data,
+        "promote cut a file outside the root"
+    );
+}

@@ -69,7 +69,7 @@ impl Agent<'_> {
                     ));
                 }
                 if self.quarantine.is_none() {
-                    self.quarantine = Some(Job::start(self.root.path(), session, epoch, &fb)?);
+                    self.quarantine = Some(Job::start(&self.root, session, epoch, &fb)?);
                 }
                 let job = self.quarantine.as_mut().expect("set above");
                 let (entries, ask, done) =

@@ -17,6 +17,7 @@
 //! does not take them for links a local user planted. With `force` (a root
 //! that was never the session's master) everything is taken.
 
+use super::beneath::{fd_path, Tree};
 use super::copy::{apply_meta, copy_xattrs, symlink_meta};
 use super::walk::{self, Decision, Local, Mode};
 use super::{Item, Manifest, DATA, MANIFEST};
@@ -63,6 +64,8 @@ struct Linked {
 pub struct Job {
     pub id: String,
     root: PathBuf,
+    /// The old master's entries, reached beneath the root through no symlink.
+    tree: Tree,
     building: PathBuf,
     published: PathBuf,
     xtime_attr: Option<String>,
@@ -92,6 +95,7 @@ pub struct Job {
     committed: bool,
 }
 
+/// The path of `rel` under the root, for messages only.
 fn join(root: &Path, rel: &[u8]) -> PathBuf {
     if rel.is_empty() {
         root.to_path_buf()
@@ -116,7 +120,17 @@ pub fn id_for(session: &Uuid, epoch: u64) -> String {
 
 impl Job {
     /// Starts (or finds published) the quarantine of the connection's failback.
-    pub fn start(root: &Path, session: Uuid, epoch: u64, fb: &FailbackClaim) -> WResult<Job> {
+    pub fn start(
+        agent_root: &crate::agent::Root,
+        session: Uuid,
+        epoch: u64,
+        fb: &FailbackClaim,
+    ) -> WResult<Job> {
+        let root = agent_root.path();
+        let root_fd = agent_root
+            .fd()
+            .try_clone_to_owned()
+            .map_err(io("opening", root))?;
         let id = id_for(&session, epoch);
         let qdir = super::dir(root);
         let building = qdir.join(format!(".building-{id}"));
@@ -135,6 +149,7 @@ impl Job {
         Ok(Job {
             id,
             root: root.to_path_buf(),
+            tree: Tree::new(root, root_fd, agent_root.dev().is_some()),
             building,
             published,
             xtime_attr: master.map(|m| xtime::xtime_attr(&m)),
@@ -215,9 +230,11 @@ impl Job {
                     continue;
                 }
                 let c = self.copying.take().expect("copying");
-                let src = join(&self.root, &c.rel);
                 let dst = join(&self.building.join(DATA), &c.rel);
-                copy_xattrs(&src, &dst).map_err(io("copying the xattrs of", &src))?;
+                if let Some(src) = self.tree.entry(&c.rel) {
+                    copy_xattrs(&src.path, &dst)
+                        .map_err(io("copying the xattrs of", &join(&self.root, &c.rel)))?;
+                }
                 apply_meta(&dst, &c.md).map_err(io("setting metadata of", &dst))?;
                 let digest = c.digest.finish();
                 self.saw_linked(&c.rel, &c.md, digest);
@@ -277,13 +294,15 @@ impl Job {
             if seen != nlink {
                 continue;
             }
-            let p = join(&self.root, rel);
+            let Some(p) = self.tree.entry(rel) else {
+                continue;
+            };
             xattr::set(
-                &p,
+                &p.path,
                 crate::agent::meta::links_attr(),
                 nlink.to_string().as_bytes(),
             )
-            .map_err(io("recording the hard links of", &p))?;
+            .map_err(io("recording the hard links of", &join(&self.root, rel)))?;
         }
         Ok(())
     }
@@ -301,15 +320,18 @@ impl Job {
     /// Lists one directory of the hard-link scan; enters the names of
     /// linked files taken that the quarantine lacks (as links of the copy).
     fn scan_dir(&mut self, rel: &[u8]) -> WResult<(usize, Vec<QuarantinedEntry>)> {
-        let p = join(&self.root, rel);
-        let rd = match std::fs::read_dir(&p) {
+        let shown = join(&self.root, rel);
+        let Some(dir) = self.tree.open_dir(rel) else {
+            return Ok((0, Vec::new()));
+        };
+        let rd = match std::fs::read_dir(fd_path(&dir)) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, Vec::new())),
-            Err(e) => return Err(io("listing", &p)(e)),
+            Err(e) => return Err(io("listing", &shown)(e)),
         };
         let (mut n, mut out) = (0, Vec::new());
         for e in rd {
-            let e = e.map_err(io("listing", &p))?;
+            let e = e.map_err(io("listing", &shown))?;
             n += 1;
             let name = e.file_name().as_bytes().to_vec();
             if (rel.is_empty() && crate::protocol::reserved_at_root(&name))
@@ -369,11 +391,16 @@ impl Job {
             _ => "dir",
         };
         let size = if kind == Kind::File { md.len() } else { 0 };
-        let xattrs = if kind == Kind::Symlink {
-            Vec::new()
-        } else {
-            crate::fs::meta::read_xattrs(&join(&self.root, rel)).unwrap_or_default()
+        let ent = self.tree.entry(rel);
+        let xattrs = match &ent {
+            Some(e) if kind != Kind::Symlink => {
+                crate::fs::meta::read_xattrs(&e.path).unwrap_or_default()
+            }
+            _ => Vec::new(),
         };
+        let setid = ent
+            .as_ref()
+            .map_or(0, |e| crate::fs::meta::recorded_setid(&e.path, md));
         self.items.insert(
             rel.to_vec(),
             Item {
@@ -395,8 +422,10 @@ impl Job {
             path: RelPath::new(rel.to_vec()).expect("a path under the root"),
             kind,
             size,
-            meta: crate::fs::meta::Meta::from_metadata(md, xattrs)
-                .with_recorded_setid(&join(&self.root, rel), md),
+            meta: crate::fs::meta::Meta {
+                mode: md.mode() & 0o7777 | setid,
+                ..crate::fs::meta::Meta::from_metadata(md, xattrs)
+            },
             digest,
             target: target.map(serde_bytes::ByteBuf::from),
         }
@@ -411,24 +440,28 @@ impl Job {
         parent_mode: Mode,
         peer: Option<Vec<PeerEntry>>,
     ) -> WResult<()> {
-        let p = join(&self.root, &rel);
+        let shown = join(&self.root, &rel);
+        let (Some(ent), Some(dir)) = (self.tree.entry(&rel), self.tree.open_dir(&rel)) else {
+            return Ok(()); // gone, or not beneath the root
+        };
         let mode = match (&peer, parent_mode) {
             (None, _) | (_, Mode::Whole) => Mode::Whole,
             _ if self.force => Mode::Whole,
             (_, Mode::Stamped { .. }) => parent_mode.enter(
-                xtime::read(&p, &self.stime_attr).unwrap_or(0),
-                self.stamp(&p, &self.dirmark_attr),
+                xtime::read(&ent.path, &self.stime_attr).unwrap_or(0),
+                self.stamp(&ent.path, &self.dirmark_attr),
             ),
             (_, m) => m,
         };
+        let p = fd_path(&dir);
         let rd = match std::fs::read_dir(&p) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io("listing", &p)(e)),
+            Err(e) => return Err(io("listing", &shown)(e)),
         };
         let mut names = Vec::new();
         for e in rd {
-            let e = e.map_err(io("listing", &p))?;
+            let e = e.map_err(io("listing", &shown))?;
             let name = e.file_name().as_bytes().to_vec();
             if (rel.is_empty() && crate::protocol::reserved_at_root(&name))
                 || name.starts_with(crate::protocol::TMP_PREFIX)
@@ -445,7 +478,7 @@ impl Job {
         }
         let mut locals = Vec::with_capacity(names.len());
         for n in names {
-            let cp = join(&self.root, &child(&rel, &n));
+            let cp = p.join(OsStr::from_bytes(&n));
             let Ok(md) = cp.symlink_metadata() else {
                 continue;
             };
@@ -489,7 +522,11 @@ impl Job {
 
     /// Copies one file (started here, finished by later steps), symlink or empty directory in.
     fn take(&mut self, rel: Vec<u8>) -> WResult<Option<QuarantinedEntry>> {
-        let src = join(&self.root, &rel);
+        let Some(ent) = self.tree.entry(&rel) else {
+            return Ok(None);
+        };
+        let src = ent.path.clone();
+        let shown = join(&self.root, &rel);
         let dst = join(&self.building.join(DATA), &rel);
         let Ok(md) = src.symlink_metadata() else {
             return Ok(None);
@@ -502,15 +539,15 @@ impl Job {
         }
         let xt = if md.is_symlink() { 0 } else { self.xtime(&src) };
         if md.is_symlink() {
-            let t = std::fs::read_link(&src).map_err(io("reading", &src))?;
-            std::os::unix::fs::symlink(&t, &dst).map_err(io("copying", &src))?;
+            let t = std::fs::read_link(&src).map_err(io("reading", &shown))?;
+            std::os::unix::fs::symlink(&t, &dst).map_err(io("copying", &shown))?;
             symlink_meta(&dst, &md).map_err(io("setting metadata of", &dst))?;
             let t = t.as_os_str().as_bytes().to_vec();
             return Ok(Some(self.item(&rel, Kind::Symlink, &md, xt, None, Some(t))));
         }
         if md.is_dir() {
             std::fs::create_dir_all(&dst).map_err(io("creating", &dst))?;
-            copy_xattrs(&src, &dst).map_err(io("copying the xattrs of", &src))?;
+            copy_xattrs(&src, &dst).map_err(io("copying the xattrs of", &shown))?;
             apply_meta(&dst, &md).map_err(io("setting metadata of", &dst))?;
             return Ok(Some(self.item(&rel, Kind::Dir, &md, xt, None, None)));
         }
@@ -519,7 +556,7 @@ impl Job {
             .read(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&src)
-            .map_err(io("opening", &src))?;
+            .map_err(io("opening", &shown))?;
         let out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

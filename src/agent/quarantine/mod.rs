@@ -9,6 +9,7 @@
 //! The build is [`build::Job`] (bounded steps driven by the worker); the
 //! operator's side is [`list`], [`show`], [`restore`] and [`discard`].
 
+mod beneath;
 pub mod build;
 mod copy;
 pub mod walk;
