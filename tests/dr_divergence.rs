@@ -3,8 +3,9 @@
 //! random): entries written into a directory marked whole (`georep mark
 //! DIR`, a dirmark) and never stamped themselves, a directory renamed into
 //! place whose stimes describe its old name, symlinks changed in metadata
-//! only (they carry no stamp), and a hard-linked file changed through a
-//! name whose directory was never stamped.
+//! only (they carry no stamp), a hard-linked file changed through a
+//! name whose directory was never stamped, and a hard link whose partner
+//! the old master renamed (the link counts match, the partners differ).
 
 mod common;
 
@@ -197,5 +198,33 @@ fn every_name_of_a_hard_linked_file_changed_through_one_of_them_is_kept() {
         data.join("a/img").metadata().unwrap().ino(),
         data.join("b/deep/img").metadata().unwrap().ino(),
         "the second name is a link of the copy, not a second copy"
+    );
+}
+
+#[test]
+fn a_hard_link_whose_partner_the_old_master_renamed_is_linked_again() {
+    let w = World::new();
+    w.create("s1", &["--marker", "mark"]);
+    write(&w.master.join("e"), b"linked content");
+    std::fs::create_dir_all(w.master.join("a")).unwrap();
+    std::fs::create_dir_all(w.master.join("b/p/q/r")).unwrap();
+    std::fs::hard_link(w.master.join("e"), w.master.join("a/f")).unwrap();
+    for p in ["e", "a/f", "b"] {
+        common::mark(&w.master.join(p));
+    }
+    w.sync("s1");
+    // A, cut off, renames one name away: its inode keeps two names, so
+    // the count matches B's, though the partners differ.
+    std::fs::rename(w.master.join("e"), w.master.join("b/p/q/r/e2")).unwrap();
+    common::mark(&w.master.join("e"));
+    common::mark(&w.master.join("b/p/q/r/e2"));
+    dr::promote(&w, &w.slave);
+    // fail_back compares the trees, hard-link groups included.
+    let (items, _) = fail_back(&w);
+    assert!(items.contains_key("b/p/q/r/e2"), "{items:?}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        w.master.join("e").metadata().unwrap().ino(),
+        w.master.join("a/f").metadata().unwrap().ino()
     );
 }

@@ -205,7 +205,7 @@ impl Engine {
                 }
             };
             self.stats.entries_visited.fetch_add(mlist.len() as u64, Ordering::Relaxed);
-            let plan = plan::plan_dir(kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
+            let mut plan = plan::plan_dir(kind, &mlist, slist.as_deref(), stime, |n| reserved(&dir, n));
             for (i, a) in &plan.actions {
                 if let Action::Ship { .. } = a {
                     self.work.files_found.fetch_add(1, Ordering::Relaxed);
@@ -221,6 +221,26 @@ impl Engine {
                     if let Ok(p) = dir.join(&m.entry.name) {
                         self.links().saw(&m.entry, &p);
                     }
+                }
+            }
+            // A name of an inode that another name already ships in this
+            // crawl (a new inode on the slave) is linked to it, even when
+            // it looks unchanged here or only its metadata differs: its
+            // link count can match by chance (a partner gone on the
+            // master, one more on the slave). Seen (above) before this
+            // check, or it is among the names the shipping one re-links.
+            for (i, m) in mlist.iter().enumerate() {
+                if m.entry.kind != Kind::File
+                    || m.entry.nlink < 2
+                    || plan.skipped.contains(&i)
+                    || !self.links().started((m.entry.dev, m.entry.ino))
+                {
+                    continue;
+                }
+                match plan.actions.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, a @ Action::Meta)) => *a = Action::Ship { basis: true },
+                    Some(_) => {}
+                    None => plan.actions.push((i, Action::Ship { basis: true })),
                 }
             }
             let mut ok = true;
