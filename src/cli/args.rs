@@ -234,7 +234,9 @@ pub enum Cmd {
     },
     /// Turn a replica into a live store (on the DR site, the master may be gone): roll back what is unfinished, verify, report what was recovered.
     Promote {
+        /// The replica's directory (the slave root of a session).
         dir: PathBuf,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -245,6 +247,7 @@ pub enum Cmd {
     },
     /// Planned switchover with no loss: final sync, promote the slave, demote the master, create (and start) the reverse session.
     Switchover {
+        /// The session to switch over (its slave becomes the live store).
         session: String,
         /// Name of the reverse session (slave -> master) to create.
         #[arg(long)]
@@ -318,28 +321,41 @@ pub enum PointOp {
 pub enum QuarantineOp {
     /// The quarantines of a store or tree.
     List {
+        /// The old master's directory (where the failback put its quarantine).
         dir: PathBuf,
+        /// Print them as JSON.
         #[arg(long)]
         json: bool,
     },
     /// What a quarantine holds: path, type, size, digest, xtime, reason.
     Show {
+        /// The old master's directory.
         dir: PathBuf,
+        /// The quarantine's id (from `quarantine list`).
         id: String,
+        /// Print the manifest as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Copy entries back (all, or PATHs and what is below them); the quarantine keeps them.
     Restore {
+        /// The old master's directory.
         dir: PathBuf,
+        /// The quarantine's id (from `quarantine list`).
         id: String,
+        /// Entries to restore (with what is below them); none: all.
         paths: Vec<String>,
         /// Restore into this directory instead of DIR itself.
         #[arg(long)]
         to: Option<PathBuf>,
     },
     /// Remove a quarantine for good.
-    Discard { dir: PathBuf, id: String },
+    Discard {
+        /// The old master's directory.
+        dir: PathBuf,
+        /// The quarantine's id (from `quarantine list`).
+        id: String,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
