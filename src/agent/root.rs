@@ -377,7 +377,38 @@ impl Root {
         Err(foreign_links_error(rel, true))
     }
 
+    /// Refuses to go on when the root's path no longer names the directory
+    /// the agent opened (moved away, replaced, removed): the slave a
+    /// session writes is that path, so the worker is told (and goes Faulty)
+    /// instead of writing on into a directory no one looks at.
+    pub fn check_path(&self) -> WResult<()> {
+        let st = nix::sys::stat::fstat(self.fd.as_fd())
+            .map_err(|e| errno_err(e, "stat", &self.path.display()))?;
+        let same = std::fs::metadata(&self.path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino()) == (st.st_dev, st.st_ino)
+        });
+        match same {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WireError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "slave root {} was replaced while the agent served it: check it on the slave",
+                    self.path.display()
+                ),
+            )),
+            Err(e) => Err(WireError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "slave root {}: {e} (moved or removed while the agent served it): check it on the slave",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+
     pub fn identity(&self) -> WResult<Option<SlaveIdentity>> {
+        self.check_path()?;
         Ok(self
             .read_state("identity.json")?
             .and_then(|b| serde_json::from_slice(&b).ok()))
