@@ -140,6 +140,11 @@ pub struct Config {
     /// being assembled in a temporary file and renamed. None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inplace_min_size: Option<u64>,
+    /// The epoch of the master's lineage when the session was created (0:
+    /// a master never promoted). The agent refuses this session on a slave
+    /// of a newer epoch, and on a live (promoted) slave.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     /// A shell command run for each event (Faulty, recovered, checkpoint
     /// completed, RPO warning, persistent failures), the event as JSON on stdin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -179,6 +184,30 @@ pub struct Config {
     /// this many seconds without progress.
     #[serde(default = "default_partial_max_age")]
     pub partial_max_age_secs: u64,
+    /// A failback's reverse session: the slave is the old master (last, as
+    /// a TOML table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failback: Option<Failback>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a failback session knows of the promote it reverses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failback {
+    /// The session that replicated the old master to this (promoted) master:
+    /// its stimes on the old master are the last common point.
+    pub old_session: Uuid,
+    /// The xtime stamped on this master at promote: entries marked later changed here.
+    pub promote_stamp: u64,
+    /// When the promote happened (ns): entries whose ctime is later changed here.
+    pub promoted_at_ns: u64,
+    /// The slave was not proven to be the old master: everything of it that differs is quarantined.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// The scrub's period when `scrub_period` is not set: 30 days.
@@ -354,6 +383,12 @@ pub struct State {
     pub last_complete_ns: Option<u64>,
     /// The root's xtime that last complete sync covered (everything changed before it is on the slave).
     pub last_synced_xtime: Option<u64>,
+    /// A failback: the quarantine published on the old master before the first write.
+    #[serde(default)]
+    pub quarantine: Option<String>,
+    /// The slave's role as its agent last reported it.
+    #[serde(default)]
+    pub slave_role: Option<String>,
 }
 
 pub struct Session {

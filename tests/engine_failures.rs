@@ -274,7 +274,10 @@ fn delete_with_reset_sync_time_leaves_no_stime_on_the_master() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 master directories"));
     for p in ["", "a", "a/b"] {
         assert!(!has(&w.master.join(p), ".stime"), "stime left on {p:?}");
-        assert!(!has(&w.master.join(p), ".entries"), "entry digest left on {p:?}");
+        assert!(
+            !has(&w.master.join(p), ".entries"),
+            "entry digest left on {p:?}"
+        );
     }
     assert!(!w.home.join("sessions/r").exists());
 }

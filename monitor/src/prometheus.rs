@@ -1,7 +1,7 @@
 //! Prometheus text exposition format (version 0.0.4) of the status files,
 //! for node_exporter's textfile collector.
 
-use crate::status::{MonitorStatus, Status, WorkerStatus, CRAWL_STATES};
+use crate::status::{MonitorStatus, Status, WorkerStatus, CRAWL_STATES, ROLES};
 use std::fmt::Write;
 
 fn label(v: &str) -> String {
@@ -210,6 +210,32 @@ pub fn render(rows: &[Status]) -> String {
                 &[("session", &s.session)],
                 secs(t),
             );
+        }
+    }
+    o.family(
+        "georep_role",
+        "gauge",
+        "Role of the session's master root (master, promoted, replica, demoted): 1 for the current one.",
+    );
+    for s in rows {
+        if let Some(role) = &s.role {
+            for r in ROLES {
+                o.sample(
+                    "georep_role",
+                    &[("session", &s.session), ("role", r)],
+                    (role == r) as u8 as f64,
+                );
+            }
+        }
+    }
+    o.family(
+        "georep_epoch",
+        "gauge",
+        "The session's epoch (raised by every promote in its lineage).",
+    );
+    for s in rows {
+        if let Some(e) = s.epoch {
+            o.sample("georep_epoch", &[("session", &s.session)], e as f64);
         }
     }
     progress(&mut o, rows);

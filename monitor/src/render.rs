@@ -168,6 +168,14 @@ pub fn detail(s: &Status) -> String {
         ("last error", opt(&s.last_error)),
         ("last error time", opt(&s.last_error_time)),
         ("status updated", opt(&s.updated)),
+        ("role", opt(&s.role)),
+        (
+            "epoch",
+            s.epoch
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "N/A".into()),
+        ),
+        ("slave role", opt(&s.slave_role)),
         (
             "crawl progress",
             s.crawl_progress

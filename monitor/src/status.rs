@@ -156,6 +156,17 @@ pub struct Status {
     /// Seconds since `last_synced`, computed by the reader (null when never synced).
     #[serde(default)]
     pub lag_seconds: Option<u64>,
+    /// The role of the session's master root, filled in by the reader:
+    /// "master" (a live store never promoted), "promoted", "replica" (a
+    /// cascade), or "demoted" (a replica again: this session is fenced).
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The session's epoch (raised by every promote in its lineage).
+    #[serde(default)]
+    pub epoch: Option<u64>,
+    /// The slave's role as its agent last reported it ("replica", "demoted").
+    #[serde(default)]
+    pub slave_role: Option<String>,
     /// The crawl in progress (null when idle or without a worker).
     #[serde(default)]
     pub crawl_progress: Option<CrawlProgress>,
@@ -202,6 +213,9 @@ pub struct Status {
     pub compression_ratio: Option<f64>,
 }
 
+/// The values of `Status::role`.
+pub const ROLES: [&str; 4] = ["master", "promoted", "replica", "demoted"];
+
 impl Status {
     /// The status of a session that no monitor has written yet.
     pub fn created(session: &str, master: &str, slave: &str) -> Status {
@@ -230,6 +244,9 @@ impl Status {
             full_crawl_reason: None,
             updated: None,
             lag_seconds: None,
+            role: None,
+            epoch: None,
+            slave_role: None,
             crawl_progress: None,
             failing_entries: 0,
             persistent_failures: 0,

@@ -5,11 +5,15 @@
 mod basis;
 mod catalog;
 mod conn;
+mod dr;
 mod files;
 mod inplace;
 mod meta;
+pub mod promote;
+pub mod quarantine;
 mod queue;
 mod remove;
+pub mod role;
 mod root;
 mod settings;
 mod streams;
@@ -81,6 +85,10 @@ struct Agent<'a> {
     grouped: bool,
     /// Holds the root's lock (not an agent that joined a group).
     primary: bool,
+    /// The root's role and the worker's claim: writes of a fenced writer are refused.
+    fence: role::Fence,
+    /// A failback's quarantine being built (see `quarantine`).
+    quarantine: Option<quarantine::Job>,
 }
 
 fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
@@ -169,6 +177,7 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     } else {
         Files::joiner(&root)
     };
+    let fence = role::Fence::load(&root);
     conn.serving();
     let mut agent = Agent {
         root,
@@ -177,6 +186,8 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
         verify: verify::Verifier::new(out.clone()),
         grouped: !primary,
         primary,
+        fence,
+        quarantine: None,
     };
     let result = loop {
         let msg = match conn.try_recv() {
@@ -282,6 +293,9 @@ impl Agent<'_> {
         let id = env.id;
         if self.files.needs_recovery() {
             self.files.recover(&self.root);
+        }
+        if let Err(e) = self.fence.check(&env.body) {
+            return self.reply(id, Err(e));
         }
         let result = match env.body {
             Request::Hello { .. } | Request::HelloStream { .. } => {
@@ -459,6 +473,12 @@ impl Agent<'_> {
                 Ok(()) => return, // answered by the verification thread
                 Err(e) => Err(e),
             },
+            body @ (Request::Claim { .. }
+            | Request::Synced { .. }
+            | Request::Promote { .. }
+            | Request::QuarantineStep { .. }
+            | Request::QuarantineResolve { .. }
+            | Request::QuarantineCommit) => self.handle_dr(body),
             other => match self.handle_transfer(id, other) {
                 Some(r) => r,
                 None => return, // answered when published

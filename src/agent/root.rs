@@ -34,7 +34,7 @@ pub use crate::protocol::{STATE_DIR, TMP_PREFIX};
 fn check_reserved(p: &RelPath) -> WResult<()> {
     let mut first = true;
     for c in p.components() {
-        if (first && c == STATE_DIR) || c.starts_with(TMP_PREFIX) {
+        if (first && crate::protocol::reserved_at_root(c)) || c.starts_with(TMP_PREFIX) {
             return Err(WireError::new(
                 ErrorKind::InvalidPath,
                 format!("{p}: name reserved for georep's own files"),
@@ -155,14 +155,14 @@ impl Root {
 
     pub fn stat(&self, rel: &RelPath) -> WResult<Option<Entry>> {
         if rel.is_root() {
-            return stat_entry(self.fd.as_fd(), OsStr::new("."), b"").map(Some);
+            return stat_entry(self.fd.as_fd(), OsStr::new("."), b"", &self.policy).map(Some);
         }
         let (dir, name) = match self.parent(rel) {
             Ok(x) => x,
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        match stat_entry(dir.as_fd(), OsStr::from_bytes(name), name) {
+        match stat_entry(dir.as_fd(), OsStr::from_bytes(name), name, &self.policy) {
             Ok(e) => Ok(Some(e)),
             Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -191,7 +191,10 @@ impl Root {
         for ent in d.iter() {
             let ent = ent.map_err(|e| errno_err(e, "list", rel))?;
             let name = ent.file_name().to_bytes();
-            if name == b"." || name == b".." || (rel.is_root() && name == STATE_DIR) {
+            if name == b"."
+                || name == b".."
+                || (rel.is_root() && crate::protocol::reserved_at_root(name))
+            {
                 continue;
             }
             if name.starts_with(TMP_PREFIX) {
@@ -211,7 +214,7 @@ impl Root {
         }
         names.sort();
         for name in names {
-            match stat_entry(dir.as_fd(), OsStr::from_bytes(&name), &name) {
+            match stat_entry(dir.as_fd(), OsStr::from_bytes(&name), &name, &self.policy) {
                 Ok(e) => sink(e)?,
                 Err(e) if e.kind == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -390,21 +393,88 @@ impl Root {
         Err(foreign_links_error(rel, true))
     }
 
-    pub fn identity(&self) -> WResult<Option<SlaveIdentity>> {
-        let path = self
-            .path
-            .join(OsStr::from_bytes(STATE_DIR))
-            .join("identity.json");
-        match std::fs::read(&path) {
-            Ok(b) => Ok(serde_json::from_slice(&b).ok()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err(e, "read", &path.display())),
+    /// Refuses to go on when the root's path no longer names the directory
+    /// the agent opened (moved away, replaced, removed): the slave a
+    /// session writes is that path, so the worker is told (and goes Faulty)
+    /// instead of writing on into a directory no one looks at.
+    pub fn check_path(&self) -> WResult<()> {
+        let st = nix::sys::stat::fstat(self.fd.as_fd())
+            .map_err(|e| errno_err(e, "stat", &self.path.display()))?;
+        let same = std::fs::metadata(&self.path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino()) == (st.st_dev, st.st_ino)
+        });
+        match same {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WireError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "slave root {} was replaced while the agent served it: check it on the slave",
+                    self.path.display()
+                ),
+            )),
+            Err(e) => Err(WireError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "slave root {}: {e} (moved or removed while the agent served it): check it on the slave",
+                    self.path.display()
+                ),
+            )),
         }
     }
 
+    pub fn identity(&self) -> WResult<Option<SlaveIdentity>> {
+        self.check_path()?;
+        Ok(self
+            .read_state("identity.json")?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
     pub fn set_identity(&self, id: &SlaveIdentity) -> WResult<()> {
-        let state = self.state_dir()?;
         let data = serde_json::to_vec_pretty(id).expect("identity serializes");
+        self.write_state("identity.json", &data)
+    }
+
+    /// The file `name` of the agent's own directory (None: it has none),
+    /// read without following a symlink: a `.georep` or a file in it
+    /// replaced by a symlink is refused, never read through.
+    pub fn read_state(&self, name: &str) -> WResult<Option<Vec<u8>>> {
+        let disp = format!(".georep/{name}");
+        let dir = match open_nofollow(self.fd.as_fd(), OsStr::from_bytes(STATE_DIR), true) {
+            Ok(d) => d,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(errno_err(e, "open", &".georep")),
+        };
+        let f = match openat(
+            dir.as_fd(),
+            OsStr::new(name),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(f) => File::from(f),
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(errno_err(e, "open", &disp)),
+        };
+        let st = nix::sys::stat::fstat(f.as_fd()).map_err(|e| errno_err(e, "stat", &disp))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size > 16 << 20 {
+            return Err(WireError::new(
+                ErrorKind::InvalidPath,
+                format!("{disp}: not a georep state file (not a regular file, or too large): move it away"),
+            ));
+        }
+        let mut b = Vec::new();
+        use std::io::Read;
+        (&f).read_to_end(&mut b)
+            .map_err(|e| io_err(e, "read", &disp))?;
+        Ok(Some(b))
+    }
+
+    /// Replaces the file `name` of the agent's own directory durably
+    /// (temporary file, fsync, rename, fsync of the directory), beneath
+    /// the root and through no symlink.
+    pub fn write_state(&self, name: &str, data: &[u8]) -> WResult<()> {
+        let disp = format!(".georep/{name}");
+        let state = self.state_dir()?;
         let tmp = tmp_name();
         let f = openat(
             state.as_fd(),
@@ -412,26 +482,43 @@ impl Root {
             OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o644),
         )
-        .map_err(|e| errno_err(e, "write", &"identity"))?;
+        .map_err(|e| errno_err(e, "write", &disp))?;
         let f = File::from(f);
         use std::io::Write;
-        (&f).write_all(&data)
-            .map_err(|e| io_err(e, "write", &"identity"))?;
-        f.sync_all().map_err(|e| io_err(e, "fsync", &"identity"))?;
-        rename_over(
-            state.as_fd(),
-            OsStr::from_bytes(&tmp),
-            OsStr::new("identity.json"),
-        )
-        .map_err(|e| errno_err(e, "rename", &"identity"))?;
-        nix::unistd::fsync(state.as_fd()).map_err(|e| errno_err(e, "fsync", &"identity"))
+        let res = (&f)
+            .write_all(data)
+            .map_err(|e| io_err(e, "write", &disp))
+            .and_then(|_| f.sync_all().map_err(|e| io_err(e, "fsync", &disp)))
+            .and_then(|_| {
+                rename_over(state.as_fd(), OsStr::from_bytes(&tmp), OsStr::new(name))
+                    .map_err(|e| errno_err(e, "rename", &disp))
+            });
+        if res.is_err() {
+            let _ = unlinkat(
+                state.as_fd(),
+                OsStr::from_bytes(&tmp),
+                UnlinkatFlags::NoRemoveDir,
+            );
+        }
+        res?;
+        nix::unistd::fsync(state.as_fd()).map_err(|e| errno_err(e, "fsync", &disp))
     }
 
     /// The agent's own directory at the root, created on first use.
     pub fn state_dir(&self) -> WResult<OwnedFd> {
         let name = OsStr::from_bytes(STATE_DIR);
+        let before = nix::sys::stat::fstat(self.fd.as_fd()).ok();
         match mkdirat(self.fd.as_fd(), name, Mode::from_bits_truncate(0o700)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
+            Ok(()) => {
+                // The root's mtime is replicated data: georep's own
+                // directory must not move it.
+                if let Some(st) = before {
+                    let at = nix::sys::time::TimeSpec::new(st.st_atime, st.st_atime_nsec);
+                    let mt = nix::sys::time::TimeSpec::new(st.st_mtime, st.st_mtime_nsec);
+                    let _ = nix::sys::stat::futimens(self.fd.as_fd(), &at, &mt);
+                }
+            }
+            Err(Errno::EEXIST) => {}
             Err(e) => return Err(errno_err(e, "mkdir", &".georep")),
         }
         open_nofollow(self.fd.as_fd(), name, true).map_err(|e| errno_err(e, "open", &".georep"))
@@ -451,7 +538,17 @@ fn young(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
     }
 }
 
-fn stat_entry(dir: BorrowedFd<'_>, name_os: &OsStr, name: &[u8]) -> WResult<Entry> {
+/// An entry as the agent reports it: a regular file's mode with the
+/// setuid/setgid bits it recorded as stripped, and without those on disk
+/// that its policy does not allow (a file of an old master, a local
+/// user's chmod): the master's mode then differs, and the `SetMeta` it
+/// sends applies the policy.
+fn stat_entry(
+    dir: BorrowedFd<'_>,
+    name_os: &OsStr,
+    name: &[u8],
+    policy: &Policy,
+) -> WResult<Entry> {
     let disp = String::from_utf8_lossy(name);
     let st = fstatat(dir, name_os, AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(|e| errno_err(e, "stat", &disp))?;
@@ -486,7 +583,11 @@ fn stat_entry(dir: BorrowedFd<'_>, name_os: &OsStr, name: &[u8]) -> WResult<Entr
         },
         meta: Meta {
             // With the setuid/setgid bits the agent stripped (as the master sent them).
-            mode: st.st_mode & 0o7777 | setid,
+            mode: if kind == Kind::File && !policy.preserve_setuid {
+                st.st_mode & 0o7777 & !0o6000 | setid
+            } else {
+                st.st_mode & 0o7777 | setid
+            },
             uid: st.st_uid,
             gid: st.st_gid,
             mtime: crate::fs::meta::Timestamp {

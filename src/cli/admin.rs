@@ -27,6 +27,10 @@ pub struct CreateOptions {
     pub layout: Option<Layout>,
     /// Files at least this big are patched in place on the slave.
     pub inplace_min_size: Option<u64>,
+    /// The reverse session of a failback: MASTER is a promoted store, SLAVE its old master.
+    pub failback: bool,
+    /// With `failback`: the slave need not be proven to be the old master.
+    pub force: bool,
 }
 
 /// Why `create` failed: bad input, or the SSH slave (with its retry class).
@@ -135,12 +139,15 @@ pub fn create(
     }
     let master = check_master(master)?;
     let layout = resolve_layout(&master, opts.layout)?;
+    let (epoch, failback) = crate::cli::dr::lineage(&master, layout, opts.failback, opts.force)?;
     let (slave, ssh) = match SlaveSpec::parse(slave)? {
         SlaveSpec::Local(p) => {
             if opts.push_pem {
                 return Err(user_err!("--push-pem is for SSH slaves ([user@]host:/path); {slave:?} is a local directory").into());
             }
-            (check_local_slave(&p, &master)?.display().to_string(), None)
+            let slave = check_local_slave(&p, &master)?;
+            crate::cli::dr::check_failback_slave(&slave, &master, failback.as_ref())?;
+            (slave.display().to_string(), None)
         }
         SlaveSpec::Ssh { user, host, path } => {
             crate::transport::ssh::check_host(&host)?;
@@ -178,7 +185,11 @@ pub fn create(
         }
     };
     for other in Session::all().into_iter().flatten() {
-        if other.config.master == master && other.config.slave == slave {
+        // A session of an older epoch is fenced (superseded by a promote): it does not count.
+        if other.config.master == master
+            && other.config.slave == slave
+            && other.config.epoch >= epoch
+        {
             return Err(user_err!(
                 "session {:?} already replicates {} to {}: use it, or delete it first",
                 other.name,
@@ -208,6 +219,8 @@ pub fn create(
         remote_georep: opts.remote_georep.clone(),
         layout,
         inplace_min_size: opts.inplace_min_size,
+        epoch,
+        failback,
         on_event: None,
         on_event_timeout_secs: crate::session::default_event_timeout(),
         rpo_warning_secs: None,

@@ -72,6 +72,12 @@ pub enum Cmd {
         /// Patch files of at least SIZE bytes (e.g. 1G) in place on the slave instead of rewriting them (see docs/operations.md, in-place mode).
         #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size)]
         inplace_min_size: Option<u64>,
+        /// Fail back: MASTER is a promoted store, SLAVE its old master; what changed there since the last common point is quarantined first.
+        #[arg(long)]
+        failback: bool,
+        /// With --failback: SLAVE need not be proven the old master (everything there that differs is quarantined).
+        #[arg(long, requires = "failback")]
+        force: bool,
     },
     /// Run one crawl in the foreground; exit 0 once the slave equals the master.
     Sync {
@@ -249,6 +255,36 @@ pub enum Cmd {
         #[arg(long, value_enum, requires = "advance")]
         only: Option<ActivityArg>,
     },
+    /// Turn a replica into a live store (on the DR site, the master may be gone): roll back what is unfinished, verify, report what was recovered.
+    Promote {
+        /// The replica's directory (the slave root of a session).
+        dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a failback set aside on the old master: list, show, restore, discard.
+    Quarantine {
+        #[command(subcommand)]
+        op: QuarantineOp,
+    },
+    /// Planned switchover with no loss: final sync, promote the slave, demote the master, create (and start) the reverse session.
+    Switchover {
+        /// The session to switch over (its slave becomes the live store).
+        session: String,
+        /// Name of the reverse session (slave -> master) to create.
+        #[arg(long)]
+        reverse: String,
+        /// Seconds the master must be quiet (no entry changed) first.
+        #[arg(long, default_value_t = 10)]
+        wait_quiet: u64,
+        /// Do not wait for the master to be quiet.
+        #[arg(long)]
+        force: bool,
+        /// Start the reverse session's monitor afterwards.
+        #[arg(long)]
+        start: bool,
+    },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {
         /// The slave root: the agent touches nothing outside it.
@@ -301,6 +337,47 @@ pub enum PointOp {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum QuarantineOp {
+    /// The quarantines of a store or tree.
+    List {
+        /// The old master's directory (where the failback put its quarantine).
+        dir: PathBuf,
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a quarantine holds: path, type, size, digest, xtime, reason.
+    Show {
+        /// The old master's directory.
+        dir: PathBuf,
+        /// The quarantine's id (from `quarantine list`).
+        id: String,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy entries back (all, or PATHs and what is below them); the quarantine keeps them.
+    Restore {
+        /// The old master's directory.
+        dir: PathBuf,
+        /// The quarantine's id (from `quarantine list`).
+        id: String,
+        /// Entries to restore (with what is below them); none: all.
+        paths: Vec<String>,
+        /// Restore into this directory instead of DIR itself.
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Remove a quarantine for good.
+    Discard {
+        /// The old master's directory.
+        dir: PathBuf,
+        /// The quarantine's id (from `quarantine list`).
+        id: String,
     },
 }
 

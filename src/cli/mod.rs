@@ -7,6 +7,8 @@
 pub mod admin;
 pub mod args;
 pub mod catalog;
+pub mod dr;
+pub mod switchover;
 pub mod sync;
 pub mod verify;
 
@@ -33,6 +35,12 @@ fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.downcast_ref::<UserError>().is_some() {
             return exit::USAGE;
+        }
+        if cause
+            .downcast_ref::<crate::cli::dr::TemporaryError>()
+            .is_some()
+        {
+            return exit::TEMPORARY;
         }
         if let Some(e) = cause.downcast_ref::<crate::transport::ssh::SshError>() {
             return match e.retry() {
@@ -78,9 +86,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             remote_georep,
             layout,
             inplace_min_size,
+            failback,
+            force,
         } => {
             let opts = crate::cli::admin::CreateOptions {
                 inplace_min_size,
+                failback,
+                force,
                 layout: match layout {
                     LayoutArg::Auto => None,
                     LayoutArg::Tree => Some(crate::session::Layout::Tree),
@@ -306,6 +318,23 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             crate::cli::catalog::sample_store(&dir, &o, advance, only)?;
             Ok(exit::OK)
         }
+        Cmd::Promote { dir, json } => crate::cli::dr::promote_cmd(&dir, json),
+        Cmd::Quarantine { op } => crate::cli::dr::quarantine_cmd(op),
+        Cmd::Switchover {
+            session,
+            reverse,
+            wait_quiet,
+            force,
+            start,
+        } => crate::cli::switchover::switchover(
+            &session,
+            &reverse,
+            &crate::cli::switchover::SwitchoverOptions {
+                wait_quiet,
+                force,
+                start,
+            },
+        ),
         Cmd::Agent { root, keepalive } => {
             let opts = crate::agent::AgentOptions {
                 root,

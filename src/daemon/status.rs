@@ -69,6 +69,16 @@ pub fn collect(s: &Session) -> Status {
             st.checkpoint_completion_time = state.last_complete_ns.map(format_rfc3339);
         }
     }
+    st.role = Some(
+        match crate::fs::role::read(&s.config.master) {
+            Ok(Some(r)) => r.role.as_str(),
+            Ok(None) => "master",
+            Err(_) => "unknown",
+        }
+        .to_string(),
+    );
+    st.epoch = Some(s.config.epoch);
+    st.slave_role = state.slave_role.clone();
     if s.config.layout == crate::session::Layout::Store && st.hosts.is_empty() {
         // No monitor has reported the points: read them (a local slave) or take the last sync's.
         if let Ok(Some(c)) = crate::catalog::status::session_status(s) {

@@ -89,6 +89,11 @@ impl Links {
         self.cells.lock().unwrap().entry(key).or_default().clone()
     }
 
+    /// Whether a name of `key` is being (or was) shipped in this crawl.
+    pub(crate) fn started(&self, key: Key) -> bool {
+        self.cells.lock().unwrap().contains_key(&key)
+    }
+
     pub(crate) fn others(&self, key: Key, path: &RelPath) -> Vec<RelPath> {
         self.known
             .lock()

@@ -75,7 +75,7 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Master
 /// Names on the master georep never replicates: they would collide with
 /// the agent's own files on the slave.
 pub fn reserved(dir: &RelPath, name: &[u8]) -> bool {
-    (dir.is_root() && name == crate::protocol::STATE_DIR)
+    (dir.is_root() && crate::protocol::reserved_at_root(name))
         || name.starts_with(crate::protocol::TMP_PREFIX)
 }
 

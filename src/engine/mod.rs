@@ -11,6 +11,7 @@ pub mod context;
 pub mod continuity;
 pub mod crawl;
 pub mod delta;
+pub mod lineage;
 pub mod link;
 pub mod links;
 pub mod master;

@@ -37,6 +37,10 @@ pub enum WorkerError {
     },
     #[error("interrupted")]
     Shutdown,
+    /// The slave is a live store or of a newer epoch, or the master was
+    /// demoted: this session must not write (fencing).
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl WorkerError {
@@ -44,7 +48,7 @@ impl WorkerError {
     pub fn retry(&self) -> Retry {
         match self {
             WorkerError::Busy { .. } | WorkerError::Shutdown => Retry::Temporary,
-            WorkerError::Config(_) => Retry::Permanent,
+            WorkerError::Config(_) | WorkerError::Fenced(_) => Retry::Permanent,
             WorkerError::Master { .. } => Retry::Temporary,
             WorkerError::Connect { source, .. } => source.retry(),
             WorkerError::Slave { source, .. } => source.retry(),

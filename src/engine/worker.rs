@@ -172,6 +172,7 @@ impl<'a> Worker<'a> {
         if !md.is_dir() {
             return Err(master_err(std::io::Error::other("not a directory")));
         }
+        crate::engine::lineage::check_master(session)?;
         let master_id = xtime::ensure_master_id(&root).map_err(master_err)?;
         let link = LinkState::new(&session.config);
         let watch = watch_config(session, link.clone());
@@ -305,6 +306,9 @@ impl<'a> Worker<'a> {
         }
         if self.conn.is_none() {
             let mut conn = connect_with(session, cfg.keepalive).await?;
+            // Fencing: the agent refuses a session of an older epoch, or a live slave.
+            crate::engine::lineage::claim(session, &Slave::new(conn.client.clone()), &mut state)
+                .await?;
             let rtt = conn.measure_rtt().await;
             self.link.set_rtt(rtt);
             // Auto: a local slave has no window to fill.
@@ -365,6 +369,12 @@ impl<'a> Worker<'a> {
                 return Err(slave_err(e));
             }
         };
+        if let Err(e) = crate::engine::lineage::quarantine(session, &slave, &mut state).await {
+            if slave.client().closed().is_some() {
+                self.conn = None;
+            }
+            return Err(e);
+        }
         let reason = full_reason(session, &state, &ident, &master_id, opts);
         let kind = if reason.is_some() {
             CrawlKind::Full
@@ -413,8 +423,15 @@ impl<'a> Worker<'a> {
             }
             let summary = res?;
             if summary.complete {
-                if let Err(e) = record_complete(session, &slave, kind, &mut state, root_xtime).await
-                {
+                // The root's stime marks this master as the session's (a failback's proof).
+                let stamp = root_xtime.max(1);
+                Master::new(root.clone(), &master_id, &session.config.session_id)
+                    .set_stime(&crate::fs::relpath::RelPath::root(), stamp)
+                    .map_err(|e| WorkerError::Master {
+                        path: root.clone(),
+                        source: e.source,
+                    })?;
+                if let Err(e) = record_complete(session, &slave, kind, &mut state, stamp).await {
                     drop(slave);
                     return Err(self.lost_worker(e).await);
                 }
@@ -553,6 +570,14 @@ async fn record_complete(
     }
     state.last_complete_ns = Some(xtime::now_ns());
     state.last_synced_xtime = Some(root_xtime);
+    // What a promote of the replica reports as recovered.
+    slave
+        .synced(root_xtime, xtime::now_ns())
+        .await
+        .map_err(|source| WorkerError::Slave {
+            slave: session.config.slave.clone(),
+            source,
+        })?;
     if kind == CrawlKind::Full {
         session.save_state(state).map_err(state_err)
     } else {

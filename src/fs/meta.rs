@@ -69,6 +69,28 @@ impl Meta {
             xattrs,
         }
     }
+
+    /// With the setuid/setgid bits an agent stripped from the regular file
+    /// at `path` and recorded (a promoted replica's files): they are its
+    /// data, sent on as the mode the old master had (the receiving agent
+    /// applies its own policy to them).
+    pub fn with_recorded_setid(mut self, path: &std::path::Path, md: &Metadata) -> Meta {
+        self.mode |= recorded_setid(path, md);
+        self
+    }
+}
+
+/// The setuid/setgid bits an agent stripped from the regular file at
+/// `path` and recorded in its xattr (0: none).
+pub fn recorded_setid(path: &std::path::Path, md: &Metadata) -> u32 {
+    if !md.is_file() {
+        return 0;
+    }
+    ["trusted.georep.setid", "user.georep.setid"]
+        .iter()
+        .filter_map(|a| xattr::get(path, a).ok().flatten())
+        .filter_map(|v| u32::from_str_radix(std::str::from_utf8(&v).ok()?, 8).ok())
+        .fold(0, |m, b| m | (b & 0o6000))
 }
 
 /// One directory entry as either side lists it.

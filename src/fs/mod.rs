@@ -5,6 +5,7 @@
 
 pub mod meta;
 pub mod relpath;
+pub mod role;
 pub mod sparse;
 pub mod throttle;
 pub mod xtime;

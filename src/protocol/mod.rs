@@ -30,7 +30,9 @@ use std::io::{self, Read, Write};
 /// digest and sent as deltas (ProbeFile, PutDelta); compression
 /// (Negotiate, compressed frames: see `compress`); resumable transfers
 /// (OpenResumable, CleanPartials).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: roles and epochs (Claim, Synced, Promote, the quarantine requests,
+/// ErrorKind::Fenced).
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Written by the agent before anything else, so noise from a login shell
 /// (motd, "command not found") is recognised instead of misparsed.
 pub const BANNER: &[u8; 8] = b"GEOREP1\n";
@@ -54,6 +56,16 @@ pub const PARTIAL_PREFIX: &[u8] = b".georep-tmp-part-";
 /// files of 256 GiB, 2 MiB of hashes. Larger files are not resumed nor
 /// split in segments: the worker sends them whole in one stream.
 pub const MAX_KEPT_WINDOWS: u64 = 1 << 16;
+
+/// The quarantine of a failback's old master (`.georep-quarantine/ID/`),
+/// at the root: reserved like [`STATE_DIR`], so no crawl lists, ships or
+/// removes it.
+pub const QUARANTINE_DIR: &[u8] = b".georep-quarantine";
+
+/// Whether `name`, directly at a root, is one of georep's own directories.
+pub fn reserved_at_root(name: &[u8]) -> bool {
+    name == STATE_DIR || name == QUARANTINE_DIR
+}
 
 /// Reads one frame; `Ok(None)` on a clean EOF between frames.
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<()>> {

@@ -320,6 +320,95 @@ pub enum Request {
     CleanPartials {
         max_age_secs: u64,
     },
+    /// Declares the session and epoch of the worker. Refused (`Fenced`) when
+    /// the root is a live (promoted) store or of a newer epoch; otherwise the
+    /// root's role becomes (or stays) a replica of `session`. Answered by `Claimed`.
+    Claim {
+        session: uuid::Uuid,
+        epoch: u64,
+        /// The reverse session of a failback: the root is the old master.
+        failback: Option<FailbackClaim>,
+    },
+    /// Records on the replica that a complete sync covered the master up to
+    /// xtime `stime` at `at_ns` (what `promote` reports for a tree).
+    Synced {
+        stime: u64,
+        at_ns: u64,
+    },
+    /// Promotes the agent's root (switchover): rolls back what is
+    /// unfinished, verifies, raises the epoch. Only the session the root is
+    /// a replica of may ask, with its epoch. Answered by `Promoted`.
+    Promote {
+        session: uuid::Uuid,
+        epoch: u64,
+    },
+    /// One bounded step of moving the root's divergence (entries changed
+    /// after the last common point) into a quarantine: at most `max_entries`
+    /// entries and about `max_bytes` of data. `answers` tell, for changed
+    /// directories a previous step asked about, what the new master holds
+    /// there (None: no such directory, so it is taken whole, as it may be
+    /// new or renamed here). Answered by `Quarantined`.
+    QuarantineStep {
+        max_entries: u32,
+        max_bytes: u64,
+        answers: Vec<(RelPath, Option<Vec<PeerEntry>>)>,
+    },
+    /// Refines the quarantine being built: `conflicts` were also changed
+    /// on the new master (B wins, A's version is kept here); `same` equal the
+    /// new master's version (nothing of them can be lost) and leave it.
+    QuarantineResolve {
+        conflicts: Vec<RelPath>,
+        same: Vec<RelPath>,
+    },
+    /// Writes the manifest and publishes the quarantine (one rename).
+    QuarantineCommit,
+}
+
+/// What a failback's reverse session tells the old master's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailbackClaim {
+    /// The session that replicated this root to the promoted store: its
+    /// stimes here are the last common point.
+    pub old_session: uuid::Uuid,
+    /// Skip the check that this root was that session's master, and treat
+    /// everything of it as divergent.
+    pub force: bool,
+    /// Layout of the stores: a snapshot store (catalog) or a tree.
+    pub store: bool,
+    /// Store: per (host, disk), the point times the promoted store holds and verified.
+    pub points: Vec<(String, String, Vec<u64>)>,
+}
+
+/// An entry of the new master, as a quarantine step compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    pub name: ByteBuf,
+    pub kind: crate::fs::meta::Kind,
+    pub size: u64,
+    pub mtime: crate::fs::meta::Timestamp,
+    pub target: Option<ByteBuf>,
+    /// Changed on the new master since the promote: a difference is its own
+    /// (or a conflict), not proof of the old master's divergence.
+    pub changed: bool,
+    /// Permission bits and owner: a symlink carries no stamp, so its owner
+    /// and mtime are how a change of it shows.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// An entry a quarantine step took in (what the worker compares with the new master).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinedEntry {
+    pub path: RelPath,
+    pub kind: crate::fs::meta::Kind,
+    pub size: u64,
+    /// Mode, owner, mtime and user xattrs as the old master has them.
+    pub meta: crate::fs::meta::Meta,
+    /// Files: georep's digest of the content.
+    pub digest: Option<Hash32>,
+    /// Symlinks: the target.
+    pub target: Option<ByteBuf>,
 }
 
 impl Request {
@@ -423,6 +512,25 @@ pub enum Reply {
         resumed: u64,
         roots: Vec<Hash32>,
     },
+    /// The answer to `Claim`: the root's role now.
+    Claimed {
+        role: crate::fs::role::Role,
+        epoch: u64,
+        describe: String,
+    },
+    /// The answer to `Promote`: the report as JSON text.
+    Promoted {
+        report: String,
+    },
+    /// The answer to `QuarantineStep`: the quarantine's id, the entries
+    /// moved in by this step (path, kind, size), and whether the walk is done.
+    Quarantined {
+        id: String,
+        entries: Vec<QuarantinedEntry>,
+        /// Changed directories to look up on the new master (answered by the next step).
+        ask: Vec<RelPath>,
+        done: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -457,6 +565,8 @@ pub enum ErrorKind {
     Busy,
     Version,
     Io,
+    /// The root is a live store, or of a newer epoch than the writer's.
+    Fenced,
 }
 
 impl WireError {
@@ -470,7 +580,10 @@ impl WireError {
     pub fn retry(&self) -> crate::error::Retry {
         use crate::error::Retry;
         match self.kind {
-            ErrorKind::Version | ErrorKind::InvalidPath | ErrorKind::Invalid => Retry::Permanent,
+            ErrorKind::Version
+            | ErrorKind::InvalidPath
+            | ErrorKind::Invalid
+            | ErrorKind::Fenced => Retry::Permanent,
             _ => Retry::Temporary,
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod daemon;
+pub mod dr;
 pub mod mount;
 pub mod mutate;
 pub mod proxy;

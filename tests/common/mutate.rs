@@ -195,6 +195,13 @@ fn view(root: &Path) -> View {
             .collect();
         es.sort();
         for p in es {
+            // georep's own directories at a root (a replica's state, a quarantine).
+            if d == root
+                && p.file_name()
+                    .is_some_and(|n| n == ".georep" || n == ".georep-quarantine")
+            {
+                continue;
+            }
             let md = std::fs::symlink_metadata(&p).unwrap();
             v.all.push(p.clone());
             if md.is_dir() {

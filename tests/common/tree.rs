@@ -56,7 +56,7 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<Vec<u8>, Snap>) {
             .as_os_str()
             .as_bytes()
             .to_vec();
-        if rel == b".georep" {
+        if rel == b".georep" || rel == b".georep-quarantine" {
             continue;
         }
         let md = std::fs::symlink_metadata(&p).unwrap();

@@ -58,7 +58,9 @@ pub(super) async fn ship_linked(
                         }
                     }
                     // Its directory may not exist on the slave yet: it is linked when visited.
-                    Err(err) if !err.is_fatal() => {}
+                    Err(err) if !err.is_fatal() => {
+                        tracing::debug!(path = %other, to = %path, error = %err, "not linked yet");
+                    }
                     Err(err) => {
                         e.record_slave_err(&other, err);
                         return false;

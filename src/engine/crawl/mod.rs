@@ -309,6 +309,26 @@ impl Engine {
                     }
                 }
             }
+            // A name of an inode that another name already ships in this
+            // crawl (a new inode on the slave) is linked to it, even when
+            // it looks unchanged here or only its metadata differs: its
+            // link count can match by chance (a partner gone on the
+            // master, one more on the slave). Seen (above) before this
+            // check, or it is among the names the shipping one re-links.
+            for (i, m) in mlist.iter().enumerate() {
+                if m.entry.kind != Kind::File
+                    || m.entry.nlink < 2
+                    || plan.skipped.contains(&i)
+                    || !self.links().started((m.entry.dev, m.entry.ino))
+                {
+                    continue;
+                }
+                match plan.actions.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, a @ Action::Meta)) => *a = Action::Ship { basis: true },
+                    Some(_) => {}
+                    None => plan.actions.push((i, Action::Ship { basis: true })),
+                }
+            }
             // Whether this directory's own entries change (which moves its mtime).
             let dirty = !existing || !plan.remove.is_empty() || plan.actions.iter().any(|(_, a)| !matches!(a, Action::Visit | Action::Meta));
             let mut removes = Vec::new();

@@ -41,6 +41,14 @@ fn committed(r: Vec<Reply>) -> Result<u64, ProtoError> {
     }
 }
 
+/// A quarantine step's answer: id, entries taken, directories to look up, done.
+pub type QuarantineStepped = (
+    String,
+    Vec<crate::protocol::QuarantinedEntry>,
+    Vec<RelPath>,
+    bool,
+);
+
 /// The slave through one or more streams (see `transport::Connection::open_streams`).
 /// Each value speaks on one stream, the group's first unless
 /// [`pick`](Slave::pick) or [`on`](Slave::on) chose another; a file's
@@ -476,6 +484,97 @@ impl Slave {
             }
         })
         .await
+    }
+
+    /// Declares this worker's session and epoch (fencing); answers the
+    /// slave root's role now, as one line.
+    pub async fn claim(
+        &self,
+        session: uuid::Uuid,
+        epoch: u64,
+        failback: Option<crate::protocol::FailbackClaim>,
+    ) -> Result<(crate::fs::role::Role, String), ProtoError> {
+        self.req(
+            Request::Claim {
+                session,
+                epoch,
+                failback,
+            },
+            |r| match r.as_slice() {
+                [Reply::Claimed { role, describe, .. }] => Ok((*role, describe.clone())),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await?
+        .wait()
+        .await
+    }
+
+    /// Records on the replica that a complete sync covered the master up to `stime`.
+    pub async fn synced(&self, stime: u64, at_ns: u64) -> Result<(), ProtoError> {
+        self.req(Request::Synced { stime, at_ns }, done)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Promotes the slave root (switchover); answers the report as JSON text.
+    pub async fn promote(&self, session: uuid::Uuid, epoch: u64) -> Result<String, ProtoError> {
+        self.req(Request::Promote { session, epoch }, |r| {
+            match r.as_slice() {
+                [Reply::Promoted { report }] => Ok(report.clone()),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await?
+        .wait()
+        .await
+    }
+
+    /// One bounded step of the failback's quarantine on the old master.
+    pub async fn quarantine_step(
+        &self,
+        max_entries: u32,
+        max_bytes: u64,
+        answers: Vec<(RelPath, Option<Vec<crate::protocol::PeerEntry>>)>,
+    ) -> Result<QuarantineStepped, ProtoError> {
+        self.req(
+            Request::QuarantineStep {
+                max_entries,
+                max_bytes,
+                answers,
+            },
+            |r| match r.as_slice() {
+                [Reply::Quarantined {
+                    id,
+                    entries,
+                    ask,
+                    done,
+                }] => Ok((id.clone(), entries.clone(), ask.clone(), *done)),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await?
+        .wait()
+        .await
+    }
+
+    pub async fn quarantine_resolve(
+        &self,
+        conflicts: Vec<RelPath>,
+        same: Vec<RelPath>,
+    ) -> Result<(), ProtoError> {
+        self.req(Request::QuarantineResolve { conflicts, same }, done)
+            .await?
+            .wait()
+            .await
+    }
+
+    pub async fn quarantine_commit(&self) -> Result<(), ProtoError> {
+        self.req(Request::QuarantineCommit, done)
+            .await?
+            .wait()
+            .await
     }
 }
 

@@ -122,10 +122,10 @@ fn fingerprint(md: &std::fs::Metadata) -> Fingerprint {
 }
 
 fn meta_of(path: &std::path::Path, md: &std::fs::Metadata) -> Result<Meta, MasterError> {
-    Ok(Meta::from_metadata(
-        md,
-        read_xattrs(path).map_err(merr("read xattrs of", path))?,
-    ))
+    Ok(
+        Meta::from_metadata(md, read_xattrs(path).map_err(merr("read xattrs of", path))?)
+            .with_recorded_setid(path, md),
+    )
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
