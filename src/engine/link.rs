@@ -126,3 +126,79 @@ impl LinkState {
         }
     }
 }
+
+/// Counters of the link at the start of a sync, to report the sync's share.
+pub struct LinkStart {
+    wire_out: u64,
+    raw_out: u64,
+    limited: u64,
+}
+
+impl LinkStart {
+    pub fn now(slave: &crate::engine::slave::Slave, link: &LinkState) -> LinkStart {
+        LinkStart {
+            wire_out: slave.wire_totals().0,
+            raw_out: slave.raw_out_total(),
+            limited: link.throttle.charged().1,
+        }
+    }
+
+    pub fn summary(
+        &self,
+        slave: &crate::engine::slave::Slave,
+        link: &LinkState,
+        (split, resumed): (u64, u64),
+    ) -> crate::engine::outcome::LinkSummary {
+        let wire = slave.wire_totals().0 - self.wire_out;
+        let raw = slave.raw_out_total() - self.raw_out;
+        let limit = link.throttle.rate();
+        crate::engine::outcome::LinkSummary {
+            streams: slave.streams() as u64,
+            files_split: split,
+            bytes_resumed: resumed,
+            rtt_ms: link.rtt().as_secs_f64() * 1000.0,
+            compression_ratio: if raw == 0 {
+                1.0
+            } else {
+                wire as f64 / raw as f64
+            },
+            bwlimit: (limit > 0).then_some(limit),
+            bwlimit_bytes: link.throttle.charged().1 - self.limited,
+        }
+    }
+}
+
+/// Streams wanted for a link of round trip `rtt`: `configured`, or (auto)
+/// enough for OpenSSH's fixed 2 MiB channel window to carry
+/// [`AUTO_TARGET_RATE`] at that round trip, at most [`MAX_AUTO_STREAMS`].
+pub fn streams_for(configured: Option<u32>, rtt: Duration) -> usize {
+    if let Some(n) = configured {
+        return n.clamp(1, crate::session::MAX_STREAMS) as usize;
+    }
+    let per_stream = CHANNEL_WINDOW as f64 / rtt.as_secs_f64().max(1e-6);
+    ((AUTO_TARGET_RATE / per_stream).ceil() as usize).clamp(1, MAX_AUTO_STREAMS)
+}
+
+/// What `streams = auto` aims to fill: 1 Gbit/s.
+pub const AUTO_TARGET_RATE: f64 = 125e6;
+/// `streams = auto` opens at most this many.
+pub const MAX_AUTO_STREAMS: usize = 8;
+/// OpenSSH's window per channel: one stream carries at most this per round trip.
+const CHANNEL_WINDOW: u64 = 2 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_streams_follow_the_round_trip() {
+        let ms = Duration::from_millis;
+        assert_eq!(streams_for(None, Duration::from_micros(200)), 1);
+        assert_eq!(streams_for(None, ms(5)), 1);
+        assert_eq!(streams_for(None, ms(20)), 2);
+        assert_eq!(streams_for(None, ms(100)), 6);
+        assert_eq!(streams_for(None, ms(400)), MAX_AUTO_STREAMS);
+        assert_eq!(streams_for(Some(4), ms(0)), 4);
+        assert_eq!(streams_for(Some(0), ms(100)), 1);
+    }
+}

@@ -3,13 +3,14 @@
 //! listing match the master's, ship what changed, descend, and only then
 //! record the xtime read before listing as the directory's new stime.
 
+mod dirmeta;
 mod linked;
 pub mod plan;
 
 use crate::engine::context::{CrawlKind, Engine, Failure};
 use crate::engine::master::{reserved, MEntry, MasterError};
 use crate::engine::transfer::{self, Basis, FileError, Shipped};
-use crate::fs::meta::{Entry, Kind, Meta};
+use crate::fs::meta::{Entry, Kind};
 use crate::fs::relpath::RelPath;
 use crate::protocol::ProtoError;
 use futures::future::BoxFuture;
@@ -429,73 +430,6 @@ impl Engine {
             self.queue_stime(&dir, xtl, stime).await
         }
         .boxed()
-    }
-
-    /// Gives the slave directory the master's metadata when it differs
-    /// (or `dirty`: its entries changed, which moved its mtime). The
-    /// metadata is read now, not from the parent's listing: that was read
-    /// before this directory's xtime, so a change in between (an entry
-    /// made and marked) would leave a stale mtime under the new stime.
-    /// None: the directory vanished from the master.
-    async fn dir_meta(
-        self: &Arc<Self>,
-        dir: &RelPath,
-        slave: &SlaveDir,
-        dirty: bool,
-    ) -> Option<bool> {
-        let meta = {
-            let e = self.clone();
-            let d = dir.clone();
-            match blocking(move || e.master.stat(&d)).await {
-                Ok(m) => m.entry.meta,
-                Err(e) if e.vanished() && !dir.is_root() => return None,
-                Err(e) => {
-                    self.fail(dir, e);
-                    return Some(false);
-                }
-            }
-        };
-        let slave_meta = match slave {
-            SlaveDir::Existing(Some(s)) => Some(&s.meta),
-            SlaveDir::Known => Some(&meta),
-            _ => None,
-        };
-        if dirty || slave_meta != Some(&meta) {
-            if let Err(e) = self.set_meta_wait(dir, meta).await {
-                self.slave_err(dir, e);
-                return Some(false);
-            }
-        }
-        Some(true)
-    }
-
-    /// Queues the directory's new stime (written once the slave is durable,
-    /// in batches); false if flushing a full batch failed.
-    async fn queue_stime(&self, dir: &RelPath, xtl: u64, stime: u64) -> bool {
-        let full = {
-            let mut q = self.stimes.lock().unwrap();
-            if xtl > stime {
-                q.push((dir.clone(), xtl));
-            }
-            q.len() >= STIME_BATCH || self.digests.lock().unwrap().len() >= STIME_BATCH
-        };
-        if full {
-            if let Err(e) = self.flush_stimes(false).await {
-                self.set_fatal(e);
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn set_meta_wait(&self, path: &RelPath, meta: Meta) -> Result<(), ProtoError> {
-        self.slave
-            .set_meta(path.clone(), meta)
-            .await?
-            .wait()
-            .await?;
-        self.stats.meta_updates.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Carries out one planned action; returns whether it succeeded.
