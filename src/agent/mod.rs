@@ -177,7 +177,11 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
     } else {
         Files::joiner(&root)
     };
-    let fence = role::Fence::load(&root);
+    let fence = if primary {
+        role::Fence::load(&root)
+    } else {
+        role::Fence::load(&root).joined()
+    };
     conn.serving();
     let mut agent = Agent {
         root,

@@ -47,6 +47,15 @@ fn writes(req: &Request) -> bool {
             | QuarantineStep { .. }
             | QuarantineResolve { .. }
             | QuarantineCommit
+            | OpenStreams
+            | OpenShared { .. }
+            | OpenSegment { .. }
+            | FinishSegment { .. }
+            | CommitShared { .. }
+            | ProbeFile { .. }
+            | PutDelta { .. }
+            | OpenResumable { .. }
+            | CleanPartials { .. }
     )
 }
 
@@ -104,6 +113,17 @@ impl Fence {
             claimed: None,
             failback: None,
         }
+    }
+
+    /// The fence of an agent that joined a stream group: its primary
+    /// passed this fence to open the group (`OpenStreams` writes), so the
+    /// joiner writes as the root's current writer; a live store still
+    /// refuses it everything.
+    pub fn joined(mut self) -> Fence {
+        if let Some(r) = &self.role {
+            self.claimed = r.session.map(|s| (s, r.epoch));
+        }
+        self
     }
 
     /// The failback claim of this connection, if any.
@@ -258,4 +278,105 @@ pub fn record_synced(root: &Root, s: Synced) -> WResult<()> {
 pub fn read_synced(root: &Root) -> Option<Synced> {
     let b = root.read_state(SYNCED_FILE).ok()??;
     serde_json::from_slice(&b).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::meta::Meta;
+    use crate::fs::relpath::RelPath;
+
+    fn fence(role: Role, epoch: u64) -> Fence {
+        Fence {
+            root: "/r".into(),
+            role: Some(RoleRecord {
+                role,
+                epoch,
+                session: Some(Uuid::nil()),
+                at_ns: 0,
+                host: "h".into(),
+                promote_stamp: None,
+                report: None,
+            }),
+            broken: None,
+            claimed: None,
+            failback: None,
+        }
+    }
+
+    /// The requests of the WAN transfers write: a fenced writer (a stale
+    /// direction, anything on a live store) may send none of them.
+    fn wan_writes() -> Vec<Request> {
+        let p = RelPath::new(b"f".to_vec()).unwrap();
+        vec![
+            Request::OpenStreams,
+            Request::OpenShared {
+                fid: 1,
+                path: p.clone(),
+                basis: None,
+                size: 1,
+            },
+            Request::OpenSegment {
+                fid: 1,
+                path: p.clone(),
+                tmp: serde_bytes::ByteBuf::from(b".georep-tmp-x".to_vec()),
+                basis: None,
+                size: 1,
+                start: 0,
+                end: 1,
+            },
+            Request::FinishSegment { fid: 1 },
+            Request::CommitShared {
+                fid: 1,
+                digest: [0; 32],
+                meta: Meta::default(),
+                segments: Vec::new(),
+            },
+            Request::ProbeFile {
+                path: p.clone(),
+                basis: None,
+                digest: [0; 32],
+                meta: Meta::default(),
+                block: 256,
+            },
+            Request::PutDelta {
+                path: p.clone(),
+                basis: None,
+                size: 0,
+                delta: Default::default(),
+                digest: [0; 32],
+                meta: Meta::default(),
+            },
+            Request::OpenResumable {
+                fid: 1,
+                path: p,
+                basis: None,
+                size: 1,
+                key: [0; 16],
+            },
+            Request::CleanPartials { max_age_secs: 0 },
+        ]
+    }
+
+    #[test]
+    fn a_live_store_refuses_every_wan_write_and_reads_stay_allowed() {
+        let live = fence(Role::Promoted, 2).joined();
+        for r in wan_writes() {
+            let e = live.check(&r).expect_err("written to a live store");
+            assert_eq!(e.kind, ErrorKind::Fenced, "{r:?}");
+        }
+        assert!(live.check(&Request::Ping).is_ok());
+        assert!(live.check(&Request::StatFs).is_ok());
+    }
+
+    #[test]
+    fn a_joiner_writes_as_the_current_epoch_and_an_unclaimed_primary_does_not() {
+        let replica = fence(Role::Replica, 3);
+        let put = &wan_writes()[6];
+        assert_eq!(
+            replica.check(put).expect_err("epoch 0 against 3").kind,
+            ErrorKind::Fenced
+        );
+        assert!(fence(Role::Replica, 3).joined().check(put).is_ok());
+    }
 }
