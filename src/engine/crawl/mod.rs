@@ -227,7 +227,9 @@ impl Engine {
                 if kind == CrawlKind::Full && !by_dirmark && existing && self.trust_digests() && stored.as_ref() == Some(digest) {
                     self.stats.entries_visited.fetch_add(*n, Ordering::Relaxed);
                     let mut visits = Vec::with_capacity(subdirs.len());
-                    for n in subdirs {
+                    // georep's own directories (a promoted replica's state,
+                    // a quarantine) are never replicated.
+                    for n in subdirs.iter().filter(|n| !reserved(&dir, n)) {
                         if let Ok(p) = dir.join(n) {
                             visits.push(self.clone().visit(p, SlaveDir::Known, None, kind));
                         }
