@@ -258,6 +258,29 @@ fn bad_input_is_refused_with_one_line() {
     std::fs::write(&ident, saved).unwrap();
 }
 
+#[test]
+fn repair_of_a_promoted_replica_is_refused_and_leaves_it_untouched() {
+    let w = World::new();
+    w.create("v", &[]);
+    std::fs::write(w.master.join("a"), b"master").unwrap();
+    w.sync("v");
+    // Site A lost: B's replica is promoted and lives on.
+    w.run_ok(&["promote", w.slave.to_str().unwrap()]);
+    std::fs::write(w.slave.join("a"), b"live data").unwrap();
+    let (code, _, err) = verify(&w, &["--repair"], &[]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("promoted") && err.contains("live store"),
+        "says why: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(
+        std::fs::read(w.slave.join("a")).unwrap(),
+        b"live data",
+        "the live store is untouched"
+    );
+}
+
 /// The agent process serving `home`'s verification, once it runs.
 fn agent_of(home: &std::path::Path) -> Option<u32> {
     common::daemon::processes_with_env(&format!("GEOREP_HOME={}", home.display()))

@@ -258,6 +258,18 @@ pub async fn verify(
     }
     let worker = Worker::open(session)?;
     let conn = connect(session).await?;
+    if req.repair {
+        // Repairs write: the agent fences them as the worker's (a promoted,
+        // live slave refuses them; a slave of this session's epoch takes them).
+        let mut state = session.state();
+        if let Err(e) =
+            crate::engine::lineage::claim(session, &Slave::new(conn.client.clone()), &mut state)
+                .await
+        {
+            conn.close(Duration::from_secs(30)).await;
+            return Err(e);
+        }
+    }
     let res = if session.config.layout == Layout::Store {
         run_store(session, &worker, &conn.client, req, shutdown).await
     } else {
