@@ -70,6 +70,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     crate::engine::worker::runtime().context("starting the async runtime")
 }
 
+/// A shutdown token cancelled by Ctrl-C or SIGTERM (call inside the
+/// runtime): a foreground sync or verification then ends cleanly.
+fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    shutdown
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Create {

@@ -165,18 +165,7 @@ pub fn run(
     let rt = super::runtime()?;
     let started = Instant::now();
     let summary = rt.block_on(async {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            on_signal.cancel();
-        });
+        let shutdown = super::shutdown_on_signal();
         let live: Live = Arc::default();
         let shower = show_progress.then(|| {
             let pb = BAR.get_or_init(|| bar(progress)).clone();

@@ -179,18 +179,7 @@ pub fn run(name: &str, req: &Request, json: bool) -> anyhow::Result<i32> {
     let s = Session::load(name)?;
     let rt = crate::engine::worker::runtime()?;
     let report = rt.block_on(async {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("signal handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            on_signal.cancel();
-        });
+        let shutdown = super::shutdown_on_signal();
         session::verify(&s, req, shutdown).await
     });
     rt.shutdown_timeout(Duration::from_secs(5));
