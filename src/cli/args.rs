@@ -118,7 +118,7 @@ pub enum Cmd {
         /// Start over instead of resuming an interrupted verification.
         #[arg(long)]
         restart: bool,
-        /// Read and hash every master file again. By default a master file of 1 MiB or more whose inode, size, mtime and ctime are those of an earlier verification is not read: its window hashes are taken from the session's cache (the slave's copy is always read). Use this to check the master's own data too; the cache is refreshed.
+        /// Read and hash every master file, to check the master's own data too (by default an unchanged master file's hashes come from the session's cache; the slave is always read).
         #[arg(long)]
         no_cache: bool,
     },
