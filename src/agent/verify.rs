@@ -8,6 +8,9 @@
 //! [`MAX_BYTES`] bytes of content or [`MAX_ITEM_BYTES`] of items, reading
 //! is paced to the rate the request names, and the items of the last
 //! [`KEPT`] ranges are kept (so a range that differs is not read twice).
+//! A file's windows are hashed two at a time (the second on a scoped
+//! thread), as the slave's reading is the critical path once the master's
+//! hashes come from its cache (`engine::verify::cache`).
 
 use super::conn::Replies;
 use super::root::{errno_err, io_err, open_nofollow, Root, WResult};
