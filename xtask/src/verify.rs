@@ -132,10 +132,12 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     let verify = |args: &[&str], ok: i32| -> anyhow::Result<(crate::bench::Run, String)> {
         let mut a = vec!["verify", "v1", "--json"];
         a.extend_from_slice(args);
+        ctx.cold()?;
         let (run, m) = ctx.measure_allowing(Link::Ssh, ctx.georep(&home, &a), |_| 0, &[ok])?;
         Ok((run, m.stdout))
     };
     let rsync = || -> anyhow::Result<(crate::bench::Run, String)> {
+        ctx.cold()?;
         let (run, m) = ctx.measure(Link::Ssh, rsync_cmd(ctx, &master, &slave)?, |_| 0)?;
         Ok((run, m.stdout))
     };
@@ -195,11 +197,18 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
         wire / total as f64,
         1e-4,
     ));
-    o.notes.push(format!(
-        "page cache: warm (the tree was just written and synced; {} GiB of master and slave on a machine with {} GiB of RAM)",
-        2 * gib,
-        mem_gib()
-    ));
+    o.notes.push(if ctx.drop_caches {
+        format!(
+            "page cache: dropped before each run of each tool ({} GiB of master and slave read from the disk)",
+            2 * gib
+        )
+    } else {
+        format!(
+            "page cache: warm (the tree was just written and synced; {} GiB of master and slave on a machine with {} GiB of RAM)",
+            2 * gib,
+            mem_gib()
+        )
+    });
     outcomes.push(o);
 
     // Ten rotted files.
