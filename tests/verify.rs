@@ -379,3 +379,122 @@ fn files_changing_or_vanishing_while_verified_are_verify_later_never_mismatches(
     changed.sort();
     assert_eq!(changed, ["d18/f0018", "d19/f0019"], "{v}");
 }
+
+/// Writes `data` at `off` in `p`, keeping its size and mtime (and atime).
+fn write_keeping_times(p: &std::path::Path, off: u64, data: &[u8]) {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(p).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(data, off).unwrap();
+    drop(f);
+    let (a, m) = (
+        TimeSpec::new(md.atime(), md.atime_nsec()),
+        TimeSpec::new(md.mtime(), md.mtime_nsec()),
+    );
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &a,
+        &m,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let now = std::fs::metadata(p).unwrap();
+    assert_eq!((now.len(), now.mtime_nsec()), (md.len(), md.mtime_nsec()));
+}
+
+fn master_read(v: &Value) -> (u64, u64) {
+    (
+        v["master_bytes_read"].as_u64().unwrap(),
+        v["master_bytes_cached"].as_u64().unwrap(),
+    )
+}
+
+/// The master's window hashes are kept between verifications: a second
+/// verification of an unchanged master reads none of its content (files
+/// below 1 MiB excepted), yet finds rot on the slave; a master file whose
+/// content changed under a restored mtime and size is read again (its
+/// ctime moved) and reported; `--no-cache` and a damaged cache file read
+/// everything again.
+#[test]
+fn kept_master_hashes_spare_reading_the_master_but_never_hide_a_difference() {
+    const MIB: u64 = 1 << 20;
+    let w = World::new();
+    w.create("v", &[]);
+    let files = fill(&w, 6, 2 << 20, 11);
+    std::fs::write(w.master.join("big"), mutate::data(12, 9 << 20)).unwrap();
+    std::fs::write(w.master.join("small"), mutate::data(13, 1000)).unwrap();
+    let total = files + (9 << 20) + 1000;
+    w.sync("v");
+    // Hashes taken within 2 s of a file's ctime are not kept (a write in
+    // the same clock tick would leave the stamp as it was).
+    std::thread::sleep(Duration::from_millis(2200));
+    let run = |args: &[&str], want: i32| {
+        let (code, v, err) = verify(&w, args, &[]);
+        assert_eq!(code, want, "{v} {err}");
+        assert_eq!(v["bytes"].as_u64(), Some(total), "{v}");
+        (v, err)
+    };
+    let (v, _) = run(&[], 0);
+    assert_eq!(master_read(&v), (total, 0), "first run: all read: {v}");
+    let (v, _) = run(&[], 0);
+    assert_eq!(
+        master_read(&v),
+        (1000, total - 1000),
+        "second run: only the small file read: {v}"
+    );
+    let (v, _) = run(&["--no-cache"], 0);
+    assert_eq!(master_read(&v), (total, 0), "--no-cache reads all: {v}");
+
+    // Rot on the slave, mtime and size kept: found; the master reads only
+    // the differing window (2 MiB, compared block by block) and the small file.
+    let rotted = w.slave.join("d01/f0001");
+    let mut b = [0u8];
+    std::fs::File::open(&rotted)
+        .unwrap()
+        .read_exact_at(&mut b, 12345)
+        .unwrap();
+    write_keeping_times(&rotted, 12345, &[b[0] ^ 0x40]);
+    let (v, _) = run(&[], 1);
+    assert_eq!(found(&v), [("d01/f0001".into(), "content".into())], "{v}");
+    assert_eq!(master_read(&v), (1000 + 2 * MIB, total - 1000), "{v}");
+
+    // The master's content changes, mtime and size restored: its ctime
+    // moved, so it is read, and reported (it differs from the slave's).
+    write_keeping_times(&w.master.join("big"), 5 * MIB + 7, b"changed");
+    let (v, _) = run(&[], 1);
+    let want: Vec<(String, String)> = vec![
+        ("big".into(), "content".into()),
+        ("d01/f0001".into(), "content".into()),
+    ];
+    assert_eq!(found(&v), want, "{v}");
+    // big read whole, then its differing window (4 MiB) block by block.
+    assert_eq!(
+        master_read(&v),
+        (1000 + 9 * MIB + 4 * MIB + 2 * MIB, files),
+        "{v}"
+    );
+
+    // A damaged cache file is ignored with a warning, never an error.
+    let cache = w.home.join("sessions/v/verify-cache");
+    let mut data = std::fs::read(&cache).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 1;
+    std::fs::write(&cache, &data).unwrap();
+    let (v, err) = run(&[], 1);
+    assert_eq!(found(&v), want, "{v}");
+    assert_eq!(master_read(&v).1, 0, "nothing from a damaged cache: {v}");
+    assert!(err.contains("ignoring the verification's cache"), "{err}");
+    std::fs::write(&cache, b"not a cache").unwrap();
+    let (v, err) = run(&[], 1);
+    assert_eq!(found(&v), want, "{v}");
+    assert_eq!(master_read(&v).1, 0, "{v}");
+    assert!(err.contains("ignoring"), "{err}");
+    // It was rebuilt: the next run takes the unchanged files from it again
+    // (and big too once its new ctime is 2 s older than its hashing).
+    let (v, _) = run(&[], 1);
+    let cached = master_read(&v).1;
+    assert!(cached == files || cached == total - 1000, "{v}");
+}

@@ -8,6 +8,9 @@
 //! [`MAX_BYTES`] bytes of content or [`MAX_ITEM_BYTES`] of items, reading
 //! is paced to the rate the request names, and the items of the last
 //! [`KEPT`] ranges are kept (so a range that differs is not read twice).
+//! A file's windows are hashed two at a time (the second on a scoped
+//! thread), as the slave's reading is the critical path once the master's
+//! hashes come from its cache (`engine::verify::cache`).
 
 use super::conn::Replies;
 use super::root::{errno_err, io_err, open_nofollow, Root, WResult};
@@ -185,6 +188,8 @@ struct State {
     cont: Option<Cont>,
     kept: VecDeque<Kept>,
     buf: Vec<u8>,
+    /// For the second of two windows hashed at once.
+    buf2: Vec<u8>,
     stop: Arc<AtomicBool>,
 }
 
@@ -202,6 +207,7 @@ fn serve(root: Root, rx: mpsc::Receiver<Job>, out: Replies, stop: Arc<AtomicBool
         cont: None,
         kept: VecDeque::new(),
         buf: Vec::new(),
+        buf2: Vec::new(),
         stop,
     };
     while let Ok((id, req)) = rx.recv() {
@@ -405,6 +411,10 @@ impl State {
                 Err(e) if e.kind == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
+            // Windows are hashed two at a time, the second on a thread of
+            // its own: the slave's reading is the verification's critical
+            // path (the master's hashes mostly come from its cache).
+            let mut ahead: Option<std::io::Result<crate::hash::Hash32>> = None;
             for k in first..end {
                 let (off, len) = stream::window_range(size, k);
                 if (out.bytes + len > MAX_BYTES || item_bytes >= MAX_ITEM_BYTES)
@@ -413,10 +423,29 @@ impl State {
                     out.stopped = out.items.last().map(Item::key);
                     break 'walk;
                 }
-                if !throttle.take(len, &self.stop) {
-                    return Err(stopped());
-                }
-                let hash = match stream::window_hash(&file, off, len, &mut self.buf) {
+                let result = match ahead.take() {
+                    Some(r) => r,
+                    None => {
+                        if !throttle.take(len, &self.stop) {
+                            return Err(stopped());
+                        }
+                        let next = stream::window_range(size, k + 1);
+                        let pair = k + 1 < end && out.bytes + len + next.1 <= MAX_BYTES;
+                        if pair && !throttle.take(next.1, &self.stop) {
+                            return Err(stopped());
+                        }
+                        let (buf, buf2, f) = (&mut self.buf, &mut self.buf2, &file);
+                        std::thread::scope(|s| {
+                            let second = pair.then(|| {
+                                s.spawn(move || stream::window_hash(f, next.0, next.1, buf2))
+                            });
+                            let r = stream::window_hash(f, off, len, buf);
+                            ahead = second.map(|t| t.join().expect("hashing panicked"));
+                            r
+                        })
+                    }
+                };
+                let hash = match result {
                     Ok(hash) => hash,
                     // Shorter than listed (truncated meanwhile): no more windows.
                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,

@@ -118,6 +118,9 @@ pub enum Cmd {
         /// Start over instead of resuming an interrupted verification.
         #[arg(long)]
         restart: bool,
+        /// Read and hash every master file, to check the master's own data too (by default an unchanged master file's hashes come from the session's cache; the slave is always read).
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Stamp PATHs as changed (for writers that integrate with georep).
     Mark {

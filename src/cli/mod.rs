@@ -174,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             repair,
             rate,
             restart,
+            no_cache,
         } => {
             let req = crate::engine::verify::session::Request {
                 paths,
@@ -181,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 max_duration: max_duration.map(Duration::from_secs),
                 repair,
                 restart,
+                no_cache,
             };
             crate::cli::verify::run(&session, &req, json)
         }

@@ -78,8 +78,17 @@ fn summary(r: &Report) -> String {
     } else {
         String::new()
     };
+    let cached = if r.counts.master_bytes_cached > 0 {
+        format!(
+            "; master: {} read, {} of unchanged files from the cache of their hashes",
+            human(r.counts.master_bytes_read),
+            human(r.counts.master_bytes_cached)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{} entries and {} verified in {:.1} s, {} on the wire{share}",
+        "{} entries and {} verified in {:.1} s, {} on the wire{share}{cached}",
         r.counts.entries,
         human(r.counts.bytes),
         r.duration_ms as f64 / 1000.0,

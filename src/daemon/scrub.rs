@@ -19,6 +19,7 @@ use crate::engine::context::{CrawlKind, Engine};
 use crate::engine::links::Links;
 use crate::engine::master::Master;
 use crate::engine::slave::Slave;
+use crate::engine::verify::cache::WindowCache;
 use crate::engine::verify::progress::Progress;
 use crate::engine::verify::{repair, tree_bytes, End, Options, Verifier};
 use crate::fs::xtime::now_ns;
@@ -205,9 +206,16 @@ pub async fn run(
         &master_id,
         &session.config.session_id,
     ));
+    // Hashes of unchanged master files: after the first pass, only the
+    // slave reads its data (see `engine::verify::cache`).
+    let cache = crate::engine::verify::session::window_cache(session, true);
     let mut backoff = Duration::from_secs(1);
     loop {
-        let pause = match step(session, &slot, &master, master_id, &mut st, &shutdown).await {
+        let pause = match step(
+            session, &slot, &master, &cache, master_id, &mut st, &shutdown,
+        )
+        .await
+        {
             Ok(Some(wait)) => wait,
             Ok(None) => Duration::ZERO,
             Err(e) => {
@@ -237,6 +245,7 @@ async fn step(
     session: &Session,
     slot: &Slot,
     master: &Arc<Master>,
+    cache: &Arc<WindowCache>,
     master_id: uuid::Uuid,
     st: &mut ScrubState,
     shutdown: &CancellationToken,
@@ -289,6 +298,7 @@ async fn step(
     let mut v = Verifier::new(master.clone(), slave.clone(), st.rate)
         .await
         .map_err(|e| e.to_string())?;
+    v.set_cache(cache.clone());
     pass.restore(&mut v);
     let opts = Options {
         scope: Vec::new(),
@@ -308,6 +318,7 @@ async fn step(
             }
         })
         .await;
+    cache.save();
     pass.record(&v);
     st.pass = Some(pass.clone());
     let end = match res {

@@ -32,6 +32,23 @@ pub struct Ctx {
     pub wan_capped: Proxy,
     /// Whether measured runs sample /proc (see [`Ctx::sampling`]).
     pub sample: std::sync::atomic::AtomicBool,
+    /// `--drop-caches`: workloads that support it drop the page cache
+    /// before each timed run (see [`Ctx::cold`]).
+    pub drop_caches: bool,
+}
+
+impl Ctx {
+    /// With `--drop-caches`, writes dirty pages out and drops the page
+    /// cache, so the next run reads from the disk; otherwise nothing.
+    pub fn cold(&self) -> anyhow::Result<()> {
+        if !self.drop_caches {
+            return Ok(());
+        }
+        procs::setup(&mut Command::new("sync"))?;
+        std::fs::write("/proc/sys/vm/drop_caches", "3\n").map_err(|e| {
+            anyhow::anyhow!("--drop-caches: writing /proc/sys/vm/drop_caches: {e} (run the bench as root, or leave the option out)")
+        })
+    }
 }
 
 /// One measured run of one tool.

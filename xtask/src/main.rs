@@ -76,6 +76,10 @@ enum Cmd {
         /// Scratch directory (default: target/bench); needs ~25 GiB for the full run.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Drop the page cache before each timed run of each tool, where a
+        /// workload supports it (V1): reads then come from the disk (needs root).
+        #[arg(long)]
+        drop_caches: bool,
     },
 }
 
@@ -162,7 +166,7 @@ fn print_table(outcomes: &[Outcome], m: &workloads::Check) {
 }
 
 fn main() -> anyhow::Result<()> {
-    let (quick, json, only, reps, dir) = match Cli::parse().cmd {
+    let (quick, json, only, reps, dir, drop_caches) = match Cli::parse().cmd {
         Cmd::Arch => {
             let root = workspace_root();
             let report = arch::check(&root.join("src")).context("reading src/")?;
@@ -217,7 +221,8 @@ fn main() -> anyhow::Result<()> {
             only,
             reps,
             dir,
-        } => (quick, json, only, reps, dir),
+            drop_caches,
+        } => (quick, json, only, reps, dir, drop_caches),
     };
     let georep = build_georep()?;
     let dir = dir.unwrap_or_else(|| workspace_root().join("target/bench"));
@@ -239,6 +244,7 @@ fn main() -> anyhow::Result<()> {
         wan,
         wan_capped,
         sample: Default::default(),
+        drop_caches,
     };
     let want = |id: &str| only.is_empty() || only.iter().any(|o| o.eq_ignore_ascii_case(id));
     let mut outcomes = Vec::new();

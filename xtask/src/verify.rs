@@ -132,10 +132,12 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     let verify = |args: &[&str], ok: i32| -> anyhow::Result<(crate::bench::Run, String)> {
         let mut a = vec!["verify", "v1", "--json"];
         a.extend_from_slice(args);
+        ctx.cold()?;
         let (run, m) = ctx.measure_allowing(Link::Ssh, ctx.georep(&home, &a), |_| 0, &[ok])?;
         Ok((run, m.stdout))
     };
     let rsync = || -> anyhow::Result<(crate::bench::Run, String)> {
+        ctx.cold()?;
         let (run, m) = ctx.measure(Link::Ssh, rsync_cmd(ctx, &master, &slave)?, |_| 0)?;
         Ok((run, m.stdout))
     };
@@ -168,6 +170,7 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
                 v["wire_bytes_out"], v["wire_bytes_in"], v["ranges"]
             ));
         }
+        notes.push(master_note(rep, rep == 0, &run, &v));
         g.runs.push(run);
         let (run, out) = rsync()?;
         anyhow::ensure!(
@@ -194,11 +197,18 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
         wire / total as f64,
         1e-4,
     ));
-    o.notes.push(format!(
-        "page cache: warm (the tree was just written and synced; {} GiB of master and slave on a machine with {} GiB of RAM)",
-        2 * gib,
-        mem_gib()
-    ));
+    o.notes.push(if ctx.drop_caches {
+        format!(
+            "page cache: dropped before each run of each tool ({} GiB of master and slave read from the disk)",
+            2 * gib
+        )
+    } else {
+        format!(
+            "page cache: warm (the tree was just written and synced; {} GiB of master and slave on a machine with {} GiB of RAM)",
+            2 * gib,
+            mem_gib()
+        )
+    });
     outcomes.push(o);
 
     // Ten rotted files.
@@ -210,11 +220,12 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     for rep in 0..ctx.reps {
         ctx.sampling(rep == 0);
         let (run, out) = verify(&[], 1)?;
-        let (_, listed) = georep_listed(&out)?;
+        let (v, listed) = georep_listed(&out)?;
         anyhow::ensure!(
             listed == rotted,
             "georep found {listed:?}, rotted {rotted:?}"
         );
+        notes.push(master_note(rep, false, &run, &v));
         g.runs.push(run);
         let (run, out) = rsync()?;
         let listed = rsync_listed(&out);
@@ -266,6 +277,22 @@ pub fn v1(ctx: &Ctx) -> anyhow::Result<Vec<Outcome>> {
     verify_same(&master, &slave)?;
     outcomes.push(o);
     Ok(outcomes)
+}
+
+/// What a georep run read of the master. The session's first verification
+/// (V1's run 0) has no cache of master hashes and reads every master file;
+/// later ones (the steady state) read only the slave's data. Run 0 of each
+/// row is the sampled one, left out of the median.
+fn master_note(rep: usize, cold: bool, run: &crate::bench::Run, v: &serde_json::Value) -> String {
+    let gib = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / GIB as f64;
+    format!(
+        "georep run {rep}{} (cache {}): {:.1} s, master read {:.2} GiB, {:.2} GiB taken from the cache of master hashes",
+        if run.sampled { ", sampled, not in the median" } else { "" },
+        if cold { "cold: the session's first verification" } else { "warm" },
+        run.wall_ms / 1000.0,
+        gib("master_bytes_read"),
+        gib("master_bytes_cached"),
+    )
 }
 
 fn mem_gib() -> u64 {

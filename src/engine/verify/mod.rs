@@ -16,6 +16,7 @@
 //! differs through the session's publish; `session` runs it all for a
 //! session and keeps its progress, so an interrupted verification resumes.
 
+pub mod cache;
 mod compare;
 pub mod progress;
 mod range;
@@ -69,6 +70,12 @@ pub struct Counts {
     pub pending: u64,
     /// Master files that could not be read.
     pub failures: u64,
+    /// Master content read to hash it (windows, and the blocks of differing
+    /// windows); the rest of `bytes` came from the cache of master hashes.
+    #[serde(default)]
+    pub master_bytes_read: u64,
+    #[serde(default)]
+    pub master_bytes_cached: u64,
 }
 
 /// Where a verification got to: every key of the scopes before `scope`,
@@ -120,6 +127,8 @@ pub struct Verifier {
     stop: Arc<AtomicBool>,
     rid: u64,
     fold: compare::Fold,
+    /// The master's window hashes kept between verifications.
+    cache: Option<Arc<cache::WindowCache>>,
     /// When this run started (ns): a master entry whose ctime is later
     /// changed during the verification.
     started_ns: u64,
@@ -170,6 +179,7 @@ impl Verifier {
             stop: Arc::new(AtomicBool::new(false)),
             rid: 0,
             fold: compare::Fold::default(),
+            cache: None,
             started_ns: crate::fs::xtime::now_ns(),
             last_counted: None,
             findings: Vec::new(),
@@ -179,6 +189,12 @@ impl Verifier {
             counts: Counts::default(),
             cursor: None,
         })
+    }
+
+    /// Takes the hashes of unchanged master files from `c` (and keeps there
+    /// those it reads); without, every master file is read.
+    pub fn set_cache(&mut self, c: Arc<cache::WindowCache>) {
+        self.cache = Some(c);
     }
 
     /// Whether owners are compared (the agent runs as root and keeps them).
@@ -300,6 +316,8 @@ impl Verifier {
                 self.counts.ranges += 1;
                 self.counts.entries += planned.entries.iter().filter(|e| e.header).count() as u64;
                 self.counts.bytes += own.bytes;
+                self.counts.master_bytes_read += own.read;
+                self.counts.master_bytes_cached += own.cached;
                 self.counts.failures += own.failures.len() as u64;
                 if differs {
                     self.counts.ranges_differing += 1;
@@ -335,14 +353,15 @@ impl Verifier {
             )
             .await
             .map_err(VerifyError::Slave)?;
-        let (m, t, s, owners) = (
+        let (m, t, s, owners, c) = (
             self.master.clone(),
             self.throttle.clone(),
             self.stop.clone(),
             self.caps.owners,
+            self.cache.clone(),
         );
         let own = tokio::task::spawn_blocking(move || {
-            let own = walk::hash_own(&m, &planned, owners, &t, &s);
+            let own = walk::hash_own(&m, &planned, owners, &t, &s, c.as_deref());
             (planned, own)
         });
         Ok(InFlight { rid, reply, own })

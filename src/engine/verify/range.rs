@@ -229,6 +229,7 @@ impl Verifier {
             let Some(local) = local.await else {
                 return Ok(false);
             };
+            self.counts.master_bytes_read += WINDOW.min(msize.saturating_sub(off));
             ranges.extend(block_ranges(off, size, &local, &remote));
         }
         if let (Some(m), Some(s)) = (f.master_size, f.slave_size) {

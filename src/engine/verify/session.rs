@@ -3,6 +3,7 @@
 //! `verify.json`), and `--repair` followed by a verification of what was
 //! repaired.
 
+use super::cache::WindowCache;
 use super::progress::Progress;
 use super::repair::{self, Repaired};
 use super::{scopes, Counts, End, Options, Verifier, VerifyError};
@@ -36,6 +37,22 @@ pub struct Request {
     pub repair: bool,
     /// Start over instead of resuming an interrupted verification.
     pub restart: bool,
+    /// Read and hash every master file, not taking the hashes of unchanged
+    /// ones from the cache (which is refreshed).
+    pub no_cache: bool,
+}
+
+/// The cache of master window hashes of a session (see `cache`), in its
+/// state directory; `use_hits` false reads every master file again.
+pub fn window_cache(session: &Session, use_hits: bool) -> Arc<WindowCache> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut owner = session.config.session_id.as_bytes().to_vec();
+    owner.extend_from_slice(session.config.master.as_os_str().as_bytes());
+    Arc::new(WindowCache::load(
+        &session.dir.join(super::cache::FILE),
+        &owner,
+        use_hits,
+    ))
 }
 
 /// One difference, as reported.
@@ -463,6 +480,8 @@ async fn run(
     let mut v = Verifier::new(master.clone(), slave.clone(), req.rate)
         .await
         .map_err(slave_err)?;
+    let cache = window_cache(session, !req.no_cache);
+    v.set_cache(cache.clone());
     if let Some(p) = &prev {
         p.restore(&mut v);
         tracing::info!(session = %session.name, at = ?v.cursor, "resuming an interrupted verification");
@@ -485,6 +504,7 @@ async fn run(
             }
         })
         .await;
+    cache.save();
     progress.record(&v);
     let end = match res {
         Ok(end) => end,
@@ -524,6 +544,7 @@ async fn run(
         let mut again = Verifier::new(master.clone(), slave.clone(), req.rate)
             .await
             .map_err(slave_err)?;
+        again.set_cache(cache.clone());
         let again_scope = scopes(&done.paths);
         let opts = Options {
             scope: again_scope.clone(),
@@ -536,6 +557,7 @@ async fn run(
             .run(&opts, &shutdown, &mut |_| {})
             .await
             .map_err(|e| verify_err(session, e, None))?;
+        cache.save();
         let mut after = report(session, &again, &again_scope, end == End::Complete);
         (after.wire_bytes_out, after.wire_bytes_in) = wire2.since(&slave);
         if end == End::Complete && done.failed.is_empty() {

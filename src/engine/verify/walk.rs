@@ -3,6 +3,7 @@
 //! the master reads it), then hashing a range's content, noting the files
 //! that changed while they were read.
 
+use super::cache::{Stamp, WindowCache};
 use crate::engine::master::{reserved, MEntry, Master, MasterError};
 use crate::fs::meta::{Entry, Kind};
 use crate::fs::relpath::RelPath;
@@ -210,27 +211,21 @@ pub struct Own {
     /// Files that could not be read, with why.
     pub failures: Vec<(RelPath, String)>,
     pub bytes: u64,
+    /// Of `bytes`: read from the master's files, and taken from the cache.
+    pub read: u64,
+    pub cached: u64,
 }
 
-/// What identifies a file's state: if any of it moves, it changed.
-fn fingerprint(md: &std::fs::Metadata) -> (u64, i64, i64, i64, i64, u64) {
-    (
-        md.len(),
-        md.mtime(),
-        md.mtime_nsec(),
-        md.ctime(),
-        md.ctime_nsec(),
-        md.ino(),
-    )
-}
-
-/// Hashes the master's side of a planned range (blocking).
+/// Hashes the master's side of a planned range (blocking), taking the
+/// windows of files that did not change from `cache` (and keeping there
+/// those it read).
 pub fn hash_own(
     master: &Master,
     planned: &Planned,
     owners: bool,
     throttle: &Throttle,
     stop: &AtomicBool,
+    cache: Option<&WindowCache>,
 ) -> Own {
     let mut own = Own::default();
     let mut buf = Vec::new();
@@ -283,17 +278,40 @@ pub fn hash_own(
             before.ino(),
         );
         let mut changed = listed != now;
-        for k in first..end {
+        let stamp = Stamp::of(&before);
+        let hashed_ns = crate::fs::xtime::now_ns();
+        let kept = match cache {
+            Some(c) if !changed => c.lookup(&pe.path, &stamp, first, end),
+            _ => None,
+        };
+        let mut fresh = Vec::new();
+        let todo = if kept.is_some() { end..end } else { first..end };
+        if let Some(kept) = kept {
+            for (k, hash) in (first..end).zip(kept) {
+                let len = stream::window_range(pe.entry.size, k).1;
+                own.items.push(Item::Window {
+                    path: pe.path.clone(),
+                    index: k,
+                    hash,
+                });
+                own.bytes += len;
+                own.cached += len;
+            }
+        }
+        for k in todo {
             let (off, len) = stream::window_range(pe.entry.size, k);
             if !throttle.take(len, stop) {
                 return own;
             }
             match stream::window_hash(&file, off, len, &mut buf) {
-                Ok(hash) => own.items.push(Item::Window {
-                    path: pe.path.clone(),
-                    index: k,
-                    hash,
-                }),
+                Ok(hash) => {
+                    fresh.push(hash);
+                    own.items.push(Item::Window {
+                        path: pe.path.clone(),
+                        index: k,
+                        hash,
+                    })
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     changed = true;
                     break;
@@ -305,13 +323,21 @@ pub fn hash_own(
                 }
             }
             own.bytes += len;
+            own.read += len;
         }
         match file.metadata() {
-            Ok(after) if fingerprint(&after) == fingerprint(&before) => {}
+            // What identifies a file's state (size, times, inode, device):
+            // if any of it moved, it changed (and cached hashes do not apply).
+            Ok(after) if Stamp::of(&after) == stamp => {}
             _ => changed = true,
         }
         if changed {
             own.changed.push(pe.path.clone());
+        } else if let (Some(c), false) = (cache, fresh.is_empty()) {
+            // Every window read, the file unchanged throughout.
+            if fresh.len() as u64 == end - first {
+                c.store(&pe.path, &stamp, hashed_ns, first, &fresh);
+            }
         }
     }
     own
