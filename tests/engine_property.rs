@@ -48,6 +48,16 @@ fn run_case(use_marks: bool, initial: &[mutate::Op], rounds: &[Vec<mutate::Op>],
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         std::fs::write(w.master.join("several-windows"), data).unwrap();
+        // Small files in a few directories, so that several streams carry them.
+        for i in 0..48u32 {
+            let dir = w.master.join(format!("small{}", i % 3));
+            std::fs::create_dir_all(&dir).unwrap();
+            let len = 1000 + (i as usize * 677) % 9000;
+            let body: Vec<u8> = (0..len)
+                .map(|j| (j as u32 ^ i.wrapping_mul(97)) as u8)
+                .collect();
+            std::fs::write(dir.join(format!("s{i}")), body).unwrap();
+        }
     }
     let first = w.sync("p");
     assert_eq!(first["crawl"], "full");
@@ -56,6 +66,21 @@ fn run_case(use_marks: bool, initial: &[mutate::Op], rounds: &[Vec<mutate::Op>],
         assert!(
             n(&first, "files_split") >= 1,
             "no file went in segments: {first}"
+        );
+        let carried: Vec<u64> = first["small_files_by_stream"]
+            .as_array()
+            .unwrap_or_else(|| panic!("small_files_by_stream: {first}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(carried.len(), streams as usize, "{first}");
+        assert!(
+            carried.iter().sum::<u64>() >= 48,
+            "every small file is counted on the stream that carried it: {first}"
+        );
+        assert!(
+            carried.iter().filter(|&&c| c > 0).count() > 1,
+            "small files went over one stream only: {carried:?}"
         );
     }
     tree::assert_same(&w.master, &w.slave);

@@ -55,6 +55,19 @@ fn a_stream_killed_mid_sync_fails_its_files_and_the_next_sync_converges() {
         std::fs::write(dir.join(format!("f{i}")), data(i, 3 << 20)).unwrap();
     }
     std::fs::write(w.master.join("big.img"), data(99, 40 << 20)).unwrap();
+    // Small files (sent whole, in the agents' batches) in every directory.
+    for i in 0..600u64 {
+        let dir = w
+            .master
+            .join(format!("d{}", i % 6))
+            .join(format!("s{}", i % 4));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("t{i}")),
+            data(1000 + i, 4096 + (i as usize % 7) * 3000),
+        )
+        .unwrap();
+    }
     w.create("s", &[]);
     w.run_ok(&["config", "s", "set", "streams", "4"]);
     let child = w
@@ -87,6 +100,27 @@ fn a_stream_killed_mid_sync_fails_its_files_and_the_next_sync_converges() {
         "the killed stream carried files that failed: {s}"
     );
     assert_eq!(out.status.code(), Some(georep::error::exit::PARTIAL), "{s}");
+    // No directory above a failed file has an stime: it advances only
+    // once everything beneath it is durable, whichever stream carried it.
+    let has_stime = |p: &std::path::Path| {
+        xattr::list(p)
+            .unwrap()
+            .any(|n| n.to_string_lossy().ends_with(".stime"))
+    };
+    assert!(!has_stime(&w.master), "the root's stime advanced: {s}");
+    let errors = s["errors"].as_array().unwrap();
+    assert!(!errors.is_empty(), "{s}");
+    for e in errors {
+        let failed = std::path::Path::new(e["path"].as_str().unwrap());
+        for dir in failed.ancestors().skip(1) {
+            assert!(
+                !has_stime(&w.master.join(dir)),
+                "{} has an stime though {} failed: {s}",
+                dir.display(),
+                failed.display()
+            );
+        }
+    }
     // Whatever reached the slave is whole.
     for e in walk(&w.slave) {
         let rel = e.strip_prefix(&w.slave).unwrap();

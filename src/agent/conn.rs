@@ -101,6 +101,11 @@ impl Conn {
         }
     }
 
+    /// The next message if one arrives within `wait` (`Err`: none did).
+    pub fn recv_within(&self, wait: Duration) -> Result<Option<Incoming>, ()> {
+        self.requests.pop_timeout(wait)
+    }
+
     pub fn try_recv(&self) -> TryPop<Incoming> {
         self.requests.try_pop()
     }

@@ -74,6 +74,12 @@ where
     written.map_err(AgentError::Output)
 }
 
+/// How long idle input is waited for before the files waiting are
+/// published (more files in the batch, fewer syncs).
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(3);
+/// How long a file waits for its batch while input keeps coming.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
+
 struct Agent<'a> {
     root: Root,
     files: Files,
@@ -193,15 +199,43 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
         fence,
         quarantine: None,
     };
+    {
+        let out = out.clone();
+        agent.files.start_publisher(
+            &agent.root,
+            Box::new(move |id, res| {
+                let result = res.map(|written| Reply::Committed { written });
+                if id != 0 || result.is_err() {
+                    out.send(&Response {
+                        id,
+                        last: true,
+                        result,
+                    });
+                }
+            }),
+        );
+    }
     let result = loop {
         let msg = match conn.try_recv() {
             TryPop::Item(m) => Some(m),
             TryPop::Empty => {
-                // Input is idle: publish what is waiting before blocking.
-                agent.flush();
-                match conn.recv(opts.keepalive) {
-                    Ok(m) => m,
-                    Err(()) => break Err(keepalive(())),
+                // Input is idle. Files waiting to be published wait a
+                // moment for more (a batch shares one sync), then go to the
+                // publisher, and the next requests are served meanwhile.
+                let more = if agent.files.has_pending() {
+                    conn.recv_within(BATCH_WAIT).ok()
+                } else {
+                    None
+                };
+                match more {
+                    Some(m) => m,
+                    None => {
+                        agent.publish_behind(true);
+                        match conn.recv(opts.keepalive) {
+                            Ok(m) => m,
+                            Err(()) => break Err(keepalive(())),
+                        }
+                    }
                 }
             }
             TryPop::Closed => None,
@@ -218,7 +252,11 @@ fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {
             break Ok(()); // the writer's error says why
         }
         if agent.files.batch_full() {
-            agent.flush();
+            agent.publish_behind(true);
+        } else if agent.files.pending_for(MAX_HOLD) {
+            // Input keeps coming: what waits long enough goes now, if the
+            // publisher is free.
+            agent.publish_behind(false);
         }
     };
     agent.flush();
@@ -282,6 +320,14 @@ impl Agent<'_> {
 
     fn flush(&mut self) {
         for (id, res) in self.files.flush(&self.root) {
+            self.reply(id, res.map(|written| Reply::Committed { written }));
+        }
+    }
+
+    /// Hands the pending commits to the publisher thread (see
+    /// `files::publish`), which answers them once they are durable.
+    fn publish_behind(&mut self, wait: bool) {
+        for (id, res) in self.files.publish_behind(&self.root, wait) {
             self.reply(id, res.map(|written| Reply::Committed { written }));
         }
     }

@@ -154,6 +154,7 @@ impl LinkStart {
         let limit = link.throttle.rate();
         crate::engine::outcome::LinkSummary {
             streams: slave.streams() as u64,
+            small_files_by_stream: slave.small_by_stream(),
             files_split: split,
             bytes_resumed: resumed,
             rtt_ms: link.rtt().as_secs_f64() * 1000.0,

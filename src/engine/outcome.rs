@@ -128,6 +128,10 @@ impl Summary {
 pub struct LinkSummary {
     /// Parallel streams in use (see `streams` in the config).
     pub streams: u64,
+    /// Small files (up to 64 KiB, or new files of up to one frame: sent
+    /// whole, as a delta, or found equal) that each stream carried, the
+    /// primary first.
+    pub small_files_by_stream: Vec<u64>,
     /// Files sent in segments over several streams at once.
     pub files_split: u64,
     /// Bytes not sent again: the verified prefix of interrupted transfers.

@@ -318,15 +318,15 @@ impl<'a> Worker<'a> {
             };
             let got = conn.open_streams(want, cfg.keepalive).await;
             let clients = conn.clients();
+            // Every stream at once: one round trip, not one per stream.
             let mut compression = cfg.compression;
-            for c in &clients {
-                compression =
-                    c.negotiate(cfg.compression)
-                        .await
-                        .map_err(|e| WorkerError::Slave {
-                            slave: session.config.slave.clone(),
-                            source: e,
-                        })?;
+            for r in futures::future::join_all(clients.iter().map(|c| c.negotiate(cfg.compression)))
+                .await
+            {
+                compression = r.map_err(|e| WorkerError::Slave {
+                    slave: session.config.slave.clone(),
+                    source: e,
+                })?;
             }
             self.link.connected(&clients);
             tracing::info!(

@@ -130,6 +130,10 @@ pub struct Files {
     policy: Policy,
     /// Block CVs cached for all open files together.
     budget: Budget,
+    /// Publishes batches while the agent goes on (see `publish`).
+    publisher: Option<publish::Publisher>,
+    /// When the oldest pending commit was made.
+    pending_since: Option<std::time::Instant>,
 }
 
 /// How a commit is answered.
@@ -217,6 +221,7 @@ impl Files {
     pub fn in_use(&self, tmp: &[u8]) -> bool {
         self.open.values().any(|f| f.tmp() == Some(tmp))
             || self.pending.iter().any(|p| p.tmp == tmp)
+            || self.publishing(tmp)
     }
 
     fn check_open(&self, fid: u64, path: &RelPath, size: u64) -> WResult<()> {
@@ -580,6 +585,9 @@ impl Files {
             return Err(e);
         }
         self.pending_bytes += pending.written;
+        if self.pending.is_empty() {
+            self.pending_since = Some(std::time::Instant::now());
+        }
         self.pending.push(pending);
         Ok(())
     }

@@ -64,6 +64,9 @@ pub struct Slave {
 struct Group {
     streams: Vec<Client>,
     next: AtomicUsize,
+    /// Small files (sent whole, as a delta, or found equal by a probe)
+    /// each stream carried to their answer.
+    small: Vec<std::sync::atomic::AtomicU64>,
 }
 
 impl Slave {
@@ -77,6 +80,7 @@ impl Slave {
             client: streams[0].clone(),
             idx: 0,
             group: Arc::new(Group {
+                small: streams.iter().map(|_| Default::default()).collect(),
                 streams,
                 next: AtomicUsize::new(0),
             }),
@@ -121,6 +125,20 @@ impl Slave {
             .min_by_key(|&k| self.group.streams[k].queued_bytes())
             .unwrap_or(0);
         self.on(best)
+    }
+
+    /// Counts a small file this stream carried to its answer.
+    pub fn carried_small(&self) {
+        self.group.small[self.idx].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Small files each stream carried so far (see [`carried_small`](Slave::carried_small)).
+    pub fn small_by_stream(&self) -> Vec<u64> {
+        self.group
+            .small
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Bytes out and in over every stream so far.

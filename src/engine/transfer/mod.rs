@@ -275,7 +275,10 @@ async fn small(
         .probe(rel.clone(), other.clone(), digest, meta.clone(), block)
         .await?;
     let sig = match probe.wait().await? {
-        Probed::Same => return Ok((Shipped::Updated, digest)),
+        Probed::Same => {
+            sl.carried_small();
+            return Ok((Shipped::Updated, digest));
+        }
         Probed::Differs(sig) => sig,
     };
     let (data, meta, fp2, budget) = read_small(e, src, size_hint).await?;
@@ -297,6 +300,7 @@ async fn small(
                 .put_delta(rel.clone(), other, size, p, digest, meta)
                 .await?;
             pending.wait().await?;
+            sl.carried_small();
             e.stats.bytes_delta.fetch_add(n, Ordering::Relaxed);
             Ok((Shipped::Sent, digest))
         }
@@ -318,6 +322,7 @@ async fn put_whole(
     let pending = sl.put_file(rel.clone(), data, digest, meta).await?;
     drop(budget);
     pending.wait().await?;
+    sl.carried_small();
     e.stats.bytes_literal.fetch_add(literal, Ordering::Relaxed);
     Ok((Shipped::Sent, digest))
 }
