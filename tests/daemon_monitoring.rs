@@ -87,9 +87,21 @@ fn prometheus_output_parses_with_the_reference_parser() {
     w.wait_status("run", "the checkpoint", |s| {
         s["checkpoint_completed"] == true
     });
-    let text = String::from_utf8(w.run_ok(&["status", "--prometheus"]).stdout).unwrap();
-    let samples = parse_prometheus(&text);
+    // The worker may be between two crawls of its idle master: read the
+    // metrics again until it reports Idle (what the assertions below check).
     let run = [("session", "run")];
+    let idle = [("session", "run"), ("status", "Idle")];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let samples = loop {
+        let text = String::from_utf8(w.run_ok(&["status", "--prometheus"]).stdout).unwrap();
+        let samples = parse_prometheus(&text);
+        if sample(&samples, "georep_crawl_status", &idle) == Some(1.0)
+            || std::time::Instant::now() > deadline
+        {
+            break samples;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(sample(&samples, "georep_up", &run), Some(1.0));
     assert_eq!(
         sample(&samples, "georep_up", &[("session", "idle")]),
