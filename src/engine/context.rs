@@ -23,12 +23,8 @@ pub enum CrawlKind {
     Xtime,
 }
 
-/// Bytes of master data read but not yet queued for the transport, over
-/// every stream: small files, and the windows of large files (a file's
-/// read-ahead included). With the send budget the streams share
-/// (`protocol::client`), it bounds the file data a worker holds whatever
-/// the number of streams.
-pub const READ_BUDGET: usize = 12 << 20;
+/// Bytes of small files read but not yet queued for the transport.
+pub const READ_BUDGET: usize = 8 << 20;
 /// Large files transferred at once (each holds a few windows in memory).
 const LARGE_FILES: usize = 2;
 /// Segments of shared large files in flight at once over all streams
@@ -102,8 +98,7 @@ pub struct Engine {
     /// When the pass started (ns since the epoch, and as an instant for rates).
     pub started_ns: u64,
     pub started: std::time::Instant,
-    /// See [`READ_BUDGET`].
-    pub read_budget: Arc<Semaphore>,
+    pub read_budget: Semaphore,
     pub large_files: Semaphore,
     /// See [`SEGMENT_SLOTS`].
     pub segment_slots: Semaphore,
@@ -149,7 +144,7 @@ impl Engine {
             work: Default::default(),
             started_ns: crate::fs::xtime::now_ns(),
             started: std::time::Instant::now(),
-            read_budget: Arc::new(Semaphore::new(READ_BUDGET)),
+            read_budget: Semaphore::new(READ_BUDGET),
             large_files: Semaphore::new(LARGE_FILES),
             segment_slots: Semaphore::new(SEGMENT_SLOTS),
             file_slots: Arc::new(Semaphore::new(FILE_SLOTS)),

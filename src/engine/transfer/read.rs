@@ -6,8 +6,6 @@ use crate::hash::digest::WINDOW;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::merr;
 
@@ -15,41 +13,21 @@ use super::merr;
 pub(super) struct Window {
     pub(super) index: usize,
     pub(super) data: Vec<u8>,
-    /// Its share of the worker's read budget, held while the data lives.
-    pub(super) permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// A share of the worker's read budget (see `engine::context::READ_BUDGET`)
-/// for `len` bytes about to be read.
-pub(super) async fn hold(budget: &Arc<Semaphore>, len: u64) -> OwnedSemaphorePermit {
-    let n = (len.max(1) as usize).min(crate::engine::context::READ_BUDGET) as u32;
-    budget
-        .clone()
-        .acquire_many_owned(n)
-        .await
-        .expect("budget never closed")
-}
-
-/// Reads the requested windows in order on a blocking thread, one ahead,
-/// each under its share of the read budget.
+/// Reads the requested windows in order on a blocking thread, one ahead.
 pub(super) fn spawn_reader(
     file: std::sync::Arc<File>,
     extents: std::sync::Arc<Vec<(u64, u64)>>,
     size: u64,
     wanted: Vec<usize>,
     path: PathBuf,
-    budget: Arc<Semaphore>,
 ) -> tokio::sync::mpsc::Receiver<Result<Window, MasterError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::task::spawn_blocking(move || {
         for index in wanted {
-            let permit = futures::executor::block_on(hold(&budget, window_range(size, index).1));
             let res = read_window(&file, &extents, size, index)
-                .map(|data| Window {
-                    index,
-                    data,
-                    permit,
-                })
+                .map(|data| Window { index, data })
                 .map_err(merr("read", &path));
             let stop = res.is_err();
             if tx.blocking_send(res).is_err() || stop {

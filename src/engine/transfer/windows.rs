@@ -2,7 +2,7 @@
 //! first, then per window a copy, aligned 4 KiB blocks, a rolling delta or
 //! literals (see the module above for the whole exchange).
 
-use super::read::{all_hole, hold, read_range, read_range_into, spawn_reader, window_range};
+use super::read::{all_hole, read_range, read_range_into, spawn_reader, window_range};
 use super::{
     blocking, fingerprint, merr, meta_of, Basis, FileError, Shipped, BLOCK, KEYS_BUDGET, PREFETCH,
     ROLL_BLOCK,
@@ -398,7 +398,6 @@ pub(super) async fn send_windows(
             size,
             wanted,
             path.to_path_buf(),
-            e.read_budget.clone(),
         )
     });
     let mut prefetch: VecDeque<(usize, crate::engine::slave::Pending<Vec<[u8; 16]>>)> =
@@ -433,8 +432,6 @@ pub(super) async fn send_windows(
             prefetch.push_back((w, sl.block_hashes(fid, woff, wlen, BLOCK).await?));
             next_mismatch += 1;
         }
-        // This window's share of the read budget, while its bytes are held.
-        let mut _held = None;
         let mut data = if read_whole(i) {
             match reader.as_mut() {
                 Some(r) => {
@@ -443,11 +440,9 @@ pub(super) async fn send_windows(
                         .await
                         .ok_or_else(|| FileError::Changed(path.to_path_buf()))??;
                     debug_assert_eq!(w.index, i);
-                    _held = Some(w.permit);
                     Some(w.data)
                 }
                 None => {
-                    _held = Some(hold(&e.read_budget, len).await);
                     let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
                     Some(
                         blocking(move || read_range(&f, &x, off, len).map_err(merr("read", &p)))
@@ -497,7 +492,6 @@ pub(super) async fn send_windows(
             let d = match data.take() {
                 Some(d) => d,
                 None => {
-                    _held = Some(hold(&e.read_budget, len).await);
                     let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
                     blocking(move || read_range(&f, &x, off, len).map_err(merr("read", &p))).await?
                 }
@@ -535,7 +529,6 @@ pub(super) async fn send_windows(
             let mut bytes: VecDeque<Vec<u8>> = match &data {
                 Some(_) => VecDeque::new(),
                 None => {
-                    _held = Some(hold(&e.read_budget, literals.iter().map(|l| l.1).sum()).await);
                     let (f, x, p) = (file.clone(), extents.clone(), path.to_path_buf());
                     let lits = literals.clone();
                     blocking(move || {
