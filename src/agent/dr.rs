@@ -22,6 +22,8 @@ impl Agent<'_> {
                 epoch,
                 failback,
             } => {
+                // Commits accepted under the previous claim are published first.
+                self.flush();
                 self.quarantine = None;
                 self.fence.claim(&self.root, session, epoch, failback)
             }
@@ -51,6 +53,8 @@ impl Agent<'_> {
                 max_bytes,
                 answers,
             } => {
+                // The walk reads what is published, not what is being renamed.
+                self.flush();
                 if answers.len() > MAX_RESOLVE {
                     return Err(invalid(format!(
                         "QuarantineStep: at most {MAX_RESOLVE} answers per request"
@@ -94,6 +98,7 @@ impl Agent<'_> {
                 job.resolve(&conflicts, &same).map(|_| Reply::Done)
             }
             Request::QuarantineCommit => {
+                self.flush();
                 let job = self
                     .quarantine
                     .as_mut()

@@ -492,7 +492,10 @@ impl Agent<'_> {
                     .map_err(|e| WireError::new(ErrorKind::Io, format!("syncfs: {e}")))
             }
             Request::Rename { from, to } => {
-                self.flush_if(|p| p.as_bytes().starts_with(from.as_bytes()));
+                self.flush_if(|p| {
+                    p.as_bytes().starts_with(from.as_bytes())
+                        || p.as_bytes().starts_with(to.as_bytes())
+                });
                 catalog::rename_noreplace(&self.root, &from, &to).map(|_| Reply::Done)
             }
             Request::ReadFile { path, offset, max } => {
@@ -582,5 +585,21 @@ impl Agent<'_> {
 
 /// Runs the agent on stdin/stdout (under SSH or as a local child).
 pub fn run_stdio(opts: &AgentOptions) -> Result<(), AgentError> {
+    raise_fd_limit();
     serve(opts, std::io::stdin(), std::io::stdout())
+}
+
+/// Raises the soft limit of open files to the hard one: up to 1,024 files
+/// open plus two batches of pending commits (a file and its directory each)
+/// exceed the soft limit of 1,024 that sshd's children often get. The agent
+/// still bounds what it opens itself (`files::MAX_OPEN`, the batch sizes).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, soft, hard, "could not raise the open files limit");
+            }
+        }
+    }
 }

@@ -12,7 +12,28 @@
 
 use super::*;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+
+/// Set once a syncfs failed in this agent. A writeback error is reported
+/// once per open file description, to whichever syncfs comes first: the
+/// batch that saw it may not be the one whose pages failed (the loop goes
+/// on writing the next batch meanwhile). From then on every file is made
+/// durable by its own fsync, which reports the errors of its own pages
+/// (its descriptor was opened before them).
+static SYNCFS_FAILED: AtomicBool = AtomicBool::new(false);
+
+fn syncfs(fs: BorrowedFd<'_>) -> WResult<()> {
+    nix::unistd::syncfs(fs).map_err(|e| {
+        SYNCFS_FAILED.store(true, Ordering::SeqCst);
+        errno_err(e, "syncfs", &"slave root")
+    })
+}
+
+/// Whether `n` files (or directories) go by one syncfs rather than an fsync each.
+fn by_syncfs(n: usize) -> bool {
+    n >= SYNCFS_MIN && !SYNCFS_FAILED.load(Ordering::SeqCst)
+}
 
 /// How a published commit is answered (from the publisher's thread).
 pub type Answer = Box<dyn Fn(u64, WResult<u64>) + Send + 'static>;
@@ -21,7 +42,39 @@ pub type Answer = Box<dyn Fn(u64, WResult<u64>) + Send + 'static>;
 #[derive(Default)]
 struct InFlight {
     items: Vec<(RelPath, Vec<u8>)>,
+    /// The commits of the batch (answered with an error if the thread dies).
+    ids: Vec<u64>,
     busy: bool,
+    /// The thread ended (it panicked): nothing is handed over any more.
+    dead: bool,
+}
+
+/// If the publisher's thread unwinds: fails the commits of the batch it
+/// held (the worker sends those files again) and marks the publisher idle
+/// and dead, so that no one waits for it forever and later batches are
+/// published on the agent's loop.
+struct DeathGuard(Arc<(Mutex<InFlight>, Condvar)>, std::rc::Rc<Answer>);
+
+impl Drop for DeathGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let (m, cv) = &*self.0;
+            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+            for id in std::mem::take(&mut g.ids) {
+                (self.1)(
+                    id,
+                    Err(WireError::new(
+                        ErrorKind::Io,
+                        "the agent's publisher thread failed: the file is not published",
+                    )),
+                );
+            }
+            g.items.clear();
+            g.busy = false;
+            g.dead = true;
+            cv.notify_all();
+        }
+    }
 }
 
 /// The publisher thread and the batch it holds.
@@ -41,11 +94,17 @@ impl Publisher {
         let thread = std::thread::Builder::new()
             .name("publish".into())
             .spawn(move || {
+                let answer = std::rc::Rc::new(answer);
+                let _guard = DeathGuard(st.clone(), answer.clone());
                 for batch in rx {
-                    for (id, res) in publish(batch, fs.as_fd()) {
+                    let results = publish(batch, fs.as_fd());
+                    let (m, cv) = &*st;
+                    let mut g = m.lock().unwrap();
+                    g.ids.clear();
+                    drop(g);
+                    for (id, res) in results {
                         answer(id, res);
                     }
-                    let (m, cv) = &*st;
                     let mut g = m.lock().unwrap();
                     g.items.clear();
                     g.busy = false;
@@ -62,9 +121,9 @@ impl Publisher {
     /// Waits until no batch is being published.
     fn wait_idle(&self) {
         let (m, cv) = &*self.state;
-        let mut g = m.lock().unwrap();
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         while g.busy {
-            g = cv.wait(g).unwrap();
+            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -82,16 +141,21 @@ impl Publisher {
     fn hand_over(&self, batch: Vec<Pending>) -> Result<(), Vec<Pending>> {
         {
             let mut g = self.state.0.lock().unwrap();
+            if g.dead {
+                return Err(batch);
+            }
             g.items = batch
                 .iter()
                 .map(|p| (p.path.clone(), p.tmp.clone()))
                 .collect();
+            g.ids = batch.iter().map(|p| p.id).collect();
             g.busy = true;
         }
         let tx = self.tx.as_ref().expect("open until dropped");
         tx.send(batch).map_err(|e| {
             let mut g = self.state.0.lock().unwrap();
             g.items.clear();
+            g.ids.clear();
             g.busy = false;
             e.0
         })
@@ -129,11 +193,19 @@ impl Files {
     /// doc); without it (or if it cannot start) every batch is published
     /// by [`flush`](Self::flush) on the caller's thread.
     pub fn start_publisher(&mut self, root: &Root, answer: Answer) {
-        match root
-            .fd()
-            .try_clone_to_owned()
-            .and_then(|fd| Publisher::start(fd, answer))
-        {
+        // A description of its own (not a dup of the root's): the errors a
+        // syncfs reports are tracked per open file description, so no other
+        // syncfs of the agent can take one the publisher must see.
+        let own = nix::fcntl::openat(
+            root.fd(),
+            ".",
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(std::io::Error::from);
+        match own.and_then(|fd| Publisher::start(fd, answer)) {
             Ok(p) => self.publisher = Some(p),
             Err(e) => tracing::warn!(error = %e, "no publisher thread: batches published inline"),
         }
@@ -194,8 +266,8 @@ fn publish(batch: Vec<Pending>, fs: BorrowedFd<'_>) -> Vec<(u64, WResult<u64>)> 
         return Vec::new();
     }
     let mut results = Vec::with_capacity(batch.len());
-    let data_sync: WResult<()> = if batch.len() >= SYNCFS_MIN {
-        nix::unistd::syncfs(fs).map_err(|e| errno_err(e, "syncfs", &"slave root"))
+    let data_sync: WResult<()> = if by_syncfs(batch.len()) {
+        syncfs(fs)
     } else {
         batch
             .iter()
@@ -227,8 +299,8 @@ fn publish(batch: Vec<Pending>, fs: BorrowedFd<'_>) -> Vec<(u64, WResult<u64>)> 
             }
         }
     }
-    let dir_sync: WResult<()> = if dirs.len() >= SYNCFS_MIN {
-        nix::unistd::syncfs(fs).map_err(|e| errno_err(e, "syncfs", &"slave root"))
+    let dir_sync: WResult<()> = if by_syncfs(dirs.len()) {
+        syncfs(fs)
     } else {
         dirs.iter().try_for_each(|d| {
             nix::unistd::fsync(d.2.as_fd()).map_err(|e| errno_err(e, "fsync directory of", &"file"))
