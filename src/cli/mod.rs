@@ -8,7 +8,9 @@ pub mod admin;
 pub mod args;
 pub mod catalog;
 pub mod dr;
+pub mod peer;
 pub mod switchover;
+pub mod switchover_ssh;
 pub mod sync;
 pub mod verify;
 
@@ -41,6 +43,13 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             .is_some()
         {
             return exit::TEMPORARY;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::cli::peer::PeerError>() {
+            return match e {
+                _ if e.is_usage() => exit::USAGE,
+                _ if e.retry() == Retry::Temporary => exit::TEMPORARY,
+                _ => exit::PERMANENT,
+            };
         }
         if let Some(e) = cause.downcast_ref::<crate::transport::ssh::SshError>() {
             return match e.retry() {
@@ -343,6 +352,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             wait_quiet,
             force,
             start,
+            peer_admin,
+            identity,
+            reverse_slave,
+            push_pem,
+            reverse_ssh_port,
+            reverse_identity,
+            reverse_remote_georep,
         } => crate::cli::switchover::switchover(
             &session,
             &reverse,
@@ -350,6 +366,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 wait_quiet,
                 force,
                 start,
+                ssh: crate::cli::switchover_ssh::SshOptions {
+                    peer_admin,
+                    identity,
+                    reverse_slave,
+                    push_pem,
+                    reverse_ssh_port,
+                    reverse_identity,
+                    reverse_remote_georep,
+                },
             },
         ),
         Cmd::Agent { root, keepalive } => {

@@ -1,0 +1,288 @@
+//! `georep switchover` of a session whose slave is reached over SSH: the
+//! reverse session lives on the slave's site B, reaching this site A over
+//! SSH. Run on A: the final sync and the promote of B go through the
+//! session's agent as for a local slave; the steps on B (reading its role,
+//! creating the reverse session, starting it) are `georep …` commands run
+//! there over the operator's own SSH access (see [`crate::cli::peer`]).
+//! Each step looks first whether it is done, so a switchover killed at any
+//! moment and run again converges.
+
+use super::peer::{Peer, PeerError};
+use super::switchover::{demote, final_sync_and_promote, SwitchoverOptions};
+use crate::error::{exit, UserError};
+use crate::session::{Config, Layout, MarkerPolicy, Session, SlaveSpec, SyncMode};
+use crate::transport::ssh::{self, setup, SshTarget};
+use crate::user_err;
+use std::path::{Path, PathBuf};
+
+/// The options of a switchover for the other site.
+#[derive(Debug, Clone, Default)]
+pub struct SshOptions {
+    /// `[USER@]HOST`: the operator's shell access to the slave's site
+    /// (default: the session's slave user and host).
+    pub peer_admin: Option<String>,
+    /// The operator's key for `peer_admin` (default: ssh's config and agent).
+    pub identity: Option<PathBuf>,
+    /// `[USER@]HOST:PATH`: this master as the slave's site reaches it.
+    pub reverse_slave: Option<String>,
+    /// Install a key for the reverse session (its `create --push-pem`).
+    pub push_pem: bool,
+    /// The SSH port of this site, as the slave's site reaches it.
+    pub reverse_ssh_port: Option<u16>,
+    /// A key on the slave's site for reaching this one (its `create --identity`).
+    pub reverse_identity: Option<String>,
+    /// The georep program on this site (default: this program's path).
+    pub reverse_remote_georep: Option<String>,
+}
+
+impl SshOptions {
+    pub fn any(&self) -> bool {
+        self.peer_admin.is_some()
+            || self.identity.is_some()
+            || self.reverse_slave.is_some()
+            || self.push_pem
+            || self.reverse_ssh_port.is_some()
+            || self.reverse_identity.is_some()
+            || self.reverse_remote_georep.is_some()
+    }
+}
+
+/// `[user@]host` of an option, checked as ssh would take it.
+fn user_host(s: &str, what: &str) -> Result<(Option<String>, String), UserError> {
+    let (user, host) = match s.rsplit_once('@') {
+        Some((u, h)) => (Some(u.to_string()), h.to_string()),
+        None => (None, s.to_string()),
+    };
+    ssh::check_host(&host).map_err(|e| user_err!("{what}: {e}"))?;
+    if let Some(u) = &user {
+        ssh::check_user(u).map_err(|e| user_err!("{what}: {e}"))?;
+    }
+    Ok((user, host))
+}
+
+/// The reverse session's slave: this master, over SSH, as the slave's site
+/// names it; `[user@]host:root` as `create` records it.
+fn reverse_slave(s: &Session, spec: Option<&str>, b_host: &str) -> Result<String, UserError> {
+    let master = &s.config.master;
+    let Some(spec) = spec else {
+        return Err(user_err!(
+            "switchover of session {}: its slave is on {b_host}, so the reverse session is created there and reaches this site over SSH: give --reverse-slave [USER@]HOST:{} (this site as {b_host} reaches it; add --push-pem to install a key for it)",
+            s.name,
+            master.display()
+        ));
+    };
+    let SlaveSpec::Ssh { user, host, path } = SlaveSpec::parse(spec)? else {
+        return Err(user_err!(
+            "--reverse-slave {spec:?}: give this site as the slave's site reaches it over SSH: [USER@]HOST:{}",
+            master.display()
+        ));
+    };
+    ssh::check_host(&host)?;
+    if let Some(u) = &user {
+        ssh::check_user(u)?;
+    }
+    let root = ssh::check_remote_path(&path)?;
+    if Path::new(&root) != master.as_path() {
+        return Err(user_err!(
+            "--reverse-slave {spec:?}: its path must be this session's master {}: the reverse session replicates onto it",
+            master.display()
+        ));
+    }
+    Ok(match user {
+        Some(u) => format!("{u}@{host}:{root}"),
+        None => format!("{host}:{root}"),
+    })
+}
+
+fn mode_arg(m: SyncMode) -> &'static str {
+    match m {
+        SyncMode::Continuous => "continuous",
+        SyncMode::Interval => "interval",
+    }
+}
+
+fn marker_arg(m: MarkerPolicy) -> &'static str {
+    match m {
+        MarkerPolicy::Auto => "auto",
+        MarkerPolicy::Mark => "mark",
+    }
+}
+
+/// `georep create REVERSE B_ROOT A_SPEC …` as run on the slave's site.
+fn create_args(
+    s: &Session,
+    reverse: &str,
+    b_root: &str,
+    a_spec: &str,
+    o: &SshOptions,
+) -> Vec<String> {
+    let georep = o.reverse_remote_georep.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| ssh::DEFAULT_REMOTE_GEOREP.to_string())
+    });
+    let mut a: Vec<String> = vec![
+        "create".into(),
+        reverse.into(),
+        b_root.into(),
+        a_spec.into(),
+        "--mode".into(),
+        mode_arg(s.config.mode).into(),
+        "--interval".into(),
+        s.config.interval_secs.to_string(),
+        "--marker".into(),
+        marker_arg(s.config.marker).into(),
+        "--layout".into(),
+        "tree".into(),
+        "--remote-georep".into(),
+        georep,
+    ];
+    if let Some(n) = s.config.inplace_min_size {
+        a.extend(["--inplace-min-size".into(), n.to_string()]);
+    }
+    if o.push_pem {
+        a.push("--push-pem".into());
+    }
+    if let Some(p) = o.reverse_ssh_port {
+        a.extend(["--ssh-port".into(), p.to_string()]);
+    }
+    if let Some(i) = &o.reverse_identity {
+        a.extend(["--identity".into(), i.clone()]);
+    }
+    a
+}
+
+/// A step on the other site failed: one line, what is done, and what to do.
+fn step(what: &str, done: &str) -> impl FnOnce(PeerError) -> anyhow::Error {
+    let (what, done) = (what.to_string(), done.to_string());
+    move |e| {
+        let fix = match e.retry() {
+            crate::error::Retry::Temporary => "run the switchover again",
+            crate::error::Retry::Permanent => "fix that and run the switchover again",
+        };
+        let line = format!("switchover: {what}: {e}{done}; {fix}");
+        anyhow::Error::new(e).context(line)
+    }
+}
+
+/// The switchover of `s`, whose slave is reached over SSH.
+pub fn switchover(s: &Session, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
+    let name = &s.name;
+    let slave = SshTarget::from_session(s)?;
+    let b_root = slave.root.clone();
+    let a_spec = reverse_slave(s, o.ssh.reverse_slave.as_deref(), &slave.host)?;
+    debug_assert_eq!(s.config.layout, Layout::Tree);
+    let (user, host) = match &o.ssh.peer_admin {
+        Some(pa) => user_host(pa, "--peer-admin")?,
+        None => (slave.user.clone(), slave.host.clone()),
+    };
+    let identity = match &o.ssh.identity {
+        Some(id) => Some(std::fs::canonicalize(id).map_err(|e| {
+            user_err!(
+                "--identity {}: {e}: give your private key for {host}",
+                id.display()
+            )
+        })?),
+        None => None,
+    };
+    let port = (host == slave.host).then_some(slave.port).flatten();
+    let peer = Peer::new(SshTarget {
+        user,
+        host,
+        port,
+        root: b_root.clone(),
+        identity,
+        known_hosts: s.dir.join(setup::KNOWN_HOSTS_FILE),
+        remote_georep: slave.remote_georep.clone(),
+        session_key: false,
+    });
+    let b = peer.display();
+    // Nothing is done before the other site is known to take commands.
+    let fix = format!(
+        "give --peer-admin USER@HOST with your own shell access to it (and --identity FILE), or switch over by hand: here `georep stop {name}` and `georep sync {name}` until it ships nothing, then on {b}: `georep promote {b_root}` and `georep create {reverse} {b_root} {a_spec} --failback`"
+    );
+    let nothing = " (nothing was changed)";
+    peer.probe(&fix)
+        .map_err(step(&format!("checking the access to {b}"), nothing))?;
+    let existing = peer.session(reverse).map_err(step(
+        &format!("looking for session {reverse} on {b}"),
+        nothing,
+    ))?;
+    if let Some(c) = &existing {
+        check_existing(c, reverse, &b, &b_root, &a_spec)?;
+    }
+    let read_role = |done: &str| {
+        peer.role(&b_root)
+            .map_err(step(&format!("reading the role of {b_root} on {b}"), done))
+    };
+    let b_role = read_role(nothing)?;
+    let promoted = b_role
+        .as_ref()
+        .is_some_and(|r| r.is_live() && r.session == Some(s.config.session_id));
+    if !promoted {
+        final_sync_and_promote(s, o)?;
+    }
+    let promoted_only = &format!(" ({b_root} on {b} is promoted, nothing else changed)");
+    let b_role = read_role(promoted_only)?
+        .filter(|r| r.is_live())
+        .ok_or_else(|| user_err!("{b_root} on {b} was not promoted"))?;
+    let master = s.config.master.clone();
+    let demoted = &format!(
+        " ({b_root} on {b} is promoted and {} demoted; a stray worker of {name} is fenced on both)",
+        master.display()
+    );
+    let rev = match existing {
+        Some(c) => c,
+        None => {
+            // Equal to B's root now; the create's write check (a file
+            // opened and dropped at the root) must not leave it otherwise.
+            let mtime = std::fs::metadata(&master).and_then(|m| m.modified());
+            demote(&master, uuid::Uuid::nil(), b_role.epoch, false)?;
+            let args = create_args(s, reverse, &b_root, &a_spec, &o.ssh);
+            peer.georep(&args).map_err(step(
+                &format!("creating the reverse session {reverse} on {b}"),
+                demoted,
+            ))?;
+            if let Ok(t) = mtime {
+                let _ = std::fs::File::open(&master).and_then(|f| f.set_modified(t));
+            }
+            peer.session(reverse)
+                .map_err(step(&format!("reading session {reverse} on {b}"), demoted))?
+                .ok_or_else(|| user_err!("session {reverse} on {b} was not created"))?
+        }
+    };
+    demote(&master, rev.session_id, b_role.epoch, true)?;
+    println!(
+        "switched over: {b_root} on {b} is the live store (epoch {}); {} is a replica of session {reverse} there (demoted)",
+        b_role.epoch,
+        master.display()
+    );
+    if o.start {
+        let out = peer
+            .georep(&["start".into(), reverse.into()])
+            .map_err(step(
+                &format!("starting session {reverse} on {b}"),
+                " (the switchover is done)",
+            ))?;
+        print!("{b}: {out}");
+    }
+    Ok(exit::OK)
+}
+
+/// An existing reverse session on the other site must be this one.
+fn check_existing(
+    c: &Config,
+    reverse: &str,
+    b: &str,
+    b_root: &str,
+    a_spec: &str,
+) -> Result<(), UserError> {
+    if c.master != Path::new(b_root) || c.slave != a_spec {
+        return Err(user_err!(
+            "session {reverse:?} already exists on {b} and is not {b_root} -> {a_spec} (it is {} -> {}): choose another name for the reverse session",
+            c.master.display(),
+            c.slave
+        ));
+    }
+    Ok(())
+}
