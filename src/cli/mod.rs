@@ -426,6 +426,14 @@ fn parse_error(e: clap::Error) -> ! {
 
 /// Runs the command line and exits the process with its exit code.
 pub fn main() -> ! {
+    if std::env::var_os(crate::cli::peer::TIE_ENV).is_some() {
+        // Not inherited by what this command starts (e.g. a monitor).
+        std::env::remove_var(crate::cli::peer::TIE_ENV);
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(exit::TEMPORARY);
+        });
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => parse_error(e),

@@ -14,6 +14,12 @@ use std::process::{Output, Stdio};
 /// What the probe prints first when the access runs commands.
 const PROBE: &str = "georep-peer-admin-ok";
 
+/// Set for a `georep` command run there: it exits when its input (the
+/// ssh channel) reaches EOF, i.e. when the ssh client goes away (killed,
+/// or the connection cut), so that a killed switchover leaves no step
+/// running on its own on the other site while it is run again.
+pub const TIE_ENV: &str = "GEOREP_EXIT_ON_EOF";
+
 /// Why a step on the other site failed; one line naming the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -82,52 +88,121 @@ impl Peer {
     }
 
     /// Runs `remote` (a shell command line) there; Ok(output) when ssh
-    /// itself worked (whatever the command's exit code).
-    fn ssh(&self, remote: &str) -> Result<Output, PeerError> {
-        let mut cmd = setup::operator_ssh(&self.target);
-        cmd.arg(remote)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let out = cmd.output().map_err(|source| SshError::Local {
+    /// itself worked (whatever the command's exit code). With `tie`, the
+    /// ssh client's input stays open while it runs (see [`TIE_ENV`]);
+    /// without, it is closed at once (a forced command's agent that
+    /// answers a probe ends on that EOF).
+    fn ssh(&self, remote: &str, tie: bool) -> Result<Output, PeerError> {
+        let local = |source| SshError::Local {
             what: "running ssh (install openssh-client)".into(),
             source,
-        })?;
+        };
+        let mut child = setup::operator_ssh(&self.target)
+            .arg(remote)
+            .stdin(if tie { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(local)?;
+        let stdin = child.stdin.take();
+        let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = read(child.stdout.take().map(|r| Box::new(r) as _));
+        let err = read(child.stderr.take().map(|r| Box::new(r) as _));
+        let status = child.wait().map_err(local)?;
+        drop(stdin);
+        let out = Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        };
         if out.status.code() == Some(255) || out.status.code().is_none() {
-            let mut t = self.target.error_target();
-            t.display = self.display();
-            t.auth_fix = "the steps on the other site run with your own SSH access to it (not a session key): make `ssh` to it work without a password (a key in ssh-agent, or --identity FILE), or name another account with --peer-admin USER@HOST".into();
-            return Err(SshError::from_ssh(&t, &String::from_utf8_lossy(&out.stderr)).into());
+            return Err(self.ssh_error(&out.stderr));
         }
         Ok(out)
     }
 
+    /// What ssh's stderr says went wrong, as one line.
+    fn ssh_error(&self, stderr: &[u8]) -> PeerError {
+        let mut t = self.target.error_target();
+        t.display = self.display();
+        t.auth_fix = "the steps on the other site run with your own SSH access to it (not a session key): make `ssh` to it work without a password (a key in ssh-agent, or --identity FILE), or name another account with --peer-admin USER@HOST".into();
+        SshError::from_ssh(&t, &String::from_utf8_lossy(stderr)).into()
+    }
+
+    /// `georep ARGS` there, tied to this ssh client (see [`TIE_ENV`]).
     fn line(&self, args: &[String]) -> String {
-        std::iter::once(&self.target.remote_georep)
-            .chain(args)
-            .map(|a| setup::sh_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ")
+        let mut line = format!(
+            "env {TIE_ENV}=1 {}",
+            setup::sh_quote(&self.target.remote_georep)
+        );
+        for a in args {
+            line.push(' ');
+            line.push_str(&setup::sh_quote(a));
+        }
+        line
     }
 
     /// Checks that this access runs commands (and georep); `fix` is the
-    /// line's advice when it runs only a forced command.
+    /// line's advice when it runs only a forced command. The first line
+    /// decides: a forced command's agent answers with its greeting and
+    /// waits, so ssh is ended as soon as the line is not the probe's.
     pub fn probe(&self, fix: &str) -> Result<(), PeerError> {
-        let out = self.ssh(&format!(
+        use std::io::BufRead;
+        let local = |source| SshError::Local {
+            what: "running ssh (install openssh-client)".into(),
+            source,
+        };
+        let remote = format!(
             "echo {PROBE}; exec {} --version",
             setup::sh_quote(&self.target.remote_georep)
-        ))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if stdout.lines().next() != Some(PROBE) {
+        );
+        let mut child = setup::operator_ssh(&self.target)
+            .arg(remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(local)?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let err = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut buf);
+            buf
+        });
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut first = String::new();
+        let _ = stdout.read_line(&mut first);
+        let runs_commands = first.trim_end() == PROBE;
+        if !runs_commands && !first.is_empty() {
+            let _ = child.kill();
+        }
+        let mut rest = Vec::new();
+        if runs_commands {
+            let _ = std::io::Read::read_to_end(&mut stdout, &mut rest);
+        }
+        let status = child.wait().map_err(local)?;
+        let stderr = err.join().unwrap_or_default();
+        if first.is_empty() && matches!(status.code(), Some(255) | None) {
+            return Err(self.ssh_error(&stderr));
+        }
+        if !runs_commands {
             return Err(PeerError::Restricted {
                 target: self.display(),
                 fix: fix.to_string(),
             });
         }
-        if !out.status.success() {
+        if !status.success() {
             return Err(SshError::NoGeorep {
                 target: self.display(),
-                said: last_line(&out.stderr),
+                said: last_line(&stderr),
             }
             .into());
         }
@@ -137,7 +212,7 @@ impl Peer {
     /// `georep ARGS` there; its stdout when it exits 0.
     pub fn georep(&self, args: &[String]) -> Result<String, PeerError> {
         let line = self.line(args);
-        let out = self.ssh(&line)?;
+        let out = self.ssh(&line, true)?;
         if !out.status.success() {
             return Err(PeerError::Failed {
                 target: self.display(),
@@ -177,9 +252,10 @@ impl Peer {
             crate::fs::role::ROLE_FILE
         );
         let q = setup::sh_quote(&file);
-        let out = self.ssh(&format!(
-            "if [ -e {q} ]; then cat -- {q}; else echo none; fi"
-        ))?;
+        let out = self.ssh(
+            &format!("if [ -e {q} ]; then cat -- {q}; else echo none; fi"),
+            false,
+        )?;
         let failed = |said: String| PeerError::Failed {
             target: self.display(),
             command: format!("cat {file}"),

@@ -234,23 +234,33 @@ pub fn switchover(s: &Session, reverse: &str, o: &SwitchoverOptions) -> anyhow::
     let rev = match existing {
         Some(c) => c,
         None => {
-            // Equal to B's root now; the create's write check (a file
-            // opened and dropped at the root) must not leave it otherwise.
-            let mtime = std::fs::metadata(&master).and_then(|m| m.modified());
             demote(&master, uuid::Uuid::nil(), b_role.epoch, false)?;
             let args = create_args(s, reverse, &b_root, &a_spec, &o.ssh);
-            peer.georep(&args).map_err(step(
-                &format!("creating the reverse session {reverse} on {b}"),
-                demoted,
-            ))?;
-            if let Ok(t) = mtime {
-                let _ = std::fs::File::open(&master).and_then(|f| f.set_modified(t));
+            match peer.georep(&args) {
+                Ok(_) => {}
+                // A create of a killed earlier run finished meanwhile.
+                Err(PeerError::Failed { code: 2, said, .. }) if said.contains("already exists") => {
+                }
+                Err(e) => {
+                    return Err(step(
+                        &format!("creating the reverse session {reverse} on {b}"),
+                        demoted,
+                    )(e))
+                }
             }
-            peer.session(reverse)
+            let c = peer
+                .session(reverse)
                 .map_err(step(&format!("reading session {reverse} on {b}"), demoted))?
-                .ok_or_else(|| user_err!("session {reverse} on {b} was not created"))?
+                .ok_or_else(|| user_err!("session {reverse} on {b} was not created"))?;
+            check_existing(&c, reverse, &b, &b_root, &a_spec)?;
+            c
         }
     };
+    // The create's write check (a file opened and dropped at this root)
+    // moved its mtime: equal to B's again, as the reverse session's first
+    // sync would make it. (Every run: one killed after the create may not
+    // have got here, and the role alone cannot tell.)
+    align_root_mtime(s, &master)?;
     demote(&master, rev.session_id, b_role.epoch, true)?;
     println!(
         "switched over: {b_root} on {b} is the live store (epoch {}); {} is a replica of session {reverse} there (demoted)",
@@ -283,6 +293,32 @@ fn check_existing(
             c.master.display(),
             c.slave
         ));
+    }
+    Ok(())
+}
+
+/// Gives `master`'s root the mtime of the slave's root (read through the
+/// session's agent: a read, which the promoted store allows).
+fn align_root_mtime(s: &Session, master: &Path) -> anyhow::Result<()> {
+    let rt = crate::engine::worker::runtime()?;
+    let entry = rt.block_on(async {
+        let conn = crate::engine::worker::connect(s).await?;
+        let sl = crate::engine::slave::Slave::new(conn.client.clone());
+        let r = sl.stat(crate::fs::relpath::RelPath::root()).await;
+        drop(sl);
+        conn.close(std::time::Duration::from_secs(10)).await;
+        r.map_err(|e| {
+            anyhow::anyhow!(
+                "switchover: reading the slave root's mtime: {e}; run the switchover again"
+            )
+        })
+    })?;
+    if let Some(e) = entry {
+        let t = std::time::UNIX_EPOCH
+            + std::time::Duration::new(e.meta.mtime.sec.max(0) as u64, e.meta.mtime.nsec);
+        std::fs::File::open(master)
+            .and_then(|f| f.set_modified(t))
+            .map_err(|e| anyhow::anyhow!("setting the mtime of {}: {e}", master.display()))?;
     }
     Ok(())
 }
