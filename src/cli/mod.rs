@@ -359,14 +359,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             reverse_ssh_port,
             reverse_identity,
             reverse_remote_georep,
-        } => crate::cli::switchover::switchover(
+        } => crate::cli::switchover_ssh::run(
             &session,
             &reverse,
             &crate::cli::switchover::SwitchoverOptions {
                 wait_quiet,
                 force,
                 start,
-                ssh: crate::cli::switchover_ssh::SshOptions {
+                ssh: crate::cli::peer::SshOptions {
                     peer_admin,
                     identity,
                     reverse_slave,

@@ -9,6 +9,7 @@ use crate::error::Retry;
 use crate::fs::role::RoleRecord;
 use crate::session::Config;
 use crate::transport::ssh::{setup, SshError, SshTarget};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 
 /// What the probe prints first when the access runs commands.
@@ -271,5 +272,37 @@ impl Peer {
         serde_json::from_slice(&out.stdout)
             .map(Some)
             .map_err(|e| failed(format!("not a georep role file: {e}")))
+    }
+}
+
+/// The options of a switchover for the other site.
+#[derive(Debug, Clone, Default)]
+pub struct SshOptions {
+    /// `[USER@]HOST`: the operator's shell access to the slave's site
+    /// (default: the session's slave user and host).
+    pub peer_admin: Option<String>,
+    /// The operator's key for `peer_admin` (default: ssh's config and agent).
+    pub identity: Option<PathBuf>,
+    /// `[USER@]HOST:PATH`: this master as the slave's site reaches it.
+    pub reverse_slave: Option<String>,
+    /// Install a key for the reverse session (its `create --push-pem`).
+    pub push_pem: bool,
+    /// The SSH port of this site, as the slave's site reaches it.
+    pub reverse_ssh_port: Option<u16>,
+    /// A key on the slave's site for reaching this one (its `create --identity`).
+    pub reverse_identity: Option<String>,
+    /// The georep program on this site (default: this program's path).
+    pub reverse_remote_georep: Option<String>,
+}
+
+impl SshOptions {
+    pub fn any(&self) -> bool {
+        self.peer_admin.is_some()
+            || self.identity.is_some()
+            || self.reverse_slave.is_some()
+            || self.push_pem
+            || self.reverse_ssh_port.is_some()
+            || self.reverse_identity.is_some()
+            || self.reverse_remote_georep.is_some()
     }
 }

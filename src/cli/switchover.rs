@@ -24,7 +24,7 @@ pub struct SwitchoverOptions {
     pub force: bool,
     pub start: bool,
     /// A slave reached over SSH: the other site's steps.
-    pub ssh: crate::cli::switchover_ssh::SshOptions,
+    pub ssh: crate::cli::peer::SshOptions,
 }
 
 /// What every entry of a tree looks like now (kind, size, mtime, ctime, inode).
@@ -99,7 +99,12 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
     crate::session::check_name(reverse)?;
     let slave = match s.slave_spec()? {
         SlaveSpec::Local(p) => p,
-        SlaveSpec::Ssh { .. } => return crate::cli::switchover_ssh::switchover(&s, reverse, o),
+        SlaveSpec::Ssh { .. } => {
+            return Err(user_err!(
+                "switchover of session {name}: its slave is reached over SSH: run it as `georep switchover` (cli::switchover_ssh)"
+            )
+            .into())
+        }
     };
     if o.ssh.any() {
         return Err(user_err!(

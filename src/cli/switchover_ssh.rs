@@ -7,45 +7,13 @@
 //! Each step looks first whether it is done, so a switchover killed at any
 //! moment and run again converges.
 
-use super::peer::{Peer, PeerError};
+use super::peer::{Peer, PeerError, SshOptions};
 use super::switchover::{demote, final_sync_and_promote, SwitchoverOptions};
 use crate::error::{exit, UserError};
 use crate::session::{Config, Layout, MarkerPolicy, Session, SlaveSpec, SyncMode};
 use crate::transport::ssh::{self, setup, SshTarget};
 use crate::user_err;
-use std::path::{Path, PathBuf};
-
-/// The options of a switchover for the other site.
-#[derive(Debug, Clone, Default)]
-pub struct SshOptions {
-    /// `[USER@]HOST`: the operator's shell access to the slave's site
-    /// (default: the session's slave user and host).
-    pub peer_admin: Option<String>,
-    /// The operator's key for `peer_admin` (default: ssh's config and agent).
-    pub identity: Option<PathBuf>,
-    /// `[USER@]HOST:PATH`: this master as the slave's site reaches it.
-    pub reverse_slave: Option<String>,
-    /// Install a key for the reverse session (its `create --push-pem`).
-    pub push_pem: bool,
-    /// The SSH port of this site, as the slave's site reaches it.
-    pub reverse_ssh_port: Option<u16>,
-    /// A key on the slave's site for reaching this one (its `create --identity`).
-    pub reverse_identity: Option<String>,
-    /// The georep program on this site (default: this program's path).
-    pub reverse_remote_georep: Option<String>,
-}
-
-impl SshOptions {
-    pub fn any(&self) -> bool {
-        self.peer_admin.is_some()
-            || self.identity.is_some()
-            || self.reverse_slave.is_some()
-            || self.push_pem
-            || self.reverse_ssh_port.is_some()
-            || self.reverse_identity.is_some()
-            || self.reverse_remote_georep.is_some()
-    }
-}
+use std::path::Path;
 
 /// `[user@]host` of an option, checked as ssh would take it.
 fn user_host(s: &str, what: &str) -> Result<(Option<String>, String), UserError> {
@@ -165,13 +133,25 @@ fn step(what: &str, done: &str) -> impl FnOnce(PeerError) -> anyhow::Error {
     }
 }
 
+/// `georep switchover SESSION --reverse REVERSE`: over SSH here, for a
+/// local slave in [`super::switchover`].
+pub fn run(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
+    let s = Session::load(name)?;
+    match s.slave_spec()? {
+        SlaveSpec::Ssh { .. } if s.config.layout == Layout::Tree => {
+            crate::session::check_name(reverse)?;
+            switchover(&s, reverse, o)
+        }
+        _ => super::switchover::switchover(name, reverse, o),
+    }
+}
+
 /// The switchover of `s`, whose slave is reached over SSH.
-pub fn switchover(s: &Session, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
+fn switchover(s: &Session, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
     let name = &s.name;
     let slave = SshTarget::from_session(s)?;
     let b_root = slave.root.clone();
     let a_spec = reverse_slave(s, o.ssh.reverse_slave.as_deref(), &slave.host)?;
-    debug_assert_eq!(s.config.layout, Layout::Tree);
     let (user, host) = match &o.ssh.peer_admin {
         Some(pa) => user_host(pa, "--peer-admin")?,
         None => (slave.user.clone(), slave.host.clone()),
