@@ -37,6 +37,7 @@ struct Runner<'a> {
     ran: BTreeSet<String>,
     subst: Vec<(String, String)>,
     extra_create: Vec<String>,
+    extra_switchover: Vec<String>,
 }
 
 impl Runner<'_> {
@@ -60,6 +61,9 @@ impl Runner<'_> {
             .collect();
         if args[0] == "create" && args.iter().any(|a| a == "--push-pem") {
             args.extend(self.extra_create.iter().cloned());
+        }
+        if args[0] == "switchover" && args.iter().any(|a| a == "--reverse-slave") {
+            args.extend(self.extra_switchover.iter().cloned());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.w.run(&args);
@@ -99,6 +103,7 @@ fn runbook_commands_all_run() {
             "--remote-georep".into(),
             common::georep_bin().display().to_string(),
         ],
+        extra_switchover: Vec::new(),
     };
     w.create("s1", &["--marker", "mark"]);
     for i in 0..10 {
@@ -161,13 +166,49 @@ fn runbook_commands_all_run() {
         ran: BTreeSet::new(),
         subst: Vec::new(),
         extra_create: Vec::new(),
+        extra_switchover: Vec::new(),
     };
     r2.run("georep switchover s1 --reverse back --wait-quiet 2 --start");
     tree::assert_same(&w2.master, &w2.slave);
     w2.wait_active("back");
     let _ = w2.run(&["stop", "back"]);
 
-    let ran: BTreeSet<String> = r.ran.union(&r2.ran).cloned().collect();
+    // The switchover of an SSH slave: "site B" is an sshd whose sessions
+    // have a georep home of their own, and so is site A.
+    let w3 = World::new();
+    let home_b = w3.dir.path().join("home-b");
+    std::fs::create_dir_all(&home_b).unwrap();
+    std::fs::create_dir_all(&w3.slave).unwrap();
+    let sshd_a = Sshd::start_with_env(&[("GEOREP_HOME", &w3.home)]);
+    let sshd_b = Sshd::start_with_env(&[("GEOREP_HOME", &home_b)]);
+    w3.create_ssh(&sshd_b, "s1", &[]);
+    std::fs::write(w3.master.join("f"), b"x").unwrap();
+    w3.sync("s1");
+    let mut r3 = Runner {
+        w: &w3,
+        doc: doc.clone(),
+        ran: BTreeSet::new(),
+        subst: vec![("root@siteA:/srv/store".into(), sshd_a.spec(&w3.master))],
+        extra_create: Vec::new(),
+        extra_switchover: vec![
+            "--identity".into(),
+            sshd_b.operator_key.display().to_string(),
+            "--reverse-ssh-port".into(),
+            sshd_a.port.to_string(),
+            "--reverse-identity".into(),
+            sshd_a.operator_key.display().to_string(),
+        ],
+    };
+    r3.run("georep switchover s1 --reverse back --reverse-slave root@siteA:/srv/store --push-pem --wait-quiet 2 --start");
+    tree::assert_same(&w3.master, &w3.slave);
+    let stop = w3
+        .cmd(&["stop", "back"])
+        .env("GEOREP_HOME", &home_b)
+        .output()
+        .unwrap();
+    assert!(stop.status.success(), "{}", stderr(&stop));
+
+    let ran: BTreeSet<String> = r.ran.union(&r2.ran).chain(r3.ran.iter()).cloned().collect();
     let missing: Vec<&String> = doc.iter().filter(|d| !ran.contains(*d)).collect();
     assert!(
         missing.is_empty(),

@@ -120,3 +120,193 @@ fn switchover_is_refused_while_writers_are_active_and_converges_when_killed() {
     let again = w.run(&["switchover", "s0", "--reverse", "back", "--force"]);
     assert!(again.status.success(), "{}", stderr(&again));
 }
+
+/// One site of the SSH switchover: its tree, its georep home and the sshd
+/// that stands for its host (whose sessions run with that home).
+struct Site {
+    root: PathBuf,
+    home: PathBuf,
+    sshd: common::sshd::Sshd,
+}
+
+impl Site {
+    fn run(&self, w: &World, args: &[&str]) -> std::process::Output {
+        w.cmd(args).env("GEOREP_HOME", &self.home).output().unwrap()
+    }
+
+    fn spec(&self) -> String {
+        self.sshd.spec(&self.root)
+    }
+}
+
+/// `switchover SESSION --reverse NEXT` run on `here`, whose slave is on `there`.
+fn ssh_switchover_args(session: &str, next: &str, here: &Site, there: &Site) -> Vec<String> {
+    [
+        "switchover",
+        session,
+        "--reverse",
+        next,
+        "--wait-quiet",
+        "1",
+        "--identity",
+        there.sshd.operator_key.to_str().unwrap(),
+        "--reverse-slave",
+        &here.spec(),
+        "--push-pem",
+        "--reverse-ssh-port",
+        &here.sshd.port.to_string(),
+        "--reverse-identity",
+        here.sshd.operator_key.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn ssh_switchover_there_and_back_twice_loses_nothing() {
+    let w = World::new();
+    let home_b = w.dir.path().join("home-b");
+    std::fs::create_dir_all(&home_b).unwrap();
+    std::fs::create_dir_all(&w.slave).unwrap();
+    let a = Site {
+        root: w.master.clone(),
+        home: w.home.clone(),
+        sshd: common::sshd::Sshd::start_with_env(&[("GEOREP_HOME", &w.home)]),
+    };
+    let b = Site {
+        root: w.slave.clone(),
+        home: home_b.clone(),
+        sshd: common::sshd::Sshd::start_with_env(&[("GEOREP_HOME", &home_b)]),
+    };
+    w.create_ssh(&b.sshd, "s0", &["--marker", "mark"]);
+    for i in 0..20 {
+        write_marked(&a.root, &format!("d{}/f{i}", i % 4), i);
+    }
+    std::os::unix::fs::symlink("d1/f1", a.root.join("link")).unwrap();
+    w.sync("s0");
+
+    // Refused, nothing done: the access to B runs only the agent (here:
+    // the session's own key, a forced command).
+    let key = a.home.join("sessions/s0/ssh_key");
+    let mut args = ssh_switchover_args("s0", "s1", &a, &b);
+    let at = args.iter().position(|x| x == "--identity").unwrap();
+    args[at + 1] = key.display().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = a.run(&w, &args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("forced command"), "{err}");
+    assert!(err.contains("--peer-admin"), "{err}");
+    assert!(
+        err.contains(&format!("georep promote {}", b.root.display())),
+        "{err}"
+    );
+    assert_eq!(
+        georep::fs::role::read(&b.root).unwrap().unwrap().role,
+        georep::fs::role::Role::Replica
+    );
+    assert!(georep::fs::role::read(&a.root).unwrap().is_none());
+    // Without --reverse-slave: refused too, naming it.
+    let out = a.run(&w, &["switchover", "s0", "--reverse", "s1", "--force"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--reverse-slave"), "{}", stderr(&out));
+    let s = w.sync("s0");
+    assert_eq!(common::n(&s, "bytes_sent"), 0, "{s}");
+
+    let sites = [&a, &b];
+    let mut session = "s0".to_string();
+    let mut written: Vec<String> = Vec::new();
+    for round in 1..=4usize {
+        let (here, there) = (sites[(round + 1) % 2], sites[round % 2]);
+        // The master changed right up to the switchover.
+        let name = format!("round{round}/new");
+        write_marked(&here.root, &name, 100 + round as u64);
+        written.push(name);
+        std::fs::remove_file(here.root.join(format!("d{}/f{round}", round % 4))).unwrap();
+        common::mark(&here.root.join(format!("d{}", round % 4)));
+        let next = format!("s{round}");
+        let mut args = ssh_switchover_args(&session, &next, here, there);
+        if round == 1 {
+            // Killed at moments through it (the final sync, the promote,
+            // the steps on B); the run after converges.
+            let mut forced = args.clone();
+            forced.push("--force".into());
+            let forced: Vec<&str> = forced.iter().map(String::as_str).collect();
+            for ms in [300u64, 1200, 2500, 4000] {
+                dr::kill_after(&w, &forced, ms);
+            }
+        }
+        if round >= 3 {
+            args.extend([
+                "--peer-admin".into(),
+                format!("{}@127.0.0.1", there.sshd.user),
+            ]);
+        }
+        if round == 4 {
+            args.push("--start".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = here.run(&w, &args);
+        assert!(out.status.success(), "round {round}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("switched over"), "round {round}: {text}");
+        // RPO 0: content and metadata equal, everything written is there.
+        let d = tree::differences(&here.root, &there.root);
+        assert!(
+            d.is_empty(),
+            "round {round}: {d:?} {:?} {:?}",
+            std::fs::metadata(&here.root).unwrap().modified(),
+            std::fs::metadata(&there.root).unwrap().modified()
+        );
+        for n in &written {
+            assert!(there.root.join(n).is_file(), "round {round}: {n} lost");
+        }
+        let (live, demoted) = (
+            georep::fs::role::read(&there.root).unwrap().unwrap(),
+            georep::fs::role::read(&here.root).unwrap().unwrap(),
+        );
+        assert!(live.is_live(), "round {round}");
+        assert_eq!(live.epoch, round as u64);
+        assert_eq!(demoted.role, georep::fs::role::Role::Demoted);
+        // The old direction is fenced: its master is demoted.
+        let old = here.run(&w, &["sync", &session]);
+        assert_eq!(
+            old.status.code(),
+            Some(4),
+            "round {round}: {}",
+            stderr(&old)
+        );
+        // Run again: it says where things stand and changes nothing.
+        if round == 1 || round == 4 {
+            let mut again = ssh_switchover_args(&session, &next, here, there);
+            again.push("--force".into());
+            let again: Vec<&str> = again.iter().map(String::as_str).collect();
+            let out = here.run(&w, &again);
+            assert!(out.status.success(), "round {round}: {}", stderr(&out));
+        }
+        if round == 4 {
+            let st = there.run(&w, &["stop", &next]);
+            assert!(st.status.success(), "{}", stderr(&st));
+        }
+        // The reverse session lives on the other site and has nothing to send.
+        let out = there.run(&w, &["sync", &next, "--json"]);
+        assert!(out.status.success(), "round {round}: {}", stderr(&out));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(common::n(&s, "bytes_sent"), 0, "round {round}: {s}");
+        assert_eq!(common::n(&s, "deletes"), 0, "round {round}: {s}");
+        // A write on the new master travels with the next round.
+        let n = format!("after{round}");
+        write_marked(&there.root, &n, 200 + round as u64);
+        written.push(n);
+        session = next;
+    }
+    // Back on A, which holds everything written on either side.
+    let out = a.run(&w, &["sync", &session, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    tree::assert_same(&a.root, &b.root);
+    for n in &written {
+        assert!(a.root.join(n).is_file(), "{n} lost");
+    }
+}

@@ -249,6 +249,8 @@ pub fn create(
                 tag: key_tag(name),
                 agent_keepalive_secs: (config.keepalive_secs * 2).max(120),
                 keepalive: std::time::Duration::from_secs(config.keepalive_secs),
+                claim: (config.failback.is_none() && config.epoch > 0)
+                    .then_some((config.session_id, config.epoch)),
             };
             let (identity, c) =
                 crate::transport::ssh::setup::prepare(&staging, &dir, target, &setup)?;

@@ -287,6 +287,27 @@ pub enum Cmd {
         /// Start the reverse session's monitor afterwards.
         #[arg(long)]
         start: bool,
+        /// SSH slave: your own shell access to the slave's site, for the steps there (default: the slave's user@host).
+        #[arg(long, value_name = "USER@HOST")]
+        peer_admin: Option<String>,
+        /// SSH slave: your private key for --peer-admin (default: ssh's config and agent).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// SSH slave: this master as the slave's site reaches it ([user@]host:/path), the reverse session's slave.
+        #[arg(long, value_name = "SPEC")]
+        reverse_slave: Option<String>,
+        /// SSH slave: install a key for the reverse session (its create --push-pem on the slave's site).
+        #[arg(long)]
+        push_pem: bool,
+        /// SSH slave: this site's SSH port, as the slave's site reaches it.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        reverse_ssh_port: Option<u16>,
+        /// SSH slave: the key on the slave's site to reach this one with (its create --identity).
+        #[arg(long, value_name = "FILE")]
+        reverse_identity: Option<String>,
+        /// SSH slave: the georep program on this site (default: this program's path).
+        #[arg(long, value_name = "PATH")]
+        reverse_remote_georep: Option<String>,
     },
     /// The slave-side agent (started by the worker, locally or through SSH).
     Agent {

@@ -8,7 +8,9 @@ pub mod admin;
 pub mod args;
 pub mod catalog;
 pub mod dr;
+pub mod peer;
 pub mod switchover;
+pub mod switchover_ssh;
 pub mod sync;
 pub mod verify;
 
@@ -41,6 +43,13 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             .is_some()
         {
             return exit::TEMPORARY;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::cli::peer::PeerError>() {
+            return match e {
+                _ if e.is_usage() => exit::USAGE,
+                _ if e.retry() == Retry::Temporary => exit::TEMPORARY,
+                _ => exit::PERMANENT,
+            };
         }
         if let Some(e) = cause.downcast_ref::<crate::transport::ssh::SshError>() {
             return match e.retry() {
@@ -345,13 +354,29 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             wait_quiet,
             force,
             start,
-        } => crate::cli::switchover::switchover(
+            peer_admin,
+            identity,
+            reverse_slave,
+            push_pem,
+            reverse_ssh_port,
+            reverse_identity,
+            reverse_remote_georep,
+        } => crate::cli::switchover_ssh::run(
             &session,
             &reverse,
             &crate::cli::switchover::SwitchoverOptions {
                 wait_quiet,
                 force,
                 start,
+                ssh: crate::cli::peer::SshOptions {
+                    peer_admin,
+                    identity,
+                    reverse_slave,
+                    push_pem,
+                    reverse_ssh_port,
+                    reverse_identity,
+                    reverse_remote_georep,
+                },
             },
         ),
         Cmd::Agent { root, keepalive } => {
@@ -403,6 +428,14 @@ fn parse_error(e: clap::Error) -> ! {
 
 /// Runs the command line and exits the process with its exit code.
 pub fn main() -> ! {
+    if std::env::var_os(crate::cli::peer::TIE_ENV).is_some() {
+        // Not inherited by what this command starts (e.g. a monitor).
+        std::env::remove_var(crate::cli::peer::TIE_ENV);
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(exit::TEMPORARY);
+        });
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => parse_error(e),

@@ -23,6 +23,8 @@ pub struct SwitchoverOptions {
     pub wait_quiet: u64,
     pub force: bool,
     pub start: bool,
+    /// A slave reached over SSH: the other site's steps.
+    pub ssh: crate::cli::peer::SshOptions,
 }
 
 /// What every entry of a tree looks like now (kind, size, mtime, ctime, inode).
@@ -88,23 +90,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `georep switchover SESSION --reverse REVERSE`.
 pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
     let s = Session::load(name)?;
-    let slave = match s.slave_spec()? {
-        SlaveSpec::Local(p) => p,
-        SlaveSpec::Ssh { .. } => {
-            return Err(UserError::new(format!(
-                "switchover of session {name}: its slave is reached over SSH, and creating the reverse session on the other site is not built yet; follow the manual switchover in docs/disaster-recovery.md"
-            ))
-            .into())
-        }
-    };
     if s.config.layout == crate::session::Layout::Store {
         return Err(UserError::new(format!(
             "switchover of session {name}: a snapshot store (catalog mode) cannot be switched over yet (its reverse session would drop the master's points the replica never held); follow the manual switchover in docs/disaster-recovery.md"
         ))
         .into());
     }
-    let master = s.config.master.clone();
     crate::session::check_name(reverse)?;
+    let slave = match s.slave_spec()? {
+        SlaveSpec::Local(p) => p,
+        SlaveSpec::Ssh { .. } => {
+            return Err(user_err!(
+                "switchover of session {name}: its slave is reached over SSH: run it as `georep switchover` (cli::switchover_ssh)"
+            )
+            .into())
+        }
+    };
+    if o.ssh.any() {
+        return Err(user_err!(
+            "switchover of session {name}: its slave {} is a local directory: --peer-admin, --identity, --reverse-slave, --push-pem and the --reverse-* options are for a slave reached over SSH",
+            slave.display()
+        )
+        .into());
+    }
+    let master = s.config.master.clone();
     let existing = Session::load(reverse).ok();
     if let Some(r) = &existing {
         if r.config.master != slave || Path::new(&r.config.slave) != master {
@@ -121,58 +130,7 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
         .as_ref()
         .is_some_and(|r| r.is_live() && r.session == Some(s.config.session_id));
     if !promoted {
-        if s.running_pid().is_some() {
-            crate::daemon::stop(name, false)?;
-        }
-        if !o.force {
-            println!("waiting {} s for the master to be quiet...", o.wait_quiet);
-            wait_quiet(&master, o.wait_quiet)?;
-        }
-        let rt = runtime()?;
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let last = rt.block_on(async {
-            let opts = SyncOptions::default();
-            let first = crate::engine::worker::sync_once(&s, &opts, shutdown.clone()).await?;
-            if !first.complete {
-                return Ok::<_, anyhow::Error>(Err(first));
-            }
-            // The verification: a second pass that finds nothing to do.
-            let check = crate::engine::worker::sync_once(&s, &opts, shutdown.clone()).await?;
-            Ok(Ok(check))
-        })?;
-        let check = match last {
-            Ok(c) => c,
-            Err(first) => {
-                return Err(crate::cli::dr::TemporaryError(format!(
-                    "switchover refused: the final sync did not complete ({} failures, first: {}); fix them and run it again",
-                    first.failures,
-                    first.errors.first().map(|e| format!("{}: {}", e.path, e.error)).unwrap_or_default()
-                ))
-                .into())
-            }
-        };
-        if !check.complete
-            || check.files_synced + check.deletes + check.bytes_sent + check.symlinks > 0
-        {
-            return Err(crate::cli::dr::TemporaryError(format!(
-                "switchover refused: the master changed during the final sync ({} files, {} deletions in the check); stop its writers and run it again",
-                check.files_synced, check.deletes
-            ))
-            .into());
-        }
-        // Promote through the slave's agent (which verifies and raises the epoch).
-        let report = rt.block_on(async {
-            let conn = crate::engine::worker::connect(&s).await?;
-            let sl = crate::engine::slave::Slave::new(conn.client.clone());
-            let mut state = s.state();
-            crate::engine::lineage::claim(&s, &sl, &mut state).await?;
-            let r = sl.promote(s.config.session_id, s.config.epoch).await;
-            drop(sl); // the last client: its end closes the agent's input
-            conn.close(Duration::from_secs(30)).await;
-            r.map_err(|e| anyhow::anyhow!("promoting the slave: {e}"))
-        })?;
-        let report: crate::agent::promote::PromoteReport = serde_json::from_str(&report)?;
-        crate::cli::dr::print_report(&report);
+        final_sync_and_promote(&s, o)?;
     }
     let b_role = role::read(&slave)
         .map_err(|e| user_err!("slave: {e}"))?
@@ -182,18 +140,14 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
     let rev = match existing {
         Some(r) => r,
         None => {
-            let opts = crate::cli::admin::CreateOptions {
-                mode: s.config.mode,
-                interval_secs: Some(s.config.interval_secs),
-                marker: s.config.marker,
-                layout: Some(s.config.layout),
-                inplace_min_size: s.config.inplace_min_size,
-                ..Default::default()
-            };
             demote(&master, uuid::Uuid::nil(), b_role.epoch, false)?;
-            let c =
-                crate::cli::admin::create(reverse, &slave, &master.display().to_string(), &opts)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let c = crate::cli::admin::create(
+                reverse,
+                &slave,
+                &master.display().to_string(),
+                &reverse_options(&s),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             c.session
         }
     };
@@ -210,10 +164,86 @@ pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::R
     Ok(exit::OK)
 }
 
+/// The settings of the reverse session: those of the session it reverses.
+pub(crate) fn reverse_options(s: &Session) -> crate::cli::admin::CreateOptions {
+    crate::cli::admin::CreateOptions {
+        mode: s.config.mode,
+        interval_secs: Some(s.config.interval_secs),
+        marker: s.config.marker,
+        layout: Some(s.config.layout),
+        inplace_min_size: s.config.inplace_min_size,
+        ..Default::default()
+    }
+}
+
+/// Stops the session, waits for its master to be quiet (unless forced),
+/// runs the final sync and the check that finds nothing to do, and
+/// promotes the slave through its agent (which verifies and raises the
+/// epoch); prints the promote's report.
+pub(crate) fn final_sync_and_promote(s: &Session, o: &SwitchoverOptions) -> anyhow::Result<()> {
+    let name = &s.name;
+    if s.running_pid().is_some() {
+        crate::daemon::stop(name, false)?;
+    }
+    if !o.force {
+        println!("waiting {} s for the master to be quiet...", o.wait_quiet);
+        wait_quiet(&s.config.master, o.wait_quiet)?;
+    }
+    let rt = runtime()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let last = rt.block_on(async {
+        let opts = SyncOptions::default();
+        let first = crate::engine::worker::sync_once(s, &opts, shutdown.clone()).await?;
+        if !first.complete {
+            return Ok::<_, anyhow::Error>(Err(first));
+        }
+        // The verification: a second pass that finds nothing to do.
+        let check = crate::engine::worker::sync_once(s, &opts, shutdown.clone()).await?;
+        Ok(Ok(check))
+    })?;
+    let check = match last {
+        Ok(c) => c,
+        Err(first) => {
+            return Err(crate::cli::dr::TemporaryError(format!(
+                "switchover refused: the final sync did not complete ({} failures, first: {}); fix them and run it again",
+                first.failures,
+                first.errors.first().map(|e| format!("{}: {}", e.path, e.error)).unwrap_or_default()
+            ))
+            .into())
+        }
+    };
+    if !check.complete || check.files_synced + check.deletes + check.bytes_sent + check.symlinks > 0
+    {
+        return Err(crate::cli::dr::TemporaryError(format!(
+            "switchover refused: the master changed during the final sync ({} files, {} deletions in the check); stop its writers and run it again",
+            check.files_synced, check.deletes
+        ))
+        .into());
+    }
+    let report = rt.block_on(async {
+        let conn = crate::engine::worker::connect(s).await?;
+        let sl = crate::engine::slave::Slave::new(conn.client.clone());
+        let mut state = s.state();
+        crate::engine::lineage::claim(s, &sl, &mut state).await?;
+        let r = sl.promote(s.config.session_id, s.config.epoch).await;
+        drop(sl); // the last client: its end closes the agent's input
+        conn.close(Duration::from_secs(30)).await;
+        r.map_err(|e| anyhow::anyhow!("promoting the slave: {e}"))
+    })?;
+    let report: crate::agent::promote::PromoteReport = serde_json::from_str(&report)?;
+    crate::cli::dr::print_report(&report);
+    Ok(())
+}
+
 /// Marks the old master a replica again: of `session` (nil while the
 /// reverse session is being created: still demoted, so no worker of the old
 /// direction runs meanwhile).
-fn demote(root: &Path, session: uuid::Uuid, epoch: u64, final_: bool) -> anyhow::Result<()> {
+pub(crate) fn demote(
+    root: &Path,
+    session: uuid::Uuid,
+    epoch: u64,
+    final_: bool,
+) -> anyhow::Result<()> {
     if let Ok(Some(r)) = role::read(root) {
         if r.role == Role::Demoted && r.epoch == epoch && (r.session == Some(session) || !final_) {
             return Ok(());

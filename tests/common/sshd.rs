@@ -15,6 +15,8 @@ pub struct Sshd {
     pub operator_key: PathBuf,
     pub authorized_keys: PathBuf,
     pub user: String,
+    /// Extra `NAME=VALUE`s every session gets (sshd's SetEnv).
+    env: Vec<String>,
     child: Option<Child>,
 }
 
@@ -47,6 +49,12 @@ fn free_port() -> u16 {
 impl Sshd {
     /// Starts a server with a new host key.
     pub fn start() -> Sshd {
+        Sshd::start_with_env(&[])
+    }
+
+    /// Starts a server whose sessions get `env` too, e.g. `GEOREP_HOME`
+    /// of another "site" on this machine.
+    pub fn start_with_env(env: &[(&str, &Path)]) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("sshd")
             .tempdir_in(super::scratch_base())
@@ -70,6 +78,10 @@ impl Sshd {
             operator_key,
             authorized_keys,
             user,
+            env: env
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.display()))
+                .collect(),
             child: None,
         };
         for _ in 0..5 {
@@ -101,10 +113,11 @@ impl Sshd {
                  AuthorizedKeysFile {ak}\nStrictModes no\nPubkeyAuthentication yes\n\
                  PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PermitRootLogin prohibit-password\nUsePAM no\nPrintMotd no\n\
-                 SetEnv GEOREP_AUTHORIZED_KEYS={ak}\nMaxStartups 64:30:128\nMaxSessions 64\n\
+                 SetEnv GEOREP_AUTHORIZED_KEYS={ak}{env}\nMaxStartups 64:30:128\nMaxSessions 64\n\
                  LogLevel VERBOSE\n",
                 hk = d.join("host_key").display(),
                 ak = self.authorized_keys.display(),
+                env = self.env.iter().map(|e| format!(" {e}")).collect::<String>(),
             ),
         )
         .unwrap();

@@ -155,7 +155,7 @@ impl SshTarget {
         }
     }
 
-    fn error_target(&self) -> errors::Target {
+    pub(crate) fn error_target(&self) -> errors::Target {
         let (key, auth_fix) = match (&self.identity, self.session_key) {
             (Some(k), true) => (
                 format!("the session key {}", k.display()),

@@ -5,7 +5,7 @@
 
 use super::{HostKeys, SshError, SshTarget};
 use crate::fs::relpath::RelPath;
-use crate::protocol::{Reply, Request};
+use crate::protocol::{ErrorKind, ProtoError, Reply, Request};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -39,6 +39,11 @@ pub struct SetupOptions {
     /// Seconds the forced command's agent waits for a frame before exiting.
     pub agent_keepalive_secs: u64,
     pub keepalive: Duration,
+    /// The session and epoch of a plain session from a promoted store: when
+    /// the write check is fenced (the slave is a root demoted by a
+    /// switchover, unclaimed by this session yet), the check claims the
+    /// root for the session, as its first sync would, and tries again.
+    pub claim: Option<(uuid::Uuid, u64)>,
 }
 
 /// Prepares the SSH side of a new session whose files are being assembled
@@ -55,7 +60,7 @@ pub fn prepare(
     target.known_hosts = staging.join(KNOWN_HOSTS_FILE);
     if !opts.push_pem {
         let check = if opts.verify {
-            Some(run(verify(&target, HostKeys::LearnNew, opts.keepalive))?)
+            Some(run(verify(&target, HostKeys::LearnNew, opts))?)
         } else {
             None
         };
@@ -74,7 +79,7 @@ pub fn prepare(
     worker.identity = Some(key);
     worker.session_key = true;
     let check = if opts.verify {
-        match run(verify(&worker, HostKeys::Pinned, opts.keepalive)) {
+        match run(verify(&worker, HostKeys::Pinned, opts)) {
             Ok(c) => Some(c),
             Err(e) => {
                 if let Err(undo) = install(&target, &opts.tag, &line, Op::Remove) {
@@ -187,20 +192,10 @@ awk -v t="$tag" -v l="$line" '!($NF == t && $0 == l)' "$f" > "$tmp"
 mv -f -- "$tmp" "$f"
 "#;
 
-/// Runs the install (or removal) script on the slave with the operator's
-/// own ssh set-up (their config, default keys, ssh-agent, or `--identity`).
-fn install(target: &SshTarget, tag: &str, line: &str, op: Op) -> Result<(), SshError> {
-    let script = if op == Op::Install {
-        INSTALL_SCRIPT
-    } else {
-        REMOVE_SCRIPT
-    };
-    let remote = format!(
-        "sh -c {} georep-setup {} {}",
-        sh_quote(script),
-        sh_quote(tag),
-        sh_quote(&target.root)
-    );
+/// An `ssh` command with the operator's own set-up (their config, default
+/// keys, ssh-agent, or `target.identity`), in batch mode, ending with
+/// `-- HOST`: append the remote command line.
+pub fn operator_ssh(target: &SshTarget) -> Command {
     let mut cmd = Command::new("ssh");
     for o in [
         "BatchMode=yes",
@@ -228,7 +223,26 @@ fn install(target: &SshTarget, tag: &str, line: &str, op: Op) -> Result<(), SshE
     if let Some(u) = &target.user {
         cmd.arg("-l").arg(u);
     }
-    cmd.arg("--").arg(&target.host).arg(remote);
+    cmd.arg("--").arg(&target.host);
+    cmd
+}
+
+/// Runs the install (or removal) script on the slave with the operator's
+/// own ssh set-up (their config, default keys, ssh-agent, or `--identity`).
+fn install(target: &SshTarget, tag: &str, line: &str, op: Op) -> Result<(), SshError> {
+    let script = if op == Op::Install {
+        INSTALL_SCRIPT
+    } else {
+        REMOVE_SCRIPT
+    };
+    let remote = format!(
+        "sh -c {} georep-setup {} {}",
+        sh_quote(script),
+        sh_quote(tag),
+        sh_quote(&target.root)
+    );
+    let mut cmd = operator_ssh(target);
+    cmd.arg(remote);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -269,9 +283,9 @@ fn install(target: &SshTarget, tag: &str, line: &str, op: Op) -> Result<(), SshE
 async fn verify(
     target: &SshTarget,
     keys: HostKeys,
-    keepalive: Duration,
+    opts: &SetupOptions,
 ) -> Result<SlaveCheck, SshError> {
-    let conn = target.connect(keys, keepalive).await?;
+    let conn = target.connect(keys, opts.keepalive).await?;
     let display = target.display();
     let check = |detail: String| SshError::Check {
         target: display.clone(),
@@ -288,14 +302,30 @@ async fn verify(
         Err(e) => return Err(check(format!("space query: {e}"))),
     };
     let probe = RelPath::new(b"georep-write-check".to_vec()).expect("valid");
-    let opened = client
-        .call(Request::OpenFile {
+    let open = || {
+        client.call(Request::OpenFile {
             fid: 1,
-            path: probe,
+            path: probe.clone(),
             basis: None,
             size: 0,
         })
-        .await;
+    };
+    let mut opened = open().await;
+    if let (Err(ProtoError::Remote(w)), Some((session, epoch))) = (&opened, opts.claim) {
+        if w.kind == ErrorKind::Fenced {
+            let claimed = client
+                .call(Request::Claim {
+                    session,
+                    epoch,
+                    failback: None,
+                })
+                .await;
+            if let Err(e) = claimed {
+                return Err(check(format!("{e}")));
+            }
+            opened = open().await;
+        }
+    }
     if let Err(e) = opened {
         return Err(check(format!(
             "root {} is not writable: {e}: give the slave user write access to it",
