@@ -139,7 +139,15 @@ fn a_stream_killed_mid_sync_fails_its_files_and_the_next_sync_converges() {
     }
     let s = w.sync("s");
     assert_eq!(n(&s, "failures"), 0, "{s}");
-    tree::assert_same(&w.master, &w.slave);
+    // The killed agent's temporaries may stay for up to an hour (a young
+    // temporary may be another agent's of the stream group: see
+    // `agent::root::Root::list`); never under a final name, and everything
+    // else is equal.
+    let diffs: Vec<String> = tree::differences(&w.master, &w.slave)
+        .into_iter()
+        .filter(|d| !d.contains(".georep-tmp-"))
+        .collect();
+    assert!(diffs.is_empty(), "slave differs from master: {diffs:#?}");
     let s = w.sync("s");
     assert_eq!(n(&s, "bytes_sent"), 0, "{s}");
 }
