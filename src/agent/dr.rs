@@ -2,7 +2,7 @@
 //! the record of a complete sync, a promote for a switchover, and the
 //! steps of a failback's quarantine. Kept apart from the file requests.
 
-use super::quarantine::Job;
+use super::quarantine::{Building, Job, StoreJob};
 use super::role::{record_synced, Synced};
 use super::Agent;
 use crate::protocol::{ErrorKind, Reply, Request, WireError};
@@ -67,23 +67,37 @@ impl Agent<'_> {
                         "QuarantineStep: only the reverse session of a failback builds a quarantine",
                     ));
                 };
-                if fb.store {
-                    return Err(invalid(
-                        "the quarantine of a snapshot store is not supported by this agent",
-                    ));
-                }
                 if self.quarantine.is_none() {
-                    self.quarantine = Some(Job::start(&self.root, session, epoch, &fb)?);
+                    self.quarantine = Some(if fb.store {
+                        Building::Store(StoreJob::start(self.root.path(), session, epoch, &fb)?)
+                    } else {
+                        Building::Tree(Job::start(&self.root, session, epoch, &fb)?)
+                    });
                 }
-                let job = self.quarantine.as_mut().expect("set above");
-                let (entries, ask, done) =
-                    job.step(max_entries.min(4096), max_bytes.min(256 << 20), answers)?;
-                Ok(Reply::Quarantined {
-                    id: job.id.clone(),
-                    entries,
-                    ask,
-                    done,
-                })
+                let (max_entries, max_bytes) = (max_entries.min(4096), max_bytes.min(256 << 20));
+                match self.quarantine.as_mut().expect("set above") {
+                    Building::Tree(job) => {
+                        let (entries, ask, done) = job.step(max_entries, max_bytes, answers)?;
+                        Ok(Reply::Quarantined {
+                            id: job.id.clone(),
+                            entries,
+                            ask,
+                            done,
+                        })
+                    }
+                    Building::Store(job) => {
+                        if !answers.is_empty() {
+                            return Err(invalid("QuarantineStep: a store's quarantine asks nothing"));
+                        }
+                        let done = job.step(max_entries as usize, max_bytes)?;
+                        Ok(Reply::Quarantined {
+                            id: job.id.clone(),
+                            entries: Vec::new(),
+                            ask: Vec::new(),
+                            done,
+                        })
+                    }
+                }
             }
             Request::QuarantineResolve { conflicts, same } => {
                 if conflicts.len() + same.len() > MAX_RESOLVE {
@@ -91,20 +105,22 @@ impl Agent<'_> {
                         "QuarantineResolve: at most {MAX_RESOLVE} paths per request"
                     )));
                 }
-                let job = self
-                    .quarantine
-                    .as_mut()
-                    .ok_or_else(|| invalid("QuarantineResolve: no quarantine is being built"))?;
-                job.resolve(&conflicts, &same).map(|_| Reply::Done)
+                match self.quarantine.as_mut() {
+                    Some(Building::Tree(job)) => job.resolve(&conflicts, &same).map(|_| Reply::Done),
+                    Some(Building::Store(_)) => Err(invalid(
+                        "QuarantineResolve: a store's quarantine has nothing to resolve",
+                    )),
+                    None => Err(invalid("QuarantineResolve: no quarantine is being built")),
+                }
             }
             Request::QuarantineCommit => {
                 self.flush();
-                let job = self
-                    .quarantine
-                    .as_mut()
-                    .ok_or_else(|| invalid("QuarantineCommit: no quarantine is being built"))?;
                 let fd = self.root.fd();
-                job.commit(fd).map(|_| Reply::Done)
+                match self.quarantine.as_mut() {
+                    Some(Building::Tree(job)) => job.commit(fd).map(|_| Reply::Done),
+                    Some(Building::Store(job)) => job.commit(fd).map(|_| Reply::Done),
+                    None => Err(invalid("QuarantineCommit: no quarantine is being built")),
+                }
             }
             _ => Err(invalid("not a disaster-recovery request")),
         }

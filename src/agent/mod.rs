@@ -94,7 +94,7 @@ struct Agent<'a> {
     /// The root's role and the worker's claim: writes of a fenced writer are refused.
     fence: role::Fence,
     /// A failback's quarantine being built (see `quarantine`).
-    quarantine: Option<quarantine::Job>,
+    quarantine: Option<quarantine::Building>,
 }
 
 fn run(opts: &AgentOptions, conn: &Conn) -> Result<(), AgentError> {

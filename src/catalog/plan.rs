@@ -422,8 +422,13 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
     // Deletions last: the slave never has fewer points than it needs meanwhile.
     for g in s.into_iter().flat_map(|h| h.snapshots.values()) {
         let src = source_of(g);
-        let gone =
-            !m.snapshots.values().any(|x| x.dir == src) && !m.unreadable.iter().any(|u| u == src);
+        // A master generation made from this one (a failback's new master
+        // holds the old one's generations under their point names) keeps it.
+        let gone = !m
+            .snapshots
+            .values()
+            .any(|x| x.dir == src || x.record.source.as_deref() == Some(src))
+            && !m.unreadable.iter().any(|u| u == src);
         if gone {
             steps.push(Step::Delete {
                 snapshot: g.dir.clone(),
@@ -433,5 +438,7 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
     steps
 }
 
+#[cfg(test)]
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;

@@ -139,7 +139,7 @@ pub fn create(
     }
     let master = check_master(master)?;
     let layout = resolve_layout(&master, opts.layout)?;
-    let (epoch, failback) = crate::cli::dr::lineage(&master, layout, opts.failback, opts.force)?;
+    let (epoch, failback) = crate::cli::dr::lineage(&master, opts.failback, opts.force)?;
     let (slave, ssh) = match SlaveSpec::parse(slave)? {
         SlaveSpec::Local(p) => {
             if opts.push_pem {

@@ -5,7 +5,7 @@ use crate::agent::promote::{self, PromoteError, PromoteReport};
 use crate::agent::quarantine::{self, QuarantineError};
 use crate::error::{exit, UserError};
 use crate::fs::role::{self, Role};
-use crate::session::{Failback, Layout};
+use crate::session::Failback;
 use crate::user_err;
 use std::path::Path;
 
@@ -13,7 +13,6 @@ use std::path::Path;
 /// promote it reverses says.
 pub fn lineage(
     master: &Path,
-    layout: Layout,
     failback: bool,
     force: bool,
 ) -> Result<(u64, Option<Failback>), UserError> {
@@ -46,11 +45,6 @@ pub fn lineage(
             master.display()
         ));
     };
-    if layout == Layout::Store {
-        return Err(user_err!(
-            "--failback of a snapshot store (catalog mode) is not built yet: see docs/disaster-recovery.md for the manual procedure"
-        ));
-    }
     Ok((
         r.epoch,
         Some(Failback {

@@ -9,7 +9,7 @@
 //! and run again converges.
 
 use crate::engine::outcome::SyncOptions;
-use crate::error::{exit, UserError};
+use crate::error::exit;
 use crate::fs::role::{self, Role, RoleRecord};
 use crate::session::{Session, SlaveSpec};
 use crate::user_err;
@@ -90,12 +90,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `georep switchover SESSION --reverse REVERSE`.
 pub fn switchover(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
     let s = Session::load(name)?;
-    if s.config.layout == crate::session::Layout::Store {
-        return Err(UserError::new(format!(
-            "switchover of session {name}: a snapshot store (catalog mode) cannot be switched over yet (its reverse session would drop the master's points the replica never held); follow the manual switchover in docs/disaster-recovery.md"
-        ))
-        .into());
-    }
     crate::session::check_name(reverse)?;
     let slave = match s.slave_spec()? {
         SlaveSpec::Local(p) => p,
@@ -172,6 +166,10 @@ pub(crate) fn reverse_options(s: &Session) -> crate::cli::admin::CreateOptions {
         marker: s.config.marker,
         layout: Some(s.config.layout),
         inplace_min_size: s.config.inplace_min_size,
+        // A store's reverse session sets aside, in the old master's
+        // quarantine, the points the replica never held before its
+        // retention removes them.
+        failback: s.config.layout == crate::session::Layout::Store,
         ..Default::default()
     }
 }

@@ -101,12 +101,20 @@ fn create_args(
         "--marker".into(),
         marker_arg(s.config.marker).into(),
         "--layout".into(),
-        "tree".into(),
+        match s.config.layout {
+            Layout::Tree => "tree",
+            Layout::Store => "store",
+        }
+        .into(),
         "--remote-georep".into(),
         georep,
     ];
     if let Some(n) = s.config.inplace_min_size {
         a.extend(["--inplace-min-size".into(), n.to_string()]);
+    }
+    if s.config.layout == Layout::Store {
+        // See `switchover::reverse_options`.
+        a.push("--failback".into());
     }
     if o.push_pem {
         a.push("--push-pem".into());
@@ -138,7 +146,7 @@ fn step(what: &str, done: &str) -> impl FnOnce(PeerError) -> anyhow::Error {
 pub fn run(name: &str, reverse: &str, o: &SwitchoverOptions) -> anyhow::Result<i32> {
     let s = Session::load(name)?;
     match s.slave_spec()? {
-        SlaveSpec::Ssh { .. } if s.config.layout == Layout::Tree => {
+        SlaveSpec::Ssh { .. } => {
             crate::session::check_name(reverse)?;
             switchover(&s, reverse, o)
         }

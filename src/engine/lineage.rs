@@ -48,11 +48,16 @@ fn slave_err(session: &Session, e: ProtoError) -> WorkerError {
 /// Claims the slave of a new connection for this session's epoch; records
 /// the role the agent answered in `state`.
 pub async fn claim(session: &Session, slave: &Slave, state: &mut State) -> Result<(), WorkerError> {
+    let store = session.config.layout == crate::session::Layout::Store;
+    let points = match &session.config.failback {
+        Some(_) if store => store_points(&session.config.master)?,
+        _ => Vec::new(),
+    };
     let failback = session.config.failback.as_ref().map(|f| FailbackClaim {
         old_session: f.old_session,
         force: f.force,
-        store: session.config.layout == crate::session::Layout::Store,
-        points: Vec::new(),
+        store,
+        points,
     });
     let (r, describe) = slave
         .claim(session.config.session_id, session.config.epoch, failback)
@@ -64,6 +69,25 @@ pub async fn claim(session: &Session, slave: &Slave, state: &mut State) -> Resul
         let _ = session.save_state_volatile(state);
     }
     Ok(())
+}
+
+/// Every point of this (the promoted) store, by host and disk: the old
+/// master's agent finds the last common point of each disk from them.
+fn store_points(root: &Path) -> Result<Vec<(String, String, Vec<u64>)>, WorkerError> {
+    use crate::catalog::points;
+    let err = |e: crate::catalog::CatalogError| WorkerError::Master {
+        path: root.to_path_buf(),
+        source: std::io::Error::other(format!("failback: reading the store's points: {e}")),
+    };
+    let cat = crate::catalog::store::load(root).map_err(err)?;
+    let mut out: Vec<(String, String, Vec<u64>)> = Vec::new();
+    for p in points::list(root, &cat, &points::Filter::default()).map_err(err)? {
+        match out.last_mut() {
+            Some((h, d, ts)) if *h == p.host && *d == p.disk => ts.push(p.time),
+            _ => out.push((p.host, p.disk, vec![p.time])),
+        }
+    }
+    Ok(out)
 }
 
 /// Whether `p` (on this, the promoted master) changed since the promote:

@@ -625,6 +625,7 @@ impl Job {
                 )
             },
             items: self.items.values().cloned().collect(),
+            store: Vec::new(),
         };
         let mp = self.building.join(MANIFEST);
         std::fs::write(&mp, serde_json::to_vec_pretty(&m).expect("serializes"))

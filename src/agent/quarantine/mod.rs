@@ -12,9 +12,26 @@
 mod beneath;
 pub mod build;
 mod copy;
+pub mod store;
 pub mod walk;
 
 pub use build::Job;
+pub use store::StoreJob;
+
+/// A quarantine being built: of a tree, or of a snapshot store.
+pub enum Building {
+    Tree(Job),
+    Store(StoreJob),
+}
+
+impl Building {
+    pub fn id(&self) -> &str {
+        match self {
+            Building::Tree(j) => &j.id,
+            Building::Store(j) => &j.id,
+        }
+    }
+}
 
 use serde::{Deserialize, Serialize};
 use std::os::unix::ffi::OsStrExt;
@@ -67,6 +84,33 @@ pub struct Manifest {
     /// How divergence was decided.
     pub rule: String,
     pub items: Vec<Item>,
+    /// A snapshot store's: the changes made to the store once published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub store: Vec<StoreAction>,
+}
+
+/// What a store's quarantine did with one host snapshot of the old master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreAction {
+    pub host: String,
+    pub snapshot: String,
+    /// "divergent" (newer than the common point: removed), "divergent
+    /// points" (journals cut back to it) or "absent" (none of its points on
+    /// the new master: left to the reverse session's retention).
+    pub reason: String,
+    /// Removed from the store once the quarantine was published.
+    pub remove: bool,
+    pub cuts: Vec<StoreCut>,
+}
+
+/// A journal's storage record cut back to the last common point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreCut {
+    /// The storage record, relative to the store root.
+    pub record: String,
+    pub length: u64,
+    pub points: u64,
+    pub end: u64,
 }
 
 impl Manifest {

@@ -1,126 +1,11 @@
 //! Planning on plain data: the four cells of the mode matrix, chains,
 //! reclamation splits before and after the slave's last point, retention.
 
+use super::fixtures::*;
 use super::*;
-use crate::catalog::record::{
-    kind, CdpStorage, DiskSnapshotRecord, HostSnapshotRecord, QcowStorage, StorageBody,
-    StorageRecord,
-};
-use crate::catalog::store::{Disk, Host, Snapshot, Storage};
+use crate::catalog::record::{self, CdpStorage};
+use crate::catalog::store::Host;
 use crate::catalog::time;
-use std::collections::BTreeMap;
-
-const H: &str = "h";
-const S: u64 = 1_000_000_000;
-
-fn t(n: u64) -> u64 {
-    1_700_000_000 * S + n * S
-}
-
-fn qcow(disk: &str, at: u64, parent: Option<u64>, chained: bool) -> StorageBody {
-    StorageBody::Qcow(QcowStorage {
-        file: record::qcow_file(H, disk, at),
-        time: at,
-        parent,
-        backing: parent
-            .filter(|_| chained)
-            .map(|p| record::base_name(&record::qcow_file(H, disk, p)).to_string()),
-        size: 1,
-        digest: "d".into(),
-    })
-}
-
-fn cdp(disk: &str, base: u64, end: u64, points: u64) -> StorageBody {
-    StorageBody::Cdp(CdpStorage {
-        file: record::cdp_file(H, disk, base),
-        base,
-        base_file: record::qcow_file(H, disk, base),
-        start: base,
-        end,
-        length: 128 + points * 100,
-        points,
-    })
-}
-
-/// A host snapshot at `at` whose disks hold `storages`.
-fn snap(at: u64, disks: &[(&str, Vec<StorageBody>)], source: Option<u64>) -> Snapshot {
-    let dir = time::name(at);
-    let mut map = BTreeMap::new();
-    for (d, st) in disks {
-        let first = match &st[0] {
-            StorageBody::Qcow(q) => q.time,
-            _ => unreachable!(),
-        };
-        map.insert(
-            d.to_string(),
-            Disk {
-                record: DiskSnapshotRecord {
-                    record: kind::DISK_SNAPSHOT.into(),
-                    host: H.into(),
-                    snapshot: dir.clone(),
-                    disk: d.to_string(),
-                    time: first,
-                    virtual_size: 1 << 20,
-                    storages: (0..st.len()).map(|i| format!("s{i}")).collect(),
-                },
-                storages: st
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| Storage {
-                        name: format!("s{i}"),
-                        record: StorageRecord {
-                            record: kind::STORAGE.into(),
-                            host: H.into(),
-                            snapshot: dir.clone(),
-                            disk: d.to_string(),
-                            body: b.clone(),
-                        },
-                    })
-                    .collect(),
-            },
-        );
-    }
-    Snapshot {
-        dir: dir.clone(),
-        record: HostSnapshotRecord {
-            record: kind::HOST_SNAPSHOT.into(),
-            host: H.into(),
-            snapshot: dir,
-            time: at,
-            time_utc: String::new(),
-            disks: Vec::new(),
-            source: source.map(time::name),
-        },
-        disks: map,
-    }
-}
-
-fn host(snaps: Vec<Snapshot>) -> Host {
-    Host {
-        name: H.into(),
-        snapshots: snaps.into_iter().map(|s| (s.record.time, s)).collect(),
-        ..Host::default()
-    }
-}
-
-/// A qcow host: disk a of full images, disk b chained, snapshots at 1..=n.
-fn qcow_master(n: u64) -> Host {
-    host(
-        (1..=n)
-            .map(|i| {
-                let parent = (i > 1).then(|| t(i - 1));
-                snap(
-                    t(i),
-                    &[
-                        ("a", vec![qcow("a", t(i), parent, false)]),
-                        ("b", vec![qcow("b", t(i), parent, true)]),
-                    ],
-                    None,
-                )
-            })
-            .collect(),
-    )
-}
 
 fn gens(steps: &[Step]) -> Vec<&GenPlan> {
     steps
@@ -438,6 +323,30 @@ fn a_snapshot_deleted_by_retention_is_deleted_on_the_slave_after_the_new_ones() 
     // A host gone from the master: all its replicas go.
     let steps = plan_host(SyncMode::Continuous, H, None, Some(&slave));
     assert_eq!(steps.len(), 2);
+}
+
+#[test]
+fn a_failback_keeps_the_old_masters_generations_its_new_master_holds_under_other_names() {
+    // The new master (once the replica) made t(5) from the old master's t(1):
+    // the old master's own t(1), named by its time and with no source, stays.
+    let m = host(vec![snap(
+        t(5),
+        &[("a", vec![qcow("a", t(5), None, false)])],
+        Some(t(1)),
+    )]);
+    let old = host(vec![
+        snap(t(1), &[("a", vec![qcow("a", t(1), None, false)])], None),
+        snap(t(2), &[("a", vec![qcow("a", t(2), None, false)])], None),
+    ]);
+    let steps = plan_host(SyncMode::Interval, H, Some(&m), Some(&old));
+    let deleted: Vec<_> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Delete { snapshot } => Some(snapshot.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, vec![time::name(t(2))]);
 }
 
 #[test]
