@@ -87,7 +87,9 @@ impl Agent<'_> {
                     }
                     Building::Store(job) => {
                         if !answers.is_empty() {
-                            return Err(invalid("QuarantineStep: a store's quarantine asks nothing"));
+                            return Err(invalid(
+                                "QuarantineStep: a store's quarantine asks nothing",
+                            ));
                         }
                         let done = job.step(max_entries as usize, max_bytes)?;
                         Ok(Reply::Quarantined {
@@ -106,7 +108,9 @@ impl Agent<'_> {
                     )));
                 }
                 match self.quarantine.as_mut() {
-                    Some(Building::Tree(job)) => job.resolve(&conflicts, &same).map(|_| Reply::Done),
+                    Some(Building::Tree(job)) => {
+                        job.resolve(&conflicts, &same).map(|_| Reply::Done)
+                    }
                     Some(Building::Store(_)) => Err(invalid(
                         "QuarantineResolve: a store's quarantine has nothing to resolve",
                     )),

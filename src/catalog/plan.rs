@@ -14,7 +14,7 @@
 //! A host's newest point is the newest time every disk of its newest
 //! snapshot reaches (disks of one host may stop at different points).
 
-use super::record::{self, CdpStorage};
+use super::record::{self, CdpStorage, StorageBody};
 use super::store::{Disk, Host, Snapshot};
 use crate::session::SyncMode;
 
@@ -283,13 +283,13 @@ fn appends_after(
     host: &str,
     snapshot: &str,
     source: &str,
-    journals: &[(String, CdpStorage, u64)],
+    journals: &[Journal],
 ) -> Vec<Step> {
     let Some(src) = m.snapshots.values().find(|s| s.dir == source) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for (disk, j, size) in journals {
+    for (disk, j, size, storage) in journals {
         let Some(md) = src.disks.get(disk) else {
             continue;
         };
@@ -299,7 +299,7 @@ fn appends_after(
                 host: host.to_string(),
                 disk: disk.clone(),
                 snapshot: snapshot.to_string(),
-                storage: slave_storage_names(disk).1,
+                storage: storage.clone(),
                 journal: j.clone(),
                 virtual_size: *size,
                 sources,
@@ -309,21 +309,36 @@ fn appends_after(
     out
 }
 
-fn journals_of(g: &Snapshot) -> Vec<(String, CdpStorage, u64)> {
+/// A slave journal: its disk, record, disk size and storage record's name.
+type Journal = (String, CdpStorage, u64, String);
+
+fn journals_of(g: &Snapshot) -> Vec<Journal> {
     g.disks
         .iter()
         .filter_map(|(n, d)| {
-            d.cdp()
-                .map(|c| (n.clone(), c.clone(), d.record.virtual_size))
+            d.storages.iter().find_map(|s| match &s.record.body {
+                StorageBody::Cdp(c) => {
+                    Some((n.clone(), c.clone(), d.record.virtual_size, s.name.clone()))
+                }
+                _ => None,
+            })
         })
         .collect()
 }
 
-fn planned_journals(host: &str, g: &GenPlan) -> Vec<(String, CdpStorage, u64)> {
+fn planned_journals(host: &str, g: &GenPlan) -> Vec<Journal> {
     g.disks
         .iter()
         .filter(|d| d.journal)
-        .map(|d| (d.disk.clone(), empty_journal(host, d), d.virtual_size))
+        .map(|d| {
+            let storage = slave_storage_names(&d.disk).1;
+            (
+                d.disk.clone(),
+                empty_journal(host, d),
+                d.virtual_size,
+                storage,
+            )
+        })
         .collect()
 }
 
@@ -361,12 +376,20 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
             }
         }
         (SyncMode::Continuous, Some(g)) => {
-            let src = m.snapshots.values().find(|x| x.dir == source_of(g));
-            let later: Vec<&Snapshot> = m
+            // The master's generation of the slave's newest: its source, or
+            // one made from it (a failback's new master holds the old one's
+            // generations under their point names).
+            let src = m
                 .snapshots
-                .range(g.record.time + 1..)
-                .map(|(_, v)| v)
-                .collect();
+                .values()
+                .find(|x| x.dir == source_of(g))
+                .or_else(|| {
+                    m.snapshots
+                        .values()
+                        .find(|x| x.record.source.as_deref() == Some(g.dir.as_str()))
+                });
+            let since = src.map_or(0, |x| x.record.time).max(g.record.time);
+            let later: Vec<&Snapshot> = m.snapshots.range(since + 1..).map(|(_, v)| v).collect();
             // A disk whose master points go on as cdp but whose replica has no
             // journal (made in interval mode): start over as on a first sync.
             let restart = later.is_empty()
@@ -389,7 +412,7 @@ pub fn plan_host(mode: SyncMode, name: &str, m: Option<&Host>, s: Option<&Host>)
                     m,
                     name,
                     &g.dir,
-                    source_of(g),
+                    src.map_or(source_of(g), |x| x.dir.as_str()),
                     &journals_of(g),
                 ));
                 for ms in later {

@@ -95,12 +95,12 @@ pub fn plan(cat: &Catalog, spans: &Spans, peer: &PeerPoints, force: bool) -> Vec
                 cuts,
             };
             let divergent = force
-                || g.disks.iter().any(|(dn, d)| {
-                    match common.get(dn.as_str()).copied().flatten() {
+                || g.disks
+                    .iter()
+                    .any(|(dn, d)| match common.get(dn.as_str()).copied().flatten() {
                         None => true,
                         Some(c) => d.record.time > c || d.qcows().any(|q| q.time > c),
-                    }
-                });
+                    });
             if divergent {
                 out.push(action("divergent", true, Vec::new()));
                 continue;
@@ -217,7 +217,9 @@ fn backing_name(p: &Path) -> std::io::Result<Option<String>> {
 /// through no symlink beneath the root.
 fn plain(root: &Path, rel: &str) -> WResult<PathBuf> {
     if !record::valid_rel(rel) {
-        return Err(invalid(format!("quarantine: {rel}: not a path inside the store")));
+        return Err(invalid(format!(
+            "quarantine: {rel}: not a path inside the store"
+        )));
     }
     let mut p = root.to_path_buf();
     for c in rel.split('/') {
@@ -498,7 +500,8 @@ impl StoreJob {
                         .map_err(io("creating", &d))?;
                     let chunk = (len - from).min(8 << 20).min(max_bytes.max(1 << 20));
                     let mut buf = vec![0u8; chunk as usize];
-                    sf.read_exact_at(&mut buf, from).map_err(io("reading", &s))?;
+                    sf.read_exact_at(&mut buf, from)
+                        .map_err(io("reading", &s))?;
                     df.write_all_at(&buf, from).map_err(io("writing", &d))?;
                     bytes += chunk;
                     if from + chunk < len {
@@ -621,7 +624,10 @@ pub fn apply(root: &Path, actions: &[StoreAction]) -> WResult<()> {
         let mut r: StorageRecord = record::parse(&p, &b, record::kind::STORAGE)
             .map_err(|e| invalid(format!("quarantine: {e}")))?;
         let StorageBody::Cdp(j) = &mut r.body else {
-            return Err(invalid(format!("quarantine: {}: not a journal's record", p.display())));
+            return Err(invalid(format!(
+                "quarantine: {}: not a journal's record",
+                p.display()
+            )));
         };
         if j.length <= c.length && j.points <= c.points {
             continue;

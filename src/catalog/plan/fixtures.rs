@@ -119,4 +119,3 @@ pub(crate) fn qcow_master(n: u64) -> Host {
             .collect(),
     )
 }
-

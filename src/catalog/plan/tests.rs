@@ -3,7 +3,7 @@
 
 use super::fixtures::*;
 use super::*;
-use crate::catalog::record::{self, CdpStorage};
+use crate::catalog::record;
 use crate::catalog::store::Host;
 use crate::catalog::time;
 

@@ -19,9 +19,12 @@ fn spans_at(file: &str, times: &[u64]) -> Spans {
 }
 
 fn peer(disk: &str, times: &[u64]) -> PeerPoints {
-    [((H.to_string(), disk.to_string()), times.iter().copied().collect())]
-        .into_iter()
-        .collect()
+    [(
+        (H.to_string(), disk.to_string()),
+        times.iter().copied().collect(),
+    )]
+    .into_iter()
+    .collect()
 }
 
 /// Disk a: t0 an old image; t1 an image and a journal of t2..t5; t6 an image.
@@ -30,7 +33,10 @@ fn store() -> (Catalog, Spans) {
         snap(t(0), &[("a", vec![qcow("a", t(0), None, false)])], None),
         snap(
             t(1),
-            &[("a", vec![qcow("a", t(1), None, false), cdp("a", t(1), t(5), 4)])],
+            &[(
+                "a",
+                vec![qcow("a", t(1), None, false), cdp("a", t(1), t(5), 4)],
+            )],
             None,
         ),
         snap(t(6), &[("a", vec![qcow("a", t(6), None, false)])], None),
@@ -61,7 +67,11 @@ fn points_after_the_common_one_are_divergent_and_the_journal_is_cut_there() {
     assert_eq!(
         cut.cuts,
         vec![StoreCut {
-            record: format!("{}/{}/s1", record::snapshots_dir(H), crate::catalog::time::name(t(1))),
+            record: format!(
+                "{}/{}/s1",
+                record::snapshots_dir(H),
+                crate::catalog::time::name(t(1))
+            ),
             length: 328,
             points: 2,
             end: t(3),
@@ -98,7 +108,10 @@ fn equal_stores_need_nothing_and_a_disk_the_peer_never_had_is_divergent() {
     let all = [t(0), t(1), t(2), t(3), t(4), t(5), t(6)];
     assert!(plan(&cat, &spans, &peer("a", &all), false).is_empty());
     let actions = plan(&cat, &spans, &peer("b", &all), false);
-    assert!(actions.len() == 3 && actions.iter().all(|a| a.remove), "{actions:#?}");
+    assert!(
+        actions.len() == 3 && actions.iter().all(|a| a.remove),
+        "{actions:#?}"
+    );
     let forced = plan(&cat, &spans, &peer("a", &all), true);
     assert!(forced.len() == 3 && forced.iter().all(|a| a.remove));
 }

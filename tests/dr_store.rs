@@ -1,0 +1,300 @@
+//! Disaster recovery of a snapshot store (catalog mode), with real
+//! processes on real stores made by `georep sample-store`: a failback after
+//! divergent activity on both sides (killed at several moments and run
+//! again), and a switchover A -> B -> A of a store with no loss.
+
+mod common;
+
+use common::catalog::{keyed, points, Key};
+use common::{dr, n, stderr, World};
+use georep::catalog::points::{self as gpoints, PointKind};
+use georep::catalog::store;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+fn advance(w: &World, store: &Path, only: &str, seed: &str) {
+    w.run_ok(&[
+        "sample-store",
+        store.to_str().unwrap(),
+        "--advance",
+        "--only",
+        only,
+        "--points",
+        "4",
+        "--seed",
+        seed,
+    ]);
+}
+
+fn point_keys(root: &Path) -> BTreeSet<Key> {
+    keyed(&points(root)).into_keys().collect()
+}
+
+/// The per-disk newest time of `keys`.
+fn newest(keys: &BTreeSet<Key>) -> BTreeMap<(String, String), u64> {
+    let mut m = BTreeMap::new();
+    for (h, d, t) in keys {
+        let e = m.entry((h.clone(), d.clone())).or_insert(0);
+        *e = (*e).max(*t);
+    }
+    m
+}
+
+/// Restores point `k` from two stores and compares the images' content.
+fn same_content(a: &Path, b: &Path, k: &Key, scratch: &Path) {
+    let r = gpoints::PointRef {
+        host: k.0.clone(),
+        disk: k.1.clone(),
+        time: Some(k.2),
+    };
+    let (ia, ib) = (scratch.join("a.qcow2"), scratch.join("b.qcow2"));
+    for (root, img) in [(a, &ia), (b, &ib)] {
+        let cat = store::load(root).unwrap();
+        gpoints::restore(root, &cat, &r, img)
+            .unwrap_or_else(|e| panic!("restore {k:?} from {}: {e}", root.display()));
+    }
+    assert!(
+        georep::catalog::qcow::same_content(&ia, &ib).unwrap(),
+        "point {k:?} differs between {} and {}",
+        a.display(),
+        b.display()
+    );
+}
+
+/// A store's tree without the lock directory (the reverse session locks
+/// the points it reads there, as the lock protocol has it).
+fn store_files(root: &Path) -> common::dr::Tree {
+    let mut t = dr::snap(root);
+    t.retain(|p, _| !p.starts_with(b".georep-locks"));
+    t
+}
+
+fn verifies(root: &Path) {
+    let problems = gpoints::verify(root).unwrap();
+    assert!(problems.is_empty(), "{}: {problems:#?}", root.display());
+}
+
+fn quarantine_data(w: &World, root: &Path) -> (Value, std::path::PathBuf) {
+    let qs = dr::quarantines(w, root);
+    assert_eq!(qs.len(), 1, "one quarantine: {qs:#?}");
+    let id = qs[0]["id"].as_str().unwrap().to_string();
+    let data = root.join(".georep-quarantine").join(&id).join("data");
+    (qs[0].clone(), data)
+}
+
+#[test]
+fn store_failback_quarantines_the_old_masters_divergence_then_ships_only_the_new_masters_points() {
+    let w = World::new();
+    let (a, b) = (w.master.clone(), w.slave.clone());
+    common::catalog::sample(&w, &[]);
+    w.create("s1", &["--mode", "continuous"]);
+    w.sync("s1");
+    advance(&w, &a, "cdp", "2");
+    advance(&w, &a, "snapshot", "3");
+    w.sync("s1");
+    let replicated = point_keys(&b);
+    // Site A lives on after the last sync (its points are lost to B) ...
+    advance(&w, &a, "cdp", "4");
+    advance(&w, &a, "snapshot", "5");
+    advance(&w, &a, "cdp", "6");
+    let a_before = point_keys(&a);
+    // Points after each disk's newest replicated one (older ones B never
+    // held are history: B's first sync took the newest point only).
+    let common_newest = newest(&replicated);
+    let divergent: BTreeSet<Key> = a_before
+        .iter()
+        .filter(|k| k.2 > common_newest[&(k.0.clone(), k.1.clone())])
+        .cloned()
+        .collect();
+    assert!(!divergent.is_empty());
+    let a_copy = w.dir.path().join("a-before");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&a)
+        .arg(&a_copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    // ... and is lost: B is promoted and takes new points.
+    let report = dr::promote(&w, &b);
+    assert_eq!(report["layout"], "store", "{report:#}");
+    advance(&w, &b, "cdp", "7");
+    advance(&w, &b, "snapshot", "8");
+    advance(&w, &b, "cdp", "9");
+    let b_points = point_keys(&b);
+    let b_tree = store_files(&b);
+    // The old session is fenced on both sides.
+    let out = w.run(&["sync", "s1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("was promoted at"), "{}", stderr(&out));
+
+    // Failback, killed at several moments, then run to its end.
+    let (bs, as_) = (b.to_str().unwrap(), a.to_str().unwrap());
+    w.run_ok(&[
+        "create",
+        "back",
+        bs,
+        as_,
+        "--failback",
+        "--mode",
+        "continuous",
+    ]);
+    for ms in [150, 400, 900] {
+        dr::kill_after(&w, &["sync", "back"], ms);
+        verifies(&b);
+    }
+    let s = w.sync("back");
+    assert!(s["complete"].as_bool().unwrap(), "{s:#}");
+    let again = w.sync("back");
+    assert_eq!(
+        n(&again["catalog"], "generations_published") + n(&again["catalog"], "cdp_points"),
+        0,
+        "a second sync finds nothing to do: {again:#}"
+    );
+
+    // B is untouched by the failback, byte for byte.
+    assert!(
+        store_files(&b) == b_tree,
+        "the failback changed the new master"
+    );
+    // A holds every point of B, with B's content.
+    verifies(&a);
+    let a_after = point_keys(&a);
+    let missing: Vec<_> = b_points.difference(&a_after).collect();
+    assert!(missing.is_empty(), "points of B missing on A: {missing:?}");
+    let scratch = tempfile::tempdir_in(w.dir.path()).unwrap();
+    let b_new: Vec<&Key> = b_points.difference(&replicated).collect();
+    assert!(!b_new.is_empty());
+    for k in b_new.iter().copied().chain(replicated.iter().take(3)) {
+        same_content(&b, &a, k, scratch.path());
+    }
+    // What A holds beyond B is history older than each disk's common point:
+    // none of A's divergent points is left outside the quarantine.
+    for k in a_after.difference(&b_points) {
+        let c = common_newest[&(k.0.clone(), k.1.clone())];
+        assert!(
+            k.2 <= c,
+            "A holds {k:?}, newer than its common point {c}, outside the quarantine"
+        );
+        assert!(!divergent.contains(k));
+    }
+    // The quarantine is a store holding every divergent point, with A's content.
+    let (q, data) = quarantine_data(&w, &a);
+    assert!(
+        q["items"].as_array().is_some_and(|i| !i.is_empty()),
+        "{q:#}"
+    );
+    verifies(&data);
+    let held = point_keys(&data);
+    let lost: Vec<_> = divergent.difference(&held).collect();
+    assert!(
+        lost.is_empty(),
+        "divergent points not in the quarantine: {lost:?}"
+    );
+    for k in &divergent {
+        same_content(&a_copy, &data, k, scratch.path());
+    }
+    // Only B's new data crossed: every point of A it already had stays.
+    let b_size = dr::snap(&b)
+        .values()
+        .map(|e| match e.node {
+            common::tree::Node::File { len, .. } => len,
+            _ => 0,
+        })
+        .sum::<u64>();
+    let out = n(&s, "wire_bytes_out");
+    eprintln!("failback: {out} bytes out for a store of {b_size} bytes");
+    assert!(
+        out < b_size / 2,
+        "{out} bytes sent for a {b_size}-byte store"
+    );
+    // The quarantine lists what was changed in the store.
+    let shown = w.run_ok(&[
+        "quarantine",
+        "show",
+        as_,
+        q["id"].as_str().unwrap(),
+        "--json",
+    ]);
+    let m: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let reasons: BTreeSet<&str> = m["store"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons.contains("divergent"), "{m:#}");
+    // A journal point kind survives in the quarantine as a journal point.
+    assert!(points(&data).iter().any(|p| p.kind == PointKind::Cdp));
+}
+
+#[test]
+fn a_store_switches_over_and_back_with_no_loss() {
+    let w = World::new();
+    let (a, b) = (w.master.clone(), w.slave.clone());
+    common::catalog::sample(&w, &[]);
+    w.create("s1", &["--mode", "continuous"]);
+    w.sync("s1");
+    advance(&w, &a, "cdp", "2");
+    let a_points = point_keys(&a);
+    w.run_ok(&["switchover", "s1", "--reverse", "back", "--force"]);
+    let b_points = point_keys(&b);
+    assert!(b_points.is_subset(&a_points));
+    assert_eq!(
+        newest(&b_points),
+        newest(&a_points),
+        "RPO 0: B has A's newest points"
+    );
+    // The reverse session's first sync sets A's history aside, changes nothing else.
+    let s = w.sync("back");
+    assert!(s["complete"].as_bool().unwrap(), "{s:#}");
+    verifies(&a);
+    let (q, data) = quarantine_data(&w, &a);
+    let m: Value = serde_json::from_slice(
+        &w.run_ok(&[
+            "quarantine",
+            "show",
+            a.to_str().unwrap(),
+            q["id"].as_str().unwrap(),
+            "--json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    for act in m["store"].as_array().unwrap() {
+        assert_eq!(act["reason"], "absent", "nothing diverged: {m:#}");
+    }
+    let a_now = point_keys(&a);
+    assert!(b_points.is_subset(&a_now));
+    let held = point_keys(&data);
+    let gone: Vec<_> = a_points
+        .iter()
+        .filter(|k| !a_now.contains(*k) && !held.contains(*k))
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "points of A neither kept nor quarantined: {gone:?}"
+    );
+    // B lives on; A follows; then back to A.
+    advance(&w, &b, "cdp", "3");
+    advance(&w, &b, "snapshot", "4");
+    w.sync("back");
+    let b_points = point_keys(&b);
+    assert!(b_points.is_subset(&point_keys(&a)));
+    w.run_ok(&["switchover", "back", "--reverse", "again", "--force"]);
+    let s = w.sync("again");
+    assert!(s["complete"].as_bool().unwrap(), "{s:#}");
+    verifies(&b);
+    let out = w.run(&["sync", "s1"]);
+    assert_ne!(out.status.code(), Some(0), "the first session is fenced");
+    advance(&w, &a, "cdp", "5");
+    w.sync("again");
+    let a_points = point_keys(&a);
+    let b_now = point_keys(&b);
+    assert_eq!(newest(&a_points), newest(&b_now), "B follows A again");
+    let scratch = tempfile::tempdir_in(w.dir.path()).unwrap();
+    for k in newest(&a_points).into_iter().map(|((h, d), t)| (h, d, t)) {
+        same_content(&a, &b, &k, scratch.path());
+    }
+}
