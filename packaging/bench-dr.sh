@@ -5,7 +5,12 @@
 #     A: bytes and time of `georep sync back` against `rsync -a` of the
 #     whole store to an empty directory, same run;
 #  B. promote time (RTO) of a replica of a snapshot store of BENCH_DR_POINTS
-#     points (default 1000).
+#     points (default 1000);
+#  C. failback of a snapshot store (sample-store, BENCH_DR_STORE_HOSTS hosts,
+#     default 8, disks of BENCH_DR_STORE_DISK, default 256M) with CDP
+#     activity on B after promote and divergent CDP points and a host
+#     snapshot on A: bytes and time against `rsync -a` of B to an empty
+#     directory, same run. (BENCH_DR_ONLY=C runs C alone.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -36,6 +41,7 @@ PY
 }
 export G
 
+if [ "${BENCH_DR_ONLY:-}" != C ]; then
 echo "== A. failback of a ${GIB} GiB tree: 1% changed on B, 0.5% divergent on A"
 A=$WORK/a; B=$WORK/b
 mkdir -p "$A"
@@ -80,4 +86,36 @@ pts=$("$G" point list "$R" --json | json 'len(d["points"])')
 t0=$(now); "$G" promote "$R" --json > "$WORK/promote-store.json"; t1=$(now)
 echo "replica points:    $pts"
 echo "promote:           $(secs "$t0" "$t1") s (verifies every record against its data)"
+fi
+
+echo "== C. failback of a snapshot store"
+SA=$WORK/sa; SB=$WORK/sb
+"$G" sample-store "$SA" --hosts "${BENCH_DR_STORE_HOSTS:-8}" --disk-size "${BENCH_DR_STORE_DISK:-256M}" --snapshots 3 --points 20 --kinds mixed >/dev/null
+"$G" create s3 "$SA" "$SB" --mode continuous >/dev/null
+"$G" sync s3 >/dev/null
+"$G" sample-store "$SA" --advance --only cdp --points 20 --seed 2 >/dev/null
+"$G" sync s3 >/dev/null
+store_bytes=$(du -sb --exclude=.georep --exclude=.georep-locks "$SB" | cut -f1)
+# Divergent on A after the last sync: CDP points and a host snapshot.
+"$G" sample-store "$SA" --advance --only cdp --points 10 --seed 3 >/dev/null
+"$G" sample-store "$SA" --advance --only snapshot --seed 4 >/dev/null
+"$G" promote "$SB" --json >/dev/null
+b0=$(du -sb --exclude=.georep --exclude=.georep-locks "$SB" | cut -f1)
+"$G" sample-store "$SB" --advance --only cdp --points 20 --seed 5 >/dev/null
+"$G" sample-store "$SB" --advance --only snapshot --seed 6 >/dev/null
+b1=$(du -sb --exclude=.georep --exclude=.georep-locks "$SB" | cut -f1)
+"$G" create back3 "$SB" "$SA" --failback --mode continuous >/dev/null
+sync; t0=$(now); "$G" sync back3 --json > "$WORK/failback-store.json"; t1=$(now)
+fb_time=$(secs "$t0" "$t1")
+read -r wire_out wire_in pub pts <<<"$(json 'd["wire_bytes_out"]' 'd["wire_bytes_in"]' 'd["catalog"]["generations_published"]' 'd["catalog"]["cdp_points"]' < "$WORK/failback-store.json")"
+q=$("$G" quarantine list "$SA" --json | json 'sum(len(m["items"]) for m in d)' 'sum(len(m.get("store", [])) for m in d)')
+rm -rf "$WORK/empty3"; mkdir -p "$WORK/empty3"
+sync; t0=$(now)
+rs=$(rsync -a --stats --exclude=.georep --exclude=.georep-locks "$SB/" "$WORK/empty3/" 2>&1)
+t1=$(now)
+rs_sent=$(sed -n 's/^Total bytes sent: \([0-9,]*\).*/\1/p' <<<"$rs" | tr -d ,)
+echo "store:             $store_bytes bytes replicated; B grew by $((b1 - b0)) bytes after promote (page cache warm)"
+echo "failback:          $fb_time s, $wire_out bytes on the wire out, $wire_in in; $pub generations, $pts journal points; quarantine: $q (files, host snapshots)"
+echo "rsync -a to empty: $(secs "$t0" "$t1") s, $rs_sent bytes sent"
+python3 -c "print('ratio: bytes %.4f (wire out / rsync sent), time %.2f' % ($wire_out / $rs_sent, $fb_time / $(secs "$t0" "$t1")))"
 echo "work dir: $WORK"

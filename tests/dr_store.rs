@@ -298,3 +298,124 @@ fn a_store_switches_over_and_back_with_no_loss() {
         same_content(&a, &b, &k, scratch.path());
     }
 }
+
+/// One site of the SSH switchover: its store, its georep home and the sshd
+/// that stands for its host.
+struct Site {
+    root: std::path::PathBuf,
+    home: std::path::PathBuf,
+    sshd: common::sshd::Sshd,
+}
+
+impl Site {
+    fn run(&self, w: &World, args: &[&str]) -> std::process::Output {
+        w.cmd(args).env("GEOREP_HOME", &self.home).output().unwrap()
+    }
+}
+
+#[test]
+fn a_store_switches_over_ssh_there_and_back() {
+    let w = World::new();
+    let home_b = w.dir.path().join("home-b");
+    std::fs::create_dir_all(&home_b).unwrap();
+    std::fs::create_dir_all(&w.slave).unwrap();
+    let a = Site {
+        root: w.master.clone(),
+        home: w.home.clone(),
+        sshd: common::sshd::Sshd::start_with_env(&[("GEOREP_HOME", &w.home)]),
+    };
+    let b = Site {
+        root: w.slave.clone(),
+        home: home_b.clone(),
+        sshd: common::sshd::Sshd::start_with_env(&[("GEOREP_HOME", &home_b)]),
+    };
+    common::catalog::sample(&w, &[]);
+    w.create_ssh(&b.sshd, "s0", &["--mode", "continuous"]);
+    w.sync("s0");
+    let sites = [&a, &b];
+    let mut session = "s0".to_string();
+    for round in 1..=2usize {
+        let (here, there) = (sites[(round + 1) % 2], sites[round % 2]);
+        advance(&w, &here.root, "cdp", &format!("{}", 10 + round));
+        let all = point_keys(&here.root);
+        let next = format!("s{round}");
+        let args: Vec<String> = [
+            "switchover",
+            &session,
+            "--reverse",
+            &next,
+            "--force",
+            "--identity",
+            there.sshd.operator_key.to_str().unwrap(),
+            "--reverse-slave",
+            &here.sshd.spec(&here.root),
+            "--push-pem",
+            "--reverse-ssh-port",
+            &here.sshd.port.to_string(),
+            "--reverse-identity",
+            here.sshd.operator_key.to_str().unwrap(),
+            "--peer-admin",
+            &format!("{}@127.0.0.1", there.sshd.user),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = here.run(&w, &args);
+        assert!(out.status.success(), "round {round}: {}", stderr(&out));
+        // RPO 0: the new master has the old one's newest points, same content.
+        let (h, t) = (point_keys(&here.root), point_keys(&there.root));
+        assert_eq!(newest(&h), newest(&t), "round {round}");
+        let scratch = tempfile::tempdir_in(w.dir.path()).unwrap();
+        for ((host, disk), time) in newest(&h) {
+            same_content(&here.root, &there.root, &(host, disk, time), scratch.path());
+        }
+        assert!(georep::fs::role::read(&there.root)
+            .unwrap()
+            .unwrap()
+            .is_live());
+        let old = here.run(&w, &["sync", &session]);
+        assert_eq!(
+            old.status.code(),
+            Some(4),
+            "round {round}: {}",
+            stderr(&old)
+        );
+        // The reverse session, on the other site, sets aside only history.
+        let out = there.run(&w, &["sync", &next, "--json"]);
+        assert!(out.status.success(), "round {round}: {}", stderr(&out));
+        verifies(&here.root);
+        for q in dr::quarantines(&w, &here.root) {
+            let id = q["id"].as_str().unwrap();
+            let shown = w.run_ok(&[
+                "quarantine",
+                "show",
+                here.root.to_str().unwrap(),
+                id,
+                "--json",
+            ]);
+            let m: Value = serde_json::from_slice(&shown.stdout).unwrap();
+            for act in m["store"].as_array().unwrap() {
+                assert_eq!(act["reason"], "absent", "round {round}: {m:#}");
+            }
+        }
+        let kept: BTreeSet<Key> = point_keys(&here.root)
+            .into_iter()
+            .chain(dr::quarantines(&w, &here.root).iter().flat_map(|q| {
+                point_keys(
+                    &here
+                        .root
+                        .join(".georep-quarantine")
+                        .join(q["id"].as_str().unwrap())
+                        .join("data"),
+                )
+            }))
+            .collect();
+        let lost: Vec<_> = all.iter().filter(|k| !kept.contains(*k)).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: points lost on the old master: {lost:?}"
+        );
+        session = next;
+    }
+}

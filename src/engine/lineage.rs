@@ -50,7 +50,8 @@ fn slave_err(session: &Session, e: ProtoError) -> WorkerError {
 pub async fn claim(session: &Session, slave: &Slave, state: &mut State) -> Result<(), WorkerError> {
     let store = session.config.layout == crate::session::Layout::Store;
     let points = match &session.config.failback {
-        Some(_) if store => store_points(&session.config.master)?,
+        // Only the quarantine's build needs them.
+        Some(_) if store && state.quarantine.is_none() => store_points(&session.config.master)?,
         _ => Vec::new(),
     };
     let failback = session.config.failback.as_ref().map(|f| FailbackClaim {
