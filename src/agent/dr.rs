@@ -69,9 +69,14 @@ impl Agent<'_> {
                 };
                 if self.quarantine.is_none() {
                     self.quarantine = Some(if fb.store {
-                        Building::Store(StoreJob::start(self.root.path(), session, epoch, &fb)?)
+                        Building::Store(Box::new(StoreJob::start(
+                            self.root.path(),
+                            session,
+                            epoch,
+                            &fb,
+                        )?))
                     } else {
-                        Building::Tree(Job::start(&self.root, session, epoch, &fb)?)
+                        Building::Tree(Box::new(Job::start(&self.root, session, epoch, &fb)?))
                     });
                 }
                 let (max_entries, max_bytes) = (max_entries.min(4096), max_bytes.min(256 << 20));

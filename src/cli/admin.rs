@@ -249,8 +249,19 @@ pub fn create(
                 tag: key_tag(name),
                 agent_keepalive_secs: (config.keepalive_secs * 2).max(120),
                 keepalive: std::time::Duration::from_secs(config.keepalive_secs),
-                claim: (config.failback.is_none() && config.epoch > 0)
-                    .then_some((config.session_id, config.epoch)),
+                claim: (config.epoch > 0).then(|| {
+                    let failback =
+                        config
+                            .failback
+                            .as_ref()
+                            .map(|f| crate::protocol::FailbackClaim {
+                                old_session: f.old_session,
+                                force: f.force,
+                                store: config.layout == Layout::Store,
+                                points: Vec::new(),
+                            });
+                    (config.session_id, config.epoch, failback)
+                }),
             };
             let (identity, c) =
                 crate::transport::ssh::setup::prepare(&staging, &dir, target, &setup)?;

@@ -20,8 +20,8 @@ pub use store::StoreJob;
 
 /// A quarantine being built: of a tree, or of a snapshot store.
 pub enum Building {
-    Tree(Job),
-    Store(StoreJob),
+    Tree(Box<Job>),
+    Store(Box<StoreJob>),
 }
 
 impl Building {

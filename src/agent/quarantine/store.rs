@@ -297,13 +297,11 @@ impl StoreJob {
             }
         }
         let actions = plan(&cat, &spans, &self.peer, self.force);
-        let mut ops = VecDeque::new();
-        if !actions.is_empty() {
-            ops.push_back(Op::Write {
-                dst: record::STORE_FILE.to_string(),
-                data: record::to_json(&StoreRecord::default()),
-            });
-        }
+        // A store even when empty, so that the point commands read it.
+        let mut ops = VecDeque::from([Op::Write {
+            dst: record::STORE_FILE.to_string(),
+            data: record::to_json(&StoreRecord::default()),
+        }]);
         let mut hosts = BTreeSet::new();
         let mut linked = BTreeSet::new();
         for a in &actions {

@@ -43,7 +43,9 @@ pub struct SetupOptions {
     /// the write check is fenced (the slave is a root demoted by a
     /// switchover, unclaimed by this session yet), the check claims the
     /// root for the session, as its first sync would, and tries again.
-    pub claim: Option<(uuid::Uuid, u64)>,
+    /// A failback session's claim carries its failback (without points:
+    /// only its first sync builds the quarantine).
+    pub claim: Option<(uuid::Uuid, u64, Option<crate::protocol::FailbackClaim>)>,
 }
 
 /// Prepares the SSH side of a new session whose files are being assembled
@@ -311,13 +313,15 @@ async fn verify(
         })
     };
     let mut opened = open().await;
-    if let (Err(ProtoError::Remote(w)), Some((session, epoch))) = (&opened, opts.claim) {
+    if let (Err(ProtoError::Remote(w)), Some((session, epoch, failback))) =
+        (&opened, opts.claim.clone())
+    {
         if w.kind == ErrorKind::Fenced {
             let claimed = client
                 .call(Request::Claim {
                     session,
                     epoch,
-                    failback: None,
+                    failback,
                 })
                 .await;
             if let Err(e) = claimed {
