@@ -419,3 +419,207 @@ fn a_store_switches_over_ssh_there_and_back() {
         session = next;
     }
 }
+
+/// One activity of the appliance, as `sample-store --advance --only` has them.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Cdp,
+    Snapshot,
+    Reclaim,
+    Retention,
+}
+
+impl Act {
+    fn name(self) -> &'static str {
+        match self {
+            Act::Cdp => "cdp",
+            Act::Snapshot => "snapshot",
+            Act::Reclaim => "reclaim",
+            Act::Retention => "retention",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Drill {
+    continuous: bool,
+    rounds: Vec<Vec<Act>>,
+    lost: Vec<Act>,
+    kill_ms: u64,
+    /// On A after it was cut off (no retention: see docs/disaster-recovery.md, limits).
+    divergent: Vec<Act>,
+    on_b: Vec<Act>,
+}
+
+fn act_all(w: &World, root: &Path, acts: &[Act], seed: &mut u64) {
+    for a in acts {
+        *seed += 1;
+        advance(w, root, a.name(), &seed.to_string());
+    }
+}
+
+fn store_drill(c: &Drill) {
+    let w = World::new();
+    let (a, b) = (w.master.clone(), w.slave.clone());
+    let mode = if c.continuous {
+        "continuous"
+    } else {
+        "interval"
+    };
+    common::catalog::sample(&w, &[]);
+    w.create("s1", &["--mode", mode]);
+    w.sync("s1");
+    let mut seed = 100;
+    for r in &c.rounds {
+        act_all(&w, &a, r, &mut seed);
+        w.sync("s1");
+    }
+    // A is lost in the middle of a sync, and goes on without B.
+    act_all(&w, &a, &c.lost, &mut seed);
+    dr::kill_after(&w, &["sync", "s1"], c.kill_ms);
+    act_all(&w, &a, &c.divergent, &mut seed);
+    dr::promote(&w, &b);
+    verifies(&b);
+    let b_promote = store_files(&b);
+    act_all(&w, &b, &c.on_b, &mut seed);
+    let b_final = store_files(&b);
+    let b_points = point_keys(&b);
+    let a_before = point_keys(&a);
+    let a_copy = w.dir.path().join("a-before");
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&a)
+        .arg(&a_copy)
+        .status()
+        .unwrap()
+        .success());
+    // Each disk's last common point: the newest point both hold.
+    let mut common_point: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for k in a_before.intersection(&b_points) {
+        let e = common_point.entry((k.0.clone(), k.1.clone())).or_insert(0);
+        *e = (*e).max(k.2);
+    }
+
+    let (bs, as_) = (b.to_str().unwrap(), a.to_str().unwrap());
+    w.run_ok(&["create", "back", bs, as_, "--failback", "--mode", mode]);
+    let s = w.sync("back");
+    assert!(s["complete"].as_bool().unwrap(), "{s:#}");
+
+    // B unchanged; A holds B's points with B's content.
+    assert!(store_files(&b) == b_final, "the failback changed B");
+    verifies(&a);
+    let a_after = point_keys(&a);
+    let scratch = tempfile::tempdir_in(w.dir.path()).unwrap();
+    if c.continuous {
+        // Every point of B after the common one reached A.
+        for k in &b_points {
+            let c = common_point
+                .get(&(k.0.clone(), k.1.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert!(
+                k.2 <= c || a_after.contains(k),
+                "B's point {k:?} did not reach A"
+            );
+        }
+    }
+    for ((h, d), t) in newest(&b_points) {
+        let k = (h, d, t);
+        assert!(a_after.contains(&k), "B's newest point {k:?} is not on A");
+        same_content(&b, &a, &k, scratch.path());
+    }
+    // Outside the quarantine A holds nothing after a common point but B's.
+    for k in a_after.difference(&b_points) {
+        let c = common_point
+            .get(&(k.0.clone(), k.1.clone()))
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            k.2 <= c,
+            "A holds {k:?} after its common point {c}, not B's"
+        );
+    }
+    // Nothing of A lost: each of its points is on A still or in the quarantine,
+    // and those after the common point are there with A's content.
+    let (_, data) = quarantine_data(&w, &a);
+    verifies(&data);
+    let held = point_keys(&data);
+    for k in &a_before {
+        assert!(
+            a_after.contains(k) || held.contains(k),
+            "A's point {k:?} was lost"
+        );
+        let c = common_point
+            .get(&(k.0.clone(), k.1.clone()))
+            .copied()
+            .unwrap_or(0);
+        if k.2 > c {
+            assert!(
+                held.contains(k),
+                "A's divergent point {k:?} is not in the quarantine"
+            );
+        }
+    }
+    for ((h, d), t) in newest(&held) {
+        same_content(&a_copy, &data, &(h, d, t), scratch.path());
+    }
+    // Only B's changes travelled (journals counted whole: an upper bound).
+    let must = dr::differing_bytes(&b_promote, &b_final);
+    let out = n(&s, "wire_bytes_out");
+    assert!(
+        out as f64 <= 1.1 * must as f64 + 256.0 * 1024.0,
+        "failback sent {out} bytes for {must} bytes changed on B: {s:#}"
+    );
+    let again = w.sync("back");
+    assert_eq!(
+        n(&again["catalog"], "generations_published") + n(&again["catalog"], "cdp_points"),
+        0,
+        "{again:#}"
+    );
+    let old = w.run(&["sync", "s1"]);
+    assert_eq!(old.status.code(), Some(4), "{}", stderr(&old));
+}
+
+fn acts(
+    lo: usize,
+    hi: usize,
+    retention: bool,
+) -> impl proptest::strategy::Strategy<Value = Vec<Act>> {
+    use proptest::prelude::*;
+    let one = if retention {
+        prop_oneof![
+            3 => Just(Act::Cdp),
+            2 => Just(Act::Snapshot),
+            1 => Just(Act::Reclaim),
+            1 => Just(Act::Retention),
+        ]
+        .boxed()
+    } else {
+        prop_oneof![3 => Just(Act::Cdp), 2 => Just(Act::Snapshot), 1 => Just(Act::Reclaim)].boxed()
+    };
+    prop::collection::vec(one, lo..hi)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: std::env::var("GEOREP_STORE_DRILL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3),
+        max_shrink_iters: 20,
+        failure_persistence: None,
+        .. proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// The disaster drill of a store: random appliance activity with syncs,
+    /// A lost in the middle of one, random divergence on A and activity on
+    /// B, failback.
+    #[test]
+    fn store_disaster_drill(
+        continuous in proptest::prelude::any::<bool>(),
+        rounds in proptest::collection::vec(acts(1, 4, true), 0..3),
+        lost in acts(1, 3, true),
+        kill_ms in 0..600u64,
+        divergent in acts(0, 4, false),
+        on_b in acts(0, 4, true),
+    ) {
+        store_drill(&Drill { continuous, rounds, lost, kill_ms, divergent, on_b });
+    }
+}

@@ -184,9 +184,16 @@ fn image(m: &Host, slave: &SlaveImages, d: &Disk, p: u64) -> (ImageSource, Optio
 fn newest(m: &Host, s: Option<&Host>, slave: &SlaveImages, journals: bool) -> Option<GenPlan> {
     let snap = m.newest()?;
     let t = snap.disks.values().map(|d| d.newest_point()).min()?;
-    if s.and_then(|s| s.newest())
-        .is_some_and(|g| g.record.time >= t)
-    {
+    // The slave has it: as its newest generation's point, or within it
+    // (a failback's old master holds the point in its own journal).
+    let held = |g: &Snapshot| {
+        g.record.time >= t
+            || snap
+                .disks
+                .keys()
+                .all(|dn| g.disks.get(dn).is_some_and(|d| d.covers(t)))
+    };
+    if s.and_then(|s| s.newest()).is_some_and(held) {
         return None;
     }
     let disks = snap

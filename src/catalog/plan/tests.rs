@@ -350,6 +350,33 @@ fn a_failback_keeps_the_old_masters_generations_its_new_master_holds_under_other
 }
 
 #[test]
+fn a_newest_point_the_slave_holds_in_its_own_journal_is_not_sent_again() {
+    let m = host(vec![snap(
+        t(5),
+        &[("a", vec![qcow("a", t(5), None, false)])],
+        Some(t(1)),
+    )]);
+    let old = host(vec![snap(
+        t(1),
+        &[(
+            "a",
+            vec![qcow("a", t(1), None, false), cdp("a", t(1), t(5), 4)],
+        )],
+        None,
+    )]);
+    let steps = plan_host(SyncMode::Interval, H, Some(&m), Some(&old));
+    assert!(steps.is_empty(), "{steps:#?}");
+    // One point further on the master: sent.
+    let m2 = host(vec![snap(
+        t(6),
+        &[("a", vec![qcow("a", t(6), None, false)])],
+        Some(t(1)),
+    )]);
+    let steps = plan_host(SyncMode::Interval, H, Some(&m2), Some(&old));
+    assert_eq!(gens(&steps).len(), 1);
+}
+
+#[test]
 fn switching_to_continuous_after_interval_starts_a_journal_at_the_newest_point() {
     let m = cdp_master(t(12), 11);
     // Made in interval mode: an image of t(9), no journal.

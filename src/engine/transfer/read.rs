@@ -15,7 +15,9 @@ pub(super) struct Window {
     pub(super) data: Vec<u8>,
 }
 
-/// Reads the requested windows in order on a blocking thread, one ahead.
+/// Reads the requested windows in order on a blocking thread, one ahead:
+/// a window is read only once the channel has room for it, so a reader
+/// holds at most one window besides the one its consumer works on.
 pub(super) fn spawn_reader(
     file: std::sync::Arc<File>,
     extents: std::sync::Arc<Vec<(u64, u64)>>,
@@ -25,12 +27,17 @@ pub(super) fn spawn_reader(
 ) -> tokio::sync::mpsc::Receiver<Result<Window, MasterError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Handle::current();
         for index in wanted {
+            let Ok(room) = rt.block_on(tx.reserve()) else {
+                return;
+            };
             let res = read_window(&file, &extents, size, index)
                 .map(|data| Window { index, data })
                 .map_err(merr("read", &path));
             let stop = res.is_err();
-            if tx.blocking_send(res).is_err() || stop {
+            room.send(res);
+            if stop {
                 return;
             }
         }
