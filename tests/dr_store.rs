@@ -1,7 +1,9 @@
 //! Disaster recovery of a snapshot store (catalog mode), with real
 //! processes on real stores made by `georep sample-store`: a failback after
 //! divergent activity on both sides (killed at several moments and run
-//! again), and a switchover A -> B -> A of a store with no loss.
+//! again), a switchover A -> B -> A of a store with no loss, locally and
+//! over SSH, and the disaster drill of a store (a property test; its
+//! failback killed at a random moment and run again).
 
 mod common;
 
@@ -238,6 +240,20 @@ fn a_store_switches_over_and_back_with_no_loss() {
     w.sync("s1");
     advance(&w, &a, "cdp", "2");
     let a_points = point_keys(&a);
+    // Killed at random moments first (printed, to replay one), then run to its end.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for i in 0..3u64 {
+        let ms = (nanos / (i + 1)) % 1500;
+        eprintln!("switchover killed after {ms} ms");
+        dr::kill_after(
+            &w,
+            &["switchover", "s1", "--reverse", "back", "--force"],
+            ms,
+        );
+    }
     w.run_ok(&["switchover", "s1", "--reverse", "back", "--force"]);
     let b_points = point_keys(&b);
     assert!(b_points.is_subset(&a_points));
@@ -449,6 +465,8 @@ struct Drill {
     /// On A after it was cut off (no retention: see docs/disaster-recovery.md, limits).
     divergent: Vec<Act>,
     on_b: Vec<Act>,
+    /// The failback killed this many ms into its first run, then run again.
+    failback_kill_ms: Option<u64>,
 }
 
 fn act_all(w: &World, root: &Path, acts: &[Act], seed: &mut u64) {
@@ -502,6 +520,18 @@ fn store_drill(c: &Drill) {
 
     let (bs, as_) = (b.to_str().unwrap(), a.to_str().unwrap());
     w.run_ok(&["create", "back", bs, as_, "--failback", "--mode", mode]);
+    let killed = c
+        .failback_kill_ms
+        .is_some_and(|ms| dr::kill_after(&w, &["sync", "back"], ms));
+    // The killed worker's agent ends its step and exits (it reads EOF).
+    let t0 = std::time::Instant::now();
+    while !common::daemon::agent_pids(&a).is_empty() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the killed failback's agent still runs after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let s = w.sync("back");
     assert!(s["complete"].as_bool().unwrap(), "{s:#}");
 
@@ -567,7 +597,7 @@ fn store_drill(c: &Drill) {
     let must = dr::differing_bytes(&b_promote, &b_final);
     let out = n(&s, "wire_bytes_out");
     assert!(
-        out as f64 <= 1.1 * must as f64 + 256.0 * 1024.0,
+        killed || out as f64 <= 1.1 * must as f64 + 256.0 * 1024.0,
         "failback sent {out} bytes for {must} bytes changed on B: {s:#}"
     );
     let again = w.sync("back");
@@ -619,7 +649,8 @@ proptest::proptest! {
         kill_ms in 0..600u64,
         divergent in acts(0, 4, false),
         on_b in acts(0, 4, true),
+        failback_kill_ms in proptest::option::of(0..1500u64),
     ) {
-        store_drill(&Drill { continuous, rounds, lost, kill_ms, divergent, on_b });
+        store_drill(&Drill { continuous, rounds, lost, kill_ms, divergent, on_b, failback_kill_ms });
     }
 }
