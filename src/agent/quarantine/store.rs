@@ -26,7 +26,7 @@
 
 use super::{Item, Manifest, StoreAction, StoreCut, DATA, MANIFEST};
 use crate::catalog::cdp::{self, PointSpan};
-use crate::catalog::record::{self, CdpStorage, StorageBody, StorageRecord, StoreRecord};
+use crate::catalog::record::{self, CdpStorage, StorageBody, StoreRecord};
 use crate::catalog::store::{self, Catalog, Host};
 use crate::fs::role::{self, format_time};
 use crate::fs::xtime;
@@ -41,12 +41,12 @@ type WResult<T> = Result<T, WireError>;
 /// Points a failback claim may name in all (8 bytes each on the wire).
 pub const MAX_CLAIM_POINTS: usize = 4 << 20;
 
-fn io(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> WireError {
+pub(super) fn io(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> WireError {
     let msg = format!("quarantine: {what} {}", p.display());
     move |e| WireError::new(ErrorKind::Io, format!("{msg}: {e}"))
 }
 
-fn invalid(msg: String) -> WireError {
+pub(super) fn invalid(msg: String) -> WireError {
     WireError::new(ErrorKind::Invalid, msg)
 }
 
@@ -215,7 +215,7 @@ fn backing_name(p: &Path) -> std::io::Result<Option<String>> {
 
 /// Refuses a store path that is not a plain file or directory reached
 /// through no symlink beneath the root.
-fn plain(root: &Path, rel: &str) -> WResult<PathBuf> {
+pub(super) fn plain(root: &Path, rel: &str) -> WResult<PathBuf> {
     if !record::valid_rel(rel) {
         return Err(invalid(format!(
             "quarantine: {rel}: not a path inside the store"
@@ -567,95 +567,8 @@ impl StoreJob {
     }
 }
 
-/// Makes the store's changes a published quarantine lists: divergent
-/// generations hidden and removed with the files only they used, journals
-/// cut back to their common point. Idempotent.
-pub fn apply(root: &Path, actions: &[StoreAction]) -> WResult<()> {
-    for a in actions.iter().filter(|a| a.remove) {
-        let sdir = root.join(record::snapshots_dir(&a.host));
-        let live = sdir.join(&a.snapshot);
-        let gone = sdir.join(format!(".deleting-{}", a.snapshot));
-        let mut files = BTreeSet::new();
-        if live.is_dir() {
-            if let Ok(h) = store::load_host(root, &a.host) {
-                if let Some(g) = h.snapshots.values().find(|g| g.dir == a.snapshot) {
-                    for d in g.disks.values() {
-                        for s in &d.storages {
-                            files.insert(s.record.body.file().to_string());
-                        }
-                    }
-                }
-            }
-            std::fs::rename(&live, &gone).map_err(io("hiding", &live))?;
-            let _ = std::fs::File::open(&sdir).and_then(|d| d.sync_all());
-        }
-        if gone.exists() {
-            std::fs::remove_dir_all(&gone).map_err(io("removing", &gone))?;
-        }
-        // Files of the removed generation no remaining record names.
-        let h = store::load_host(root, &a.host).map_err(|e| invalid(format!("quarantine: {e}")))?;
-        let mut used = BTreeSet::new();
-        for g in h.snapshots.values() {
-            for d in g.disks.values() {
-                for s in &d.storages {
-                    used.insert(s.record.body.file().to_string());
-                    if let StorageBody::Cdp(c) = &s.record.body {
-                        used.insert(c.base_file.clone());
-                    }
-                }
-            }
-        }
-        for f in files.difference(&used) {
-            let p = plain(root, f);
-            if let Ok(p) = p {
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io("removing", &p)(e)),
-                }
-            }
-        }
-    }
-    for c in actions.iter().flat_map(|a| a.cuts.iter()) {
-        let p = plain(root, &c.record)?;
-        let b = std::fs::read(&p).map_err(io("reading", &p))?;
-        let mut r: StorageRecord = record::parse(&p, &b, record::kind::STORAGE)
-            .map_err(|e| invalid(format!("quarantine: {e}")))?;
-        let StorageBody::Cdp(j) = &mut r.body else {
-            return Err(invalid(format!(
-                "quarantine: {}: not a journal's record",
-                p.display()
-            )));
-        };
-        if j.length <= c.length && j.points <= c.points {
-            continue;
-        }
-        j.length = c.length;
-        j.points = c.points;
-        j.end = c.end;
-        let journal = plain(root, &j.file)?;
-        let tmp = p.with_file_name(format!(
-            ".georep-cut-{}",
-            p.file_name().unwrap_or_default().to_string_lossy()
-        ));
-        let write = || -> std::io::Result<()> {
-            let f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut &f, &record::to_json(&r))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &p)?;
-            std::fs::File::open(p.parent().expect("in a directory"))?.sync_all()
-        };
-        write().map_err(io("cutting the journal's record", &p))?;
-        // The bytes after the new length are no longer the store's.
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&journal)
-            .map_err(io("opening", &journal))?;
-        f.set_len(c.length).map_err(io("cutting", &journal))?;
-        f.sync_all().map_err(io("cutting", &journal))?;
-    }
-    Ok(())
-}
-
+mod apply;
 #[cfg(test)]
 mod tests;
+
+pub use apply::apply;
