@@ -7,10 +7,11 @@
 #  B. promote time (RTO) of a replica of a snapshot store of BENCH_DR_POINTS
 #     points (default 1000);
 #  C. failback of a snapshot store (sample-store, BENCH_DR_STORE_HOSTS hosts,
-#     default 8, disks of BENCH_DR_STORE_DISK, default 256M) with CDP
-#     activity on B after promote and divergent CDP points and a host
-#     snapshot on A: bytes and time against `rsync -a` of B to an empty
-#     directory, same run. (BENCH_DR_ONLY=C runs C alone.)
+#     default 8, disks of BENCH_DR_STORE_DISK, default 256M) with
+#     BENCH_DR_B_POINTS journal points (default 80) appended on B after
+#     promote and BENCH_DR_A_POINTS (default 40) divergent on A: bytes and
+#     time against `rsync -a` of B to an empty directory, same run.
+#     (BENCH_DR_ONLY=C runs C alone.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -88,22 +89,24 @@ echo "replica points:    $pts"
 echo "promote:           $(secs "$t0" "$t1") s (verifies every record against its data)"
 fi
 
-echo "== C. failback of a snapshot store"
+echo "== C. failback of a snapshot store: CDP points on B after promote, divergent points on A"
 SA=$WORK/sa; SB=$WORK/sb
+rm -rf "$SA" "$SB"
 "$G" sample-store "$SA" --hosts "${BENCH_DR_STORE_HOSTS:-8}" --disk-size "${BENCH_DR_STORE_DISK:-256M}" --snapshots 3 --points 20 --kinds mixed >/dev/null
 "$G" create s3 "$SA" "$SB" --mode continuous >/dev/null
 "$G" sync s3 >/dev/null
 "$G" sample-store "$SA" --advance --only cdp --points 20 --seed 2 >/dev/null
 "$G" sync s3 >/dev/null
-store_bytes=$(du -sb --exclude=.georep --exclude=.georep-locks "$SB" | cut -f1)
-# Divergent on A after the last sync: CDP points and a host snapshot.
-"$G" sample-store "$SA" --advance --only cdp --points 10 --seed 3 >/dev/null
-"$G" sample-store "$SA" --advance --only snapshot --seed 4 >/dev/null
+size() { du -sb --exclude=.georep --exclude=.georep-locks --exclude=.georep-quarantine "$1" | cut -f1; }
+store_bytes=$(size "$SB")
+# Divergent on A after the last sync (lost to B): journal points.
+a0=$(size "$SA")
+"$G" sample-store "$SA" --advance --only cdp --points "${BENCH_DR_A_POINTS:-40}" --seed 3 >/dev/null
+a1=$(size "$SA")
 "$G" promote "$SB" --json >/dev/null
-b0=$(du -sb --exclude=.georep --exclude=.georep-locks "$SB" | cut -f1)
-"$G" sample-store "$SB" --advance --only cdp --points 20 --seed 5 >/dev/null
-"$G" sample-store "$SB" --advance --only snapshot --seed 6 >/dev/null
-b1=$(du -sb --exclude=.georep --exclude=.georep-locks "$SB" | cut -f1)
+b0=$(size "$SB")
+"$G" sample-store "$SB" --advance --only cdp --points "${BENCH_DR_B_POINTS:-80}" --seed 5 >/dev/null
+b1=$(size "$SB")
 "$G" create back3 "$SB" "$SA" --failback --mode continuous >/dev/null
 sync; t0=$(now); "$G" sync back3 --json > "$WORK/failback-store.json"; t1=$(now)
 fb_time=$(secs "$t0" "$t1")
@@ -114,7 +117,7 @@ sync; t0=$(now)
 rs=$(rsync -a --stats --exclude=.georep --exclude=.georep-locks "$SB/" "$WORK/empty3/" 2>&1)
 t1=$(now)
 rs_sent=$(sed -n 's/^Total bytes sent: \([0-9,]*\).*/\1/p' <<<"$rs" | tr -d ,)
-echo "store:             $store_bytes bytes replicated; B grew by $((b1 - b0)) bytes after promote (page cache warm)"
+python3 -c "print('store:             %d bytes; divergent on A %d bytes (%.2f%%), new on B after promote %d bytes (%.2f%%); page cache warm' % ($store_bytes, $a1 - $a0, 100.0 * ($a1 - $a0) / $store_bytes, $b1 - $b0, 100.0 * ($b1 - $b0) / $store_bytes))"
 echo "failback:          $fb_time s, $wire_out bytes on the wire out, $wire_in in; $pub generations, $pts journal points; quarantine: $q (files, host snapshots)"
 echo "rsync -a to empty: $(secs "$t0" "$t1") s, $rs_sent bytes sent"
 python3 -c "print('ratio: bytes %.4f (wire out / rsync sent), time %.2f' % ($wire_out / $rs_sent, $fb_time / $(secs "$t0" "$t1")))"

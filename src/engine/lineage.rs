@@ -51,7 +51,9 @@ pub async fn claim(session: &Session, slave: &Slave, state: &mut State) -> Resul
     let store = session.config.layout == crate::session::Layout::Store;
     let points = match &session.config.failback {
         // Only the quarantine's build needs them.
-        Some(_) if store && state.quarantine.is_none() => store_points(&session.config.master)?,
+        Some(f) if store && state.quarantine.is_none() => {
+            store_points(&session.config.master, f.promoted_at_ns)?
+        }
         _ => Vec::new(),
     };
     let failback = session.config.failback.as_ref().map(|f| FailbackClaim {
@@ -72,9 +74,16 @@ pub async fn claim(session: &Session, slave: &Slave, state: &mut State) -> Resul
     Ok(())
 }
 
-/// Every point of this (the promoted) store, by host and disk: the old
-/// master's agent finds the last common point of each disk from them.
-fn store_points(root: &Path) -> Result<Vec<(String, String, Vec<u64>)>, WorkerError> {
+/// The points this (the promoted) store held at its promote, by host and
+/// disk: the old master's agent finds the last common point of each disk
+/// from them. Later points are this store's own, never common (a point of
+/// the old master at the same time is its divergence). At most
+/// `MAX_CLAIM_POINTS`, the newest of each disk: older history left out
+/// appears in the quarantine as absent (a copy), never lost.
+fn store_points(
+    root: &Path,
+    promoted_at_ns: u64,
+) -> Result<Vec<(String, String, Vec<u64>)>, WorkerError> {
     use crate::catalog::points;
     let err = |e: crate::catalog::CatalogError| WorkerError::Master {
         path: root.to_path_buf(),
@@ -83,10 +92,22 @@ fn store_points(root: &Path) -> Result<Vec<(String, String, Vec<u64>)>, WorkerEr
     let cat = crate::catalog::store::load(root).map_err(err)?;
     let mut out: Vec<(String, String, Vec<u64>)> = Vec::new();
     for p in points::list(root, &cat, &points::Filter::default()).map_err(err)? {
+        if p.time > promoted_at_ns {
+            continue;
+        }
         match out.last_mut() {
             Some((h, d, ts)) if *h == p.host && *d == p.disk => ts.push(p.time),
             _ => out.push((p.host, p.disk, vec![p.time])),
         }
+    }
+    let max = crate::agent::quarantine::store::MAX_CLAIM_POINTS;
+    if out.iter().map(|d| d.2.len()).sum::<usize>() > max {
+        let per = (max / out.len().max(1)).max(1);
+        for (_, _, ts) in &mut out {
+            let cut = ts.len().saturating_sub(per);
+            ts.drain(..cut);
+        }
+        out.truncate(max);
     }
     Ok(out)
 }

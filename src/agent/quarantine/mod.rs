@@ -111,6 +111,10 @@ pub struct StoreCut {
     pub length: u64,
     pub points: u64,
     pub end: u64,
+    /// The record's (length, points, end) the cut was planned from: cut
+    /// only while it is unchanged (a re-run after the reverse session
+    /// appended must not cut again).
+    pub from: (u64, u64, u64),
 }
 
 impl Manifest {

@@ -38,8 +38,11 @@ use uuid::Uuid;
 
 type WResult<T> = Result<T, WireError>;
 
-/// Points a failback claim may name in all (8 bytes each on the wire).
-pub const MAX_CLAIM_POINTS: usize = 4 << 20;
+/// Points a failback claim may name in all (a nanosecond time takes 9
+/// bytes on the wire: about 9 MiB, within a frame).
+pub const MAX_CLAIM_POINTS: usize = 1 << 20;
+/// Longest backing chain of an image followed.
+const MAX_CHAIN: usize = 4096;
 
 pub(super) fn io(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> WireError {
     let msg = format!("quarantine: {what} {}", p.display());
@@ -86,6 +89,10 @@ pub fn plan(cat: &Catalog, spans: &Spans, peer: &PeerPoints, force: bool) -> Vec
                 (dn.as_str(), pts.intersection(theirs).max().copied())
             })
             .collect();
+        // The host's newest common point on any disk: a disk with none (B
+        // never held it, e.g. detached before B's first sync) makes only
+        // the host snapshots after that point divergent.
+        let host_common = common.values().flatten().max().copied();
         for g in h.snapshots.values() {
             let action = |reason: &str, remove: bool, cuts: Vec<StoreCut>| StoreAction {
                 host: hn.clone(),
@@ -98,7 +105,7 @@ pub fn plan(cat: &Catalog, spans: &Spans, peer: &PeerPoints, force: bool) -> Vec
                 || g.disks
                     .iter()
                     .any(|(dn, d)| match common.get(dn.as_str()).copied().flatten() {
-                        None => true,
+                        None => host_common.is_none_or(|hc| g.record.time > hc),
                         Some(c) => d.record.time > c || d.qcows().any(|q| q.time > c),
                     });
             if divergent {
@@ -131,6 +138,7 @@ pub fn plan(cat: &Catalog, spans: &Spans, peer: &PeerPoints, force: bool) -> Vec
                     length: kept.last().map(|s| s.end).unwrap_or(cdp::HEADER_LEN),
                     points: kept.len() as u64,
                     end: kept.last().map(|s| s.time).unwrap_or(j.start),
+                    from: (j.length, j.points, j.end),
                 });
             }
             if !cuts.is_empty() {
@@ -166,12 +174,13 @@ enum Op {
         digest: Option<String>,
         reason: String,
     },
-    /// Bytes `[from, len)` of a journal copied into its copy.
+    /// Bytes `[from, len)` of a journal copied into its copy (hashed as copied).
     Journal {
         src: String,
         from: u64,
         len: u64,
         reason: String,
+        digest: Box<crate::hash::digest::Digester>,
     },
     /// A written file: `store.json`.
     Write { dst: String, data: Vec<u8> },
@@ -195,7 +204,7 @@ pub struct StoreJob {
 }
 
 /// The backing file name in a qcow2 image's header (None: a full image).
-fn backing_name(p: &Path) -> std::io::Result<Option<String>> {
+pub(super) fn backing_name(p: &Path) -> std::io::Result<Option<String>> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(p)?;
     let mut head = [0u8; 20];
@@ -296,6 +305,24 @@ impl StoreJob {
                 }
             }
         }
+        for (hn, h) in &cat.hosts {
+            let disks = record::disk_dir(hn, "");
+            for d in h.snapshots.values().flat_map(|g| g.disks.values()) {
+                for s in &d.storages {
+                    let base = match &s.record.body {
+                        StorageBody::Cdp(c) => Some(c.base_file.as_str()),
+                        StorageBody::Qcow(_) => None,
+                    };
+                    for f in std::iter::once(s.record.body.file()).chain(base) {
+                        if !f.starts_with(&disks) || f[disks.len()..].split('/').count() != 2 {
+                            return Err(invalid(format!(
+                                "quarantine: host {hn}'s records name {f}, not a file of its disks ({disks}DISK/FILE): fix the record"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
         let actions = plan(&cat, &spans, &self.peer, self.force);
         // A store even when empty, so that the point commands read it.
         let mut ops = VecDeque::from([Op::Write {
@@ -341,12 +368,13 @@ impl StoreJob {
                                 from: 0,
                                 len: c.length,
                                 reason: reason.clone(),
+                                digest: Box::default(),
                             });
                             vec![c.base_file.as_str()]
                         }
                     };
                     for img in images {
-                        for f in self.chain(img)? {
+                        for f in self.chain(img, &linked)? {
                             if linked.insert(f.clone()) {
                                 ops.push_back(Op::Link {
                                     digest: digests.get(&f).cloned(),
@@ -372,13 +400,20 @@ impl StoreJob {
         Ok(spans)
     }
 
-    /// An image and its backing files (siblings, as the store's format has them).
-    fn chain(&self, file: &str) -> WResult<Vec<String>> {
+    /// An image and its backing files not in `seen` yet (siblings, as the
+    /// store's format has them).
+    fn chain(&self, file: &str, seen: &BTreeSet<String>) -> WResult<Vec<String>> {
         let mut out = Vec::new();
+        let mut mine = BTreeSet::new();
         let mut cur = Some(file.to_string());
         while let Some(f) = cur.take() {
-            if out.contains(&f) || out.len() > 4096 {
+            if seen.contains(&f) || !mine.insert(f.clone()) {
                 break;
+            }
+            if out.len() >= MAX_CHAIN {
+                return Err(invalid(format!(
+                    "quarantine: {file}: a backing chain of more than {MAX_CHAIN} images"
+                )));
             }
             let p = plain(&self.root, &f)?;
             cur = backing_name(&p)
@@ -456,18 +491,28 @@ impl StoreJob {
                 } => {
                     let s = plain(&self.root, &src)?;
                     let d = self.dst(&src)?;
-                    match std::fs::hard_link(&s, &d) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                        Err(_) => {
-                            // Another file system (a mount inside the root): a copy.
-                            std::fs::copy(&s, &d).map_err(io("copying", &s))?;
-                            bytes += s.metadata().map(|m| m.len()).unwrap_or(0);
-                        }
+                    // A published image is never written again (catalog mode
+                    // patches nothing in place), so a link holds it. One with
+                    // links georep did not make is copied, not blessed.
+                    let sf = std::fs::File::open(&s).map_err(io("opening", &s))?;
+                    let foreign = super::super::meta::foreign_links(std::os::fd::AsFd::as_fd(&sf));
+                    let linked = !foreign
+                        && match std::fs::hard_link(&s, &d) {
+                            Ok(()) => true,
+                            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => true,
+                            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => false,
+                            Err(e) => return Err(io("linking", &s)(e)),
+                        };
+                    if linked {
+                        // The agent refuses inodes with links it did not make.
+                        super::super::meta::mark_links(
+                            std::os::fd::AsFd::as_fd(&sf),
+                            &d.display(),
+                        )?;
+                    } else {
+                        std::fs::copy(&s, &d).map_err(io("copying", &s))?;
+                        bytes += sf.metadata().map(|m| m.len()).unwrap_or(0);
                     }
-                    // The agent refuses inodes with links it did not make.
-                    let f = std::fs::File::open(&d).map_err(io("opening", &d))?;
-                    super::super::meta::mark_links(std::os::fd::AsFd::as_fd(&f), &d.display())?;
                     let md = s.symlink_metadata().map_err(io("reading", &s))?;
                     let digest = match digest {
                         Some(x) => x,
@@ -485,6 +530,7 @@ impl StoreJob {
                     from,
                     len,
                     reason,
+                    mut digest,
                 } => {
                     use std::os::unix::fs::FileExt;
                     let s = plain(&self.root, &src)?;
@@ -501,6 +547,7 @@ impl StoreJob {
                     sf.read_exact_at(&mut buf, from)
                         .map_err(io("reading", &s))?;
                     df.write_all_at(&buf, from).map_err(io("writing", &d))?;
+                    digest.feed(&buf);
                     bytes += chunk;
                     if from + chunk < len {
                         self.ops.push_front(Op::Journal {
@@ -508,13 +555,13 @@ impl StoreJob {
                             from: from + chunk,
                             len,
                             reason,
+                            digest,
                         });
                     } else {
                         df.set_len(len).map_err(io("writing", &d))?;
-                        let (_, dg) = crate::catalog::points::file_digest(&d)
-                            .map_err(|e| invalid(format!("quarantine: {e}")))?;
+                        df.sync_all().map_err(io("writing", &d))?;
                         let md = d.symlink_metadata().map_err(io("reading", &d))?;
-                        self.item(&src, &md, record::hex(&dg), &reason);
+                        self.item(&src, &md, record::hex(&digest.finish()), &reason);
                     }
                 }
             }
@@ -553,8 +600,11 @@ impl StoreJob {
                 .map_err(|e| WireError::new(ErrorKind::Io, format!("quarantine: syncfs: {e}")))?;
             std::fs::rename(&self.building, &self.published)
                 .map_err(io("publishing", &self.published))?;
+            // Durable before anything in the store changes.
             if let Some(parent) = self.published.parent() {
-                let _ = std::fs::File::open(parent).and_then(|d| d.sync_all());
+                std::fs::File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io("publishing", &self.published))?;
             }
             self.committed = true;
             tracing::info!(id = %self.id, items = m.items.len(), bytes = m.bytes(), "store quarantine published");

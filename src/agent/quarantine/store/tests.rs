@@ -75,6 +75,7 @@ fn points_after_the_common_one_are_divergent_and_the_journal_is_cut_there() {
             length: 328,
             points: 2,
             end: t(3),
+            from: (128 + 4 * 100, 4, t(5)),
         }]
     );
 }
@@ -114,4 +115,41 @@ fn equal_stores_need_nothing_and_a_disk_the_peer_never_had_is_divergent() {
     );
     let forced = plan(&cat, &spans, &peer("a", &all), true);
     assert!(forced.len() == 3 && forced.iter().all(|a| a.remove));
+}
+
+#[test]
+fn a_disk_the_peer_never_held_makes_only_later_host_snapshots_divergent() {
+    // Disk b was detached before B's first sync: B holds points of a only.
+    let h = host(vec![
+        snap(
+            t(1),
+            &[
+                ("a", vec![qcow("a", t(1), None, false)]),
+                ("b", vec![qcow("b", t(1), None, false)]),
+            ],
+            None,
+        ),
+        snap(
+            t(2),
+            &[("a", vec![qcow("a", t(2), Some(t(1)), true)])],
+            None,
+        ),
+        snap(
+            t(3),
+            &[
+                ("a", vec![qcow("a", t(3), None, false)]),
+                ("b", vec![qcow("b", t(3), None, false)]),
+            ],
+            None,
+        ),
+    ]);
+    let cat = Catalog {
+        hosts: [(H.to_string(), h)].into_iter().collect(),
+    };
+    let actions = plan(&cat, &Spans::new(), &peer("a", &[t(2)]), false);
+    let a = by_snapshot(&actions);
+    assert_eq!(a[&t(1)].reason, "absent", "{actions:#?}");
+    assert!(!a[&t(1)].remove);
+    assert!(!a.contains_key(&t(2)));
+    assert!(a[&t(3)].remove && a[&t(3)].reason == "divergent");
 }
