@@ -10,7 +10,11 @@ fn main() {
 /// which such buffers come from the heap and are kept: a 2 GiB file over 7
 /// streams peaked at 90 MiB of worker memory this way, 56 MiB with a fixed
 /// threshold, at the same speed.
+/// glibc's own `MALLOC_MMAP_THRESHOLD_`, when set, is left in force.
 fn tune_allocator() {
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; it is called first
     // thing in main, before any other thread exists or any allocation
