@@ -29,6 +29,19 @@ fn advance(w: &World, store: &Path, only: &str, seed: &str) {
     ]);
 }
 
+/// A copy of `root` as it is now (`cp -a`), beside it.
+fn copy_of(w: &World, root: &Path) -> std::path::PathBuf {
+    let to = w.dir.path().join("a-before");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(root)
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(cp.success(), "cp -a {}", root.display());
+    to
+}
+
 fn point_keys(root: &Path) -> BTreeSet<Key> {
     keyed(&points(root)).into_keys().collect()
 }
@@ -126,14 +139,7 @@ fn store_failback_quarantines_the_old_masters_divergence_then_ships_only_the_new
         .cloned()
         .collect();
     assert!(!divergent.is_empty());
-    let a_copy = w.dir.path().join("a-before");
-    let cp = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&a)
-        .arg(&a_copy)
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    let a_copy = copy_of(&w, &a);
     // ... and is lost: B is promoted and takes new points.
     let report = dr::promote(&w, &b);
     assert_eq!(report["layout"], "store", "{report:#}");
@@ -527,14 +533,7 @@ fn store_drill(c: &Drill) {
     let b_final = store_files(&b);
     let b_points = point_keys(&b);
     let a_before = point_keys(&a);
-    let a_copy = w.dir.path().join("a-before");
-    assert!(std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&a)
-        .arg(&a_copy)
-        .status()
-        .unwrap()
-        .success());
+    let a_copy = copy_of(&w, &a);
     // Each disk's last common point: the newest point both hold.
     let mut common_point: BTreeMap<(String, String), u64> = BTreeMap::new();
     for k in a_before.intersection(&b_points) {

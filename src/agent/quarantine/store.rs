@@ -258,19 +258,7 @@ impl StoreJob {
                 .or_default()
                 .extend(ts.iter().copied());
         }
-        let id = super::build::id_for(&session, epoch);
-        let qdir = super::dir(root);
-        let building = qdir.join(format!(".building-{id}"));
-        let published = qdir.join(&id);
-        let committed = published.is_dir();
-        if !committed {
-            match std::fs::remove_dir_all(&building) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("removing", &building)(e)),
-            }
-            std::fs::create_dir_all(building.join(DATA)).map_err(io("creating", &building))?;
-        }
+        let (id, building, published, committed) = super::build::start_dirs(root, &session, epoch)?;
         Ok(StoreJob {
             id,
             root: root.to_path_buf(),
