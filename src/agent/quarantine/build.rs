@@ -118,30 +118,6 @@ pub fn id_for(session: &Uuid, epoch: u64) -> String {
     format!("epoch{epoch}-{}", &session.simple().to_string()[..8])
 }
 
-/// The id of a failback's quarantine, where it is built and published,
-/// and whether it is published already; an unpublished attempt's leftovers
-/// are removed and the build starts afresh.
-pub(super) fn start_dirs(
-    root: &Path,
-    session: &Uuid,
-    epoch: u64,
-) -> WResult<(String, PathBuf, PathBuf, bool)> {
-    let id = id_for(session, epoch);
-    let qdir = super::dir(root);
-    let building = qdir.join(format!(".building-{id}"));
-    let published = qdir.join(&id);
-    let committed = published.is_dir();
-    if !committed {
-        match std::fs::remove_dir_all(&building) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("removing", &building)(e)),
-        }
-        std::fs::create_dir_all(building.join(DATA)).map_err(io("creating", &building))?;
-    }
-    Ok((id, building, published, committed))
-}
-
 impl Job {
     /// Starts (or finds published) the quarantine of the connection's failback.
     pub fn start(
@@ -155,7 +131,7 @@ impl Job {
             .fd()
             .try_clone_to_owned()
             .map_err(io("opening", root))?;
-        let (id, building, published, committed) = start_dirs(root, &session, epoch)?;
+        let (id, building, published, committed) = super::start_dirs(root, &session, epoch)?;
         let master = xtime::master_id(root).map_err(io("reading the master id of", root))?;
         let stime_attr = xtime::stime_attr(&fb.old_session);
         Ok(Job {

@@ -47,6 +47,38 @@ pub fn dir(root: &Path) -> PathBuf {
     root.join(std::ffi::OsStr::from_bytes(crate::protocol::QUARANTINE_DIR))
 }
 
+/// The id of a failback's quarantine, where it is built and published,
+/// and whether it is published already; an unpublished attempt's leftovers
+/// are removed and the build starts afresh.
+pub(crate) fn start_dirs(
+    root: &Path,
+    session: &uuid::Uuid,
+    epoch: u64,
+) -> Result<(String, PathBuf, PathBuf, bool), crate::protocol::WireError> {
+    let id = build::id_for(session, epoch);
+    let qdir = dir(root);
+    let building = qdir.join(format!(".building-{id}"));
+    let published = qdir.join(&id);
+    let committed = published.is_dir();
+    if !committed {
+        match std::fs::remove_dir_all(&building) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(wire_io("removing", &building, e)),
+        }
+        std::fs::create_dir_all(building.join(DATA))
+            .map_err(|e| wire_io("creating", &building, e))?;
+    }
+    Ok((id, building, published, committed))
+}
+
+fn wire_io(what: &str, p: &Path, e: std::io::Error) -> crate::protocol::WireError {
+    crate::protocol::WireError::new(
+        crate::protocol::ErrorKind::Io,
+        format!("quarantine: {what} {}: {e}", p.display()),
+    )
+}
+
 /// One quarantined entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {

@@ -258,7 +258,7 @@ impl StoreJob {
                 .or_default()
                 .extend(ts.iter().copied());
         }
-        let (id, building, published, committed) = super::build::start_dirs(root, &session, epoch)?;
+        let (id, building, published, committed) = super::start_dirs(root, &session, epoch)?;
         Ok(StoreJob {
             id,
             root: root.to_path_buf(),
