@@ -3,6 +3,9 @@
 //! remembered across crawls (`links.json` in the session directory), so
 //! that when an xtime crawl re-ships the inode through one name, the
 //! slave's other names are re-linked too instead of keeping stale content.
+//! A name seen alone is remembered too: its partner may appear in a
+//! directory already listed in that crawl, and the next crawl may skip
+//! this name's directory by its entry digest (a link made mid-crawl).
 //! This is the registry of names; the crawl's use of it is `crawl::linked`.
 
 use crate::fs::meta::Entry;
@@ -64,7 +67,7 @@ impl Links {
             .lock()
             .unwrap()
             .iter()
-            .filter(|(_, v)| v.len() > 1)
+            .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (k.0, k.1, v.iter().cloned().collect()))
             .collect();
         let data = serde_json::to_vec(&Saved { groups }).map_err(std::io::Error::other)?;
@@ -109,5 +112,43 @@ impl Links {
                 self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::meta::{Kind, Meta};
+
+    fn entry(ino: u64) -> Entry {
+        Entry {
+            name: b"x".to_vec().into(),
+            kind: Kind::File,
+            size: 1,
+            meta: Meta::default(),
+            dev: 7,
+            ino,
+            nlink: 2,
+            target: None,
+        }
+    }
+
+    /// A name seen without its partner survives a restart: the partner's
+    /// directory may be the one listed next time, and this one skipped.
+    #[test]
+    fn a_name_seen_alone_is_remembered_across_crawls() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("links.json");
+        let a = RelPath::new(b"d/a".to_vec()).unwrap();
+        let b = RelPath::new(b"e/b".to_vec()).unwrap();
+        let l = Links::load(file.clone());
+        l.saw(&entry(5), &a);
+        l.save().unwrap();
+        let l = Links::load(file.clone());
+        assert_eq!(l.others((7, 5), &b), vec![a.clone()]);
+        assert!(l.others((7, 6), &b).is_empty());
+        l.forget((7, 5), &a);
+        l.save().unwrap();
+        assert!(Links::load(file).others((7, 5), &b).is_empty());
     }
 }
