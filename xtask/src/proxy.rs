@@ -94,6 +94,9 @@ impl Drop for Proxy {
     }
 }
 
+/// How much of the link's time a late writer may make up at once.
+const CATCH_UP: Duration = Duration::from_millis(10);
+
 /// When the link is next free, shared by the connections of one direction.
 type Pace = Arc<std::sync::Mutex<Option<Instant>>>;
 
@@ -134,7 +137,13 @@ fn pipe(
                 let wait = {
                     let mut next = pace.lock().unwrap();
                     let now = Instant::now();
-                    let start = next.map_or(now, |n| n.max(now));
+                    // The link was free to send this chunk from when it
+                    // arrived (or when the previous one was sent): a thread
+                    // that wakes late does not lose the link's time, up to
+                    // CATCH_UP of it (a link's queue drains while the
+                    // emulator sleeps; its own delays are not bandwidth).
+                    let ready = at.max(now.checked_sub(CATCH_UP).unwrap_or(now));
+                    let start = next.map_or(ready, |n| n.max(ready));
                     let done = start + Duration::from_secs_f64(data.len() as f64 / *rate as f64);
                     *next = Some(done);
                     done.saturating_duration_since(now)
@@ -147,4 +156,41 @@ fn pipe(
         }
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+/// What a link emulated like [`Proxy::start_capped`] carries: MB/s of
+/// `bytes` sent over one plain TCP connection through a fresh proxy of
+/// that delay and cap to a sink, from the first byte received to the last.
+pub fn capacity(delay: Duration, cap: Option<u64>, bytes: u64) -> std::io::Result<f64> {
+    let sink = TcpListener::bind("127.0.0.1:0")?;
+    let port = sink.local_addr()?.port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let run = || -> std::io::Result<Duration> {
+            let mut c = sink.accept()?.0;
+            let mut b = vec![0u8; 1 << 20];
+            let (mut got, mut first) = (0u64, None);
+            while got < bytes {
+                let n = c.read(&mut b)?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                first.get_or_insert_with(Instant::now);
+                got += n as u64;
+            }
+            Ok(first.map_or(Duration::ZERO, |f| f.elapsed()))
+        };
+        let _ = tx.send(run());
+    });
+    let p = Proxy::start_capped(port, delay, cap)?;
+    let mut c = TcpStream::connect(("127.0.0.1", p.port))?;
+    let buf = vec![0x5au8; 64 << 10];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        c.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    let took = rx.recv().map_err(std::io::Error::other)??;
+    Ok(bytes as f64 / took.as_secs_f64().max(1e-9) / 1e6)
 }

@@ -134,10 +134,15 @@ pub(super) async fn shared(
             roots.extend(r);
             unchanged &= same;
         }
-        let mut segments = Vec::new();
+        // All asked at once: each agent makes its segment durable in
+        // parallel, and the file waits one round trip, not one per segment.
+        let mut finishing = Vec::with_capacity(nseg - 1);
         for j in 1..nseg {
-            let r = slaves[j].finish_segment(fids[j]).await?.wait().await?;
-            segments.push((ranges[j].start as u64 * WINDOW, r));
+            finishing.push((j, slaves[j].finish_segment(fids[j]).await?));
+        }
+        let mut segments = Vec::with_capacity(nseg - 1);
+        for (j, pending) in finishing {
+            segments.push((ranges[j].start as u64 * WINDOW, pending.wait().await?));
         }
         Ok::<_, FileError>((roots, unchanged, segments))
     }
