@@ -207,6 +207,7 @@ impl<'a> Worker<'a> {
     pub async fn close(mut self) {
         if let Some(conn) = self.conn.take() {
             conn.close(Duration::from_secs(30)).await;
+            tracing::debug!("connection closed");
         }
     }
 
@@ -463,6 +464,7 @@ impl<'a> Worker<'a> {
         engine.set_trust_digests(reason.as_deref() == Some(crate::engine::continuity::MARKER_GAP));
         *self.live.lock().unwrap() = Some(engine.clone());
         let outcome = engine.run().await;
+        tracing::debug!("crawl ended");
         *self.live.lock().unwrap() = None;
         if let Err(e) = engine.links().save() {
             tracing::warn!(error = %e, "could not save the hard-link map");
@@ -490,6 +492,7 @@ impl<'a> Worker<'a> {
                 drop(slave);
                 return Err(self.lost_worker(e).await);
             }
+            tracing::debug!("completion recorded");
         }
         let s = &engine.stats;
         let wire = slave.wire_totals();

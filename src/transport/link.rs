@@ -233,6 +233,7 @@ impl Connection {
     pub async fn close(mut self, timeout: Duration) {
         let streams = std::mem::take(&mut self.streams);
         futures::future::join_all(streams.into_iter().map(|s| s.close(timeout))).await;
+        tracing::debug!("streams closed");
         self.spawn = None;
         let child = self.child.take();
         let thread = self.thread.take();

@@ -326,6 +326,7 @@ impl SshTarget {
         .stdin(openssh::Stdio::piped())
         .stdout(openssh::Stdio::piped())
         .stderr(openssh::Stdio::piped());
+        tracing::debug!(stream = join.is_some(), "starting an agent");
         let mut child = cmd.spawn().await.map_err(|e| SshError::Other {
             target: target.display.clone(),
             detail: format!("starting the agent: {}", error_chain(&e)),
@@ -335,6 +336,7 @@ impl SshTarget {
         let tail = StderrTail::default();
         tail.collect(child.stderr().take().expect("piped"), "ssh agent");
         let joined = join.is_some();
+        tracing::debug!(stream = joined, "agent started: handshake");
         match Client::connect_as(stdout, stdin, keepalive, join).await {
             Ok(client) => {
                 let link = Box::new(SshLink {
