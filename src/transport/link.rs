@@ -232,8 +232,10 @@ impl Connection {
     /// it after `timeout`. The other streams are closed first.
     pub async fn close(mut self, timeout: Duration) {
         let streams = std::mem::take(&mut self.streams);
-        futures::future::join_all(streams.into_iter().map(|s| s.close(timeout))).await;
-        tracing::debug!("streams closed");
+        if !streams.is_empty() {
+            futures::future::join_all(streams.into_iter().map(|s| s.close(timeout))).await;
+            tracing::debug!("streams closed");
+        }
         self.spawn = None;
         let child = self.child.take();
         let thread = self.thread.take();

@@ -134,8 +134,8 @@ pub(super) async fn shared(
             roots.extend(r);
             unchanged &= same;
         }
-        // All asked at once: each agent makes its segment durable in
-        // parallel, and the file waits one round trip, not one per segment.
+        // All asked at once: the file waits one round trip for every
+        // segment's window hashes, not one per segment.
         let mut finishing = Vec::with_capacity(nseg - 1);
         for j in 1..nseg {
             finishing.push((j, slaves[j].finish_segment(fids[j]).await?));
