@@ -230,9 +230,8 @@ fn main() -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&dir)?;
     let sshd = sshd::Sshd::start(&dir.join("sshd")).context("starting the benchmark sshd")?;
     let lan = proxy::Proxy::start(sshd.port, Duration::ZERO)?;
-    let wan = proxy::Proxy::start(sshd.port, Duration::from_millis(50))?;
-    let wan_capped =
-        proxy::Proxy::start_capped(sshd.port, Duration::from_millis(50), Some(wan::CAP))?;
+    let wan = proxy::Proxy::start(sshd.port, wan::DELAY)?;
+    let wan_capped = proxy::Proxy::start_capped(sshd.port, wan::DELAY, Some(wan::CAP))?;
     let ctx = Ctx {
         dir: dir.clone(),
         georep,

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// The bandwidth of W10's link: 50 MB/s each way.
 pub const CAP: u64 = 50_000_000;
+/// The WAN links' delay each way (a 100 ms round trip).
+pub const DELAY: Duration = Duration::from_millis(50);
 
 /// MB/s of a run of `bytes`.
 fn rate(bytes: u64, t: &ToolResult) -> f64 {
@@ -85,7 +87,7 @@ fn wan_file(ctx: &Ctx, id: &str, link: Link) -> anyhow::Result<Outcome> {
         // The emulator's own capacity, so that a shortfall is not blamed on
         // georep when the proxy (a user-space process on shared cores) is it.
         let probe = if ctx.quick { 50_000_000 } else { 200_000_000 };
-        let link = crate::proxy::capacity(Duration::from_millis(50), Some(CAP), probe)?;
+        let link = crate::proxy::capacity(DELAY, Some(CAP), probe)?;
         o.notes.push(format!(
             "the emulated link carries plain TCP at {link:.1} MB/s ({:.2} of the cap); georep reached {:.2} of that",
             link * 1e6 / CAP as f64,

@@ -20,7 +20,7 @@
 use super::beneath::{fd_path, Tree};
 use super::copy::{apply_meta, copy_xattrs, symlink_meta};
 use super::walk::{self, Decision, Local, Mode};
-use super::{Item, Manifest, DATA, MANIFEST};
+use super::{io, Item, Manifest, DATA, MANIFEST};
 use crate::fs::meta::{Kind, Timestamp};
 use crate::fs::relpath::RelPath;
 use crate::fs::role::{self, format_time};
@@ -38,11 +38,6 @@ type WResult<T> = Result<T, WireError>;
 
 /// Entries the hard-link scan looks at per step.
 const SCAN_PER_STEP: usize = 20_000;
-
-fn io(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> WireError {
-    let msg = format!("quarantine: {what} {}", p.display());
-    move |e| WireError::new(ErrorKind::Io, format!("{msg}: {e}"))
-}
 
 /// A file being copied in, across steps.
 struct Copying {

@@ -64,19 +64,20 @@ pub(crate) fn start_dirs(
         match std::fs::remove_dir_all(&building) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(wire_io("removing", &building, e)),
+            Err(e) => return Err(io("removing", &building)(e)),
         }
-        std::fs::create_dir_all(building.join(DATA))
-            .map_err(|e| wire_io("creating", &building, e))?;
+        std::fs::create_dir_all(building.join(DATA)).map_err(io("creating", &building))?;
     }
     Ok((id, building, published, committed))
 }
 
-fn wire_io(what: &str, p: &Path, e: std::io::Error) -> crate::protocol::WireError {
-    crate::protocol::WireError::new(
-        crate::protocol::ErrorKind::Io,
-        format!("quarantine: {what} {}: {e}", p.display()),
-    )
+/// An I/O error of a quarantine's build, naming what was done to which path.
+pub(super) fn io(
+    what: &str,
+    p: &Path,
+) -> impl FnOnce(std::io::Error) -> crate::protocol::WireError {
+    let msg = format!("quarantine: {what} {}", p.display());
+    move |e| crate::protocol::WireError::new(crate::protocol::ErrorKind::Io, format!("{msg}: {e}"))
 }
 
 /// One quarantined entry.

@@ -24,7 +24,7 @@
 //! is published, again by every later commit (they are idempotent), so a
 //! kill at any moment converges.
 
-use super::{Item, Manifest, StoreAction, StoreCut, DATA, MANIFEST};
+use super::{io, Item, Manifest, StoreAction, StoreCut, DATA, MANIFEST};
 use crate::catalog::cdp::{self, PointSpan};
 use crate::catalog::record::{self, CdpStorage, StorageBody, StoreRecord};
 use crate::catalog::store::{self, Catalog, Host};
@@ -43,11 +43,6 @@ type WResult<T> = Result<T, WireError>;
 pub const MAX_CLAIM_POINTS: usize = 1 << 20;
 /// Longest backing chain of an image followed.
 const MAX_CHAIN: usize = 4096;
-
-pub(super) fn io(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> WireError {
-    let msg = format!("quarantine: {what} {}", p.display());
-    move |e| WireError::new(ErrorKind::Io, format!("{msg}: {e}"))
-}
 
 pub(super) fn invalid(msg: String) -> WireError {
     WireError::new(ErrorKind::Invalid, msg)
